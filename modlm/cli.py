@@ -1,0 +1,194 @@
+"""The `modlm` command line: `modlm presets`, `modlm flops`, `modlm demo`.
+
+Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --set n_layers=10`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Sequence
+
+from modlm.config import ConfigError, ModelConfig, apply_overrides
+from modlm.presets import PRESETS, dense, get_preset
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--preset", default=default_preset,
+                   help=f"model preset (default {default_preset}); see `modlm presets`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, dotted for nested ones "
+                        "(e.g. routing.capacity=0.25, routing.layers=[1,3], n_layers=10)")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return apply_overrides(get_preset(args.preset), overrides)
+
+
+def _describe(cfg: ModelConfig) -> str:
+    if cfg.is_dense:
+        return "dense"
+    r = cfg.routing
+    return (f"MoD: {r.router} router, capacity {r.capacity:g}, routed blocks "
+            f"{','.join(map(str, cfg.routed_layers))}, weight {r.router_weight}")
+
+
+def _fmt(x: float) -> str:
+    return f"{x / 1e9:12.4f}"
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from modlm.flops import forward_flops, param_count
+    print(f"{'preset':18s} {'d':>5s} {'L':>3s} {'H':>3s} {'T':>5s} {'vocab':>6s} "
+          f"{'params':>11s} {'GFLOP/fwd':>10s}  routing")
+    for name in PRESETS:
+        c = get_preset(name)
+        print(f"{name:18s} {c.d_model:5d} {c.n_layers:3d} {c.n_heads:3d} {c.max_seq_len:5d} "
+              f"{c.vocab_size:6d} {param_count(c).total:11,d} "
+              f"{forward_flops(c).total / 1e9:10.3f}  {_describe(c)}")
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from modlm import flops
+    cfg = _model_config(args)
+    T = args.seq_len or cfg.max_seq_len
+    base = dense(cfg)
+    f, fd = flops.forward_flops(cfg, T), flops.forward_flops(base, T)
+    print(f"{args.preset}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"vocab {cfg.vocab_size}, T {T}; {_describe(cfg)}")
+    print("Forward GFLOPs per sequence (2 FLOPs per multiply-add; matmuls only; see modlm.flops)")
+    print(f"{'component':24s} {'this model':>12s} {'share':>7s} {'same-shape dense':>17s}")
+    for name, value in f.as_dict().items():
+        share = value / f.total if f.total else 0.0
+        print(f"{name:24s} {_fmt(value)} {share:7.1%} {_fmt(fd.as_dict()[name]):>17s}")
+    print(f"{'training (fwd+bwd)':24s} {_fmt(flops.training_flops(cfg, T))} {'':7s} "
+          f"{_fmt(flops.training_flops(base, T)):>17s}")
+    p, pd = flops.param_count(cfg), flops.param_count(base)
+    print(f"{'parameters':24s} {p.total:12,d} {'':7s} {pd.total:17,d}")
+    print(f"forward FLOP ratio to same-shape dense: {f.total / fd.total:.4f}")
+    if not cfg.is_dense:
+        iso = flops.match_forward_flops(base, cfg.routing, vary="n_layers", seq_len=T)
+        fi = flops.forward_flops(iso, T).total
+        print(f"isoFLOP MoD of the same width (paper Sec 4.1, depth grown): n_layers "
+              f"{iso.n_layers}, forward {fi / 1e9:.4f} GFLOPs ({fi / fd.total:.3f}x dense), "
+              f"{flops.param_count(iso).total:,d} parameters")
+    if args.budget:
+        steps = flops.steps_for_budget(cfg, args.budget, args.batch, T)
+        print(f"a budget of {args.budget:.3g} training FLOPs at batch {args.batch} x T {T} is "
+              f"{steps} steps ({steps * args.batch * T:,d} tokens)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a MoD preset and its same-shape dense twin, show FLOPs, time a training step of
+    each on real text, and show what the routers did in every routing mode."""
+    import torch
+
+    from modlm import flops
+    from modlm.model import MoDLM
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    cfg = _model_config(args)
+    if cfg.is_dense:
+        raise ConfigError("the demo compares a MoD preset with its dense twin; pick a MoD preset")
+    T, B = cfg.max_seq_len, args.batch
+    ids_BT = _demo_batch(B, T + 1, cfg.vocab_size)
+    x_BT, y_BT = ids_BT[:, :-1], ids_BT[:, 1:]
+    print(f"modlm demo: preset {args.preset}, batch {B} x {T} bytes of CPython's pydoc text, "
+          f"{torch.get_num_threads()} threads, float32\n")
+    args.seq_len, args.budget = T, None
+    cmd_flops(args)
+
+    times = {}
+    models = {}
+    for name, c in (("MoD", cfg), ("dense", dense(cfg))):
+        torch.manual_seed(args.seed)
+        models[name] = m = MoDLM(c)
+        step_s = []
+        for _ in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            m(x_BT, y_BT).loss.backward()
+            step_s.append(time.perf_counter() - t0)
+            m.zero_grad(set_to_none=True)
+        times[name] = statistics.median(step_s[1:])  # the first step warms up
+    ratio = times["MoD"] / times["dense"]
+    flop_ratio = flops.training_flops(cfg, T) / flops.training_flops(dense(cfg), T)
+    print(f"\ntraining step (forward + backward), median of {args.repeats}: MoD "
+          f"{times['MoD'] * 1e3:.1f} ms, dense {times['dense'] * 1e3:.1f} ms, time ratio "
+          f"{ratio:.3f} (FLOP ratio {flop_ratio:.3f})")
+
+    print("\nrouting of the (untrained) MoD model on this batch, per routed block:")
+    print(f"{'mode':10s} {'block':>5s} {'routed':>8s} {'k/T':>7s} {'router acc':>11s} "
+          f"{'predictor acc':>14s}  loss")
+    with torch.no_grad():
+        for mode in ("topk", "router", "predictor"):
+            out = models["MoD"](x_BT, y_BT, mode=mode)
+            for s in out.routing:
+                print(f"{mode:10s} {s.layer:5d} {float(s.fraction):8.3f} {s.k / T:7.3f} "
+                      f"{_opt(s.router_accuracy):>11s} {_opt(s.predictor_accuracy):>14s}  "
+                      f"{float(out.lm_loss):.4f}")
+    print("\n'topk' is the training forward (not causal); 'router' and 'predictor' are the causal "
+          "modes used for sampling. Untrained routers route about half the tokens causally; "
+          "the auxiliary losses train them towards the capacity.")
+    return 0
+
+
+def _opt(t) -> str:
+    return "-" if t is None else f"{float(t):.3f}"
+
+
+def _demo_batch(batch: int, length: int, vocab_size: int):
+    """Real text with zero install: CPython's pydoc topics, as bytes (clipped to the vocab)."""
+    import torch
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    data = torch.tensor(list(text[: batch * length]), dtype=torch.long)
+    return data.clamp_max(vocab_size - 1).view(batch, length)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modlm", description="Mixture-of-Depths transformer language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("presets", help="list the model presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("flops", help="FLOP and parameter breakdown of a preset")
+    _add_model_args(p, "small")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: preset's)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="a training FLOP budget to convert into steps (e.g. 6e14)")
+    p.add_argument("--batch", type=int, default=32, help="batch size for --budget (default 32)")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("demo", help="build a MoD model and its dense twin, time and inspect them")
+    _add_model_args(p, "small")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per model (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"modlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

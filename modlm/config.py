@@ -1,0 +1,275 @@
+"""Typed, frozen model configuration: the transformer's shape and its Mixture-of-Depths routing.
+
+Everything that changes what a model computes lives here and is validated at construction, so a
+bad value fails before any tensor is allocated, with a message that names the field and the fix.
+Configs round-trip through JSON (`to_dict` / `from_dict`) and take dotted overrides
+(`apply_overrides(cfg, {"routing.capacity": 0.25})`), which is what the CLI's `--set` uses.
+
+Routing follows Raposo et al. 2024 (paper.md): Sec 3.4 for the routed block, Sec 4.1 for where
+routers sit and how much capacity they get, Sec 3.5 for the two causal fixes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Union
+
+RouterKind = Literal["learned", "random", "none"]
+RouterWeight = Literal["sigmoid", "raw", "constant"]
+RoutedLayers = Union[Literal["every_other", "all", "none"], tuple[int, ...]]
+MlpKind = Literal["swiglu", "gelu"]
+
+ROUTER_KINDS = ("learned", "random", "none")
+ROUTER_WEIGHTS = ("sigmoid", "raw", "constant")
+LAYER_PATTERNS = ("every_other", "all", "none")
+MLP_KINDS = ("swiglu", "gelu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what would be valid."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Where and how tokens are routed around blocks.
+
+    router:        "learned" (MoD: r = w^T x, Sec 3.4), "random" (the stochastic-routing control of
+                   Sec 4.1: top-k of Gaussian scores), or "none" (dense model).
+    layers:        "every_other" (the paper's best, Fig 3), "all", "none", or an explicit tuple of
+                   block indices.
+    first_layer_dense: keep block 0 dense under "every_other" / "all" (so "every_other" routes
+                   blocks 1, 3, 5, ...).
+    capacity:      fraction of the sequence each routed block processes; k = max(1, floor(c * T))
+                   from the batch's actual length T (Sec 3.4: 12.5% = top 256 of 2048).
+    router_weight: what multiplies the block's update for selected tokens: "sigmoid" (sigmoid(r),
+                   default), "raw" (r itself, Eq. 1 as written), or "constant" (1: the router then
+                   gets no gradient from the LM loss, an ablation of Sec 3.4's remark).
+    aux_loss_weight: weight of the router's auxiliary BCE loss against top-k membership
+                   (Sec 3.5 fix 1). 0 disables it, and with it the causal `router` mode.
+    predictor:     train the stop-gradient MLP predictor of top-k membership (Sec 3.5 fix 2).
+    predictor_hidden: its hidden width; None means d_model // 8.
+    predictor_loss_weight: weight of the predictor's BCE loss. Its gradient reaches only the
+                   predictor, so this only scales the predictor's own learning signal.
+    """
+
+    router: RouterKind = "learned"
+    layers: RoutedLayers = "every_other"
+    first_layer_dense: bool = True
+    capacity: float = 0.125
+    router_weight: RouterWeight = "sigmoid"
+    # Deviation: the paper does not state the aux-loss weight (Sec 3.5); 0.01 keeps its share of
+    # the objective small while centring sigmoid(r) on the top-k boundary.
+    aux_loss_weight: float = 0.01
+    predictor: bool = True
+    predictor_hidden: int | None = None
+    predictor_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; the config stores tuples so it stays hashable and frozen.
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        _check(self.router in ROUTER_KINDS,
+               f"routing.router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        _check(self.router_weight in ROUTER_WEIGHTS,
+               f"routing.router_weight must be one of {ROUTER_WEIGHTS}, got {self.router_weight!r}")
+        if isinstance(self.layers, str):
+            _check(self.layers in LAYER_PATTERNS,
+                   f"routing.layers must be one of {LAYER_PATTERNS} or a list of block indices, "
+                   f"got {self.layers!r}")
+        else:
+            _check(isinstance(self.layers, tuple)
+                   and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers),
+                   f"routing.layers must be one of {LAYER_PATTERNS} or a list of block indices, "
+                   f"got {self.layers!r}")
+            _check(len(set(self.layers)) == len(self.layers),
+                   f"routing.layers lists a block twice: {self.layers}")
+        _check(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0,
+               f"routing.capacity must be in (0, 1], got {self.capacity!r}")
+        _check(self.aux_loss_weight >= 0.0,
+               f"routing.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        _check(self.predictor_loss_weight >= 0.0,
+               f"routing.predictor_loss_weight must be >= 0, got {self.predictor_loss_weight}")
+        _check(self.predictor_hidden is None or self.predictor_hidden >= 1,
+               f"routing.predictor_hidden must be a positive int or null, got {self.predictor_hidden}")
+        if self.router == "random":
+            _check(not self.predictor and self.aux_loss_weight == 0.0,
+                   "routing.router='random' has no learned scores to supervise: set "
+                   "routing.predictor=false and routing.aux_loss_weight=0")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.router == "none" or self.layers == "none" or self.layers == ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only pre-norm transformer (RMSNorm, rotary positions, SwiGLU/GELU MLP, no biases).
+
+    d_mlp: the MLP's hidden width; None means 8/3 * d_model rounded up to a multiple of 32 for
+    SwiGLU (same parameter count as a 4x GELU MLP) and 4 * d_model for GELU.
+    max_seq_len: the longest sequence the rotary table covers.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    d_mlp: int | None = None
+    mlp: MlpKind = "swiglu"
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.routing, Mapping):
+            object.__setattr__(self, "routing", RoutingConfig(**self.routing))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   f"{name} must be a positive integer, got {value!r}")
+        _check(self.d_model % self.n_heads == 0,
+               f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        _check(self.head_dim % 2 == 0,
+               f"head dimension d_model / n_heads = {self.head_dim} must be even for rotary "
+               f"positions; change d_model or n_heads")
+        _check(self.mlp in MLP_KINDS, f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        _check(self.d_mlp is None or (isinstance(self.d_mlp, int) and self.d_mlp >= 1),
+               f"d_mlp must be a positive integer or null, got {self.d_mlp!r}")
+        _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        layers = self.routing.layers
+        if isinstance(layers, tuple):
+            bad = [i for i in layers if not 0 <= i < self.n_layers]
+            _check(not bad, f"routing.layers has block indices {bad} outside 0..{self.n_layers - 1}")
+            _check(not (self.routing.first_layer_dense and 0 in layers),
+                   "routing.layers includes block 0 but routing.first_layer_dense is true; "
+                   "remove 0 from the list or set routing.first_layer_dense=false")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.d_mlp is not None:
+            return self.d_mlp
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    @property
+    def predictor_hidden(self) -> int:
+        hidden = self.routing.predictor_hidden
+        return hidden if hidden is not None else max(1, self.d_model // 8)
+
+    @property
+    def routed_layers(self) -> tuple[int, ...]:
+        """Indices of the blocks that route (Sec 4.1); empty for a dense model."""
+        r = self.routing
+        if r.router == "none" or r.layers == "none":
+            return ()
+        if isinstance(r.layers, tuple):
+            return tuple(sorted(r.layers))
+        start = 1 if r.first_layer_dense else 0
+        step = 2 if r.layers == "every_other" else 1
+        return tuple(range(start, self.n_layers, step))
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.routed_layers
+
+    # ---- serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.routing.layers, tuple):
+            d["routing"]["layers"] = list(self.routing.layers)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        _reject_unknown(cls, d, "")
+        d = dict(d)
+        if "routing" in d:
+            _reject_unknown(RoutingConfig, d["routing"], "routing.")
+            d["routing"] = RoutingConfig(**d["routing"])
+        return cls(**d)
+
+
+def _reject_unknown(cls: type, d: Mapping[str, Any], prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; "
+                          f"valid keys are {sorted(prefix + k for k in known)}")
+
+
+def parse_value(text: str) -> Any:
+    """Parse a CLI override value: JSON when it parses (numbers, true/false/null, lists), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """Return a copy of a (nested) frozen dataclass with dotted keys replaced.
+
+    Values may be strings from the command line ("0.25", "true", "[1, 3]"), parsed as JSON, or
+    Python values. Unknown keys fail with the list of valid ones; validation runs on the result.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            raise ConfigError(f"unknown config key {key!r}; valid keys are {sorted(fields)}")
+        current = getattr(cfg, head)
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise ConfigError(f"config key {head!r} has no sub-keys (got {key!r})")
+            nested.setdefault(head, {})[rest] = value
+        else:
+            if dataclasses.is_dataclass(current):
+                raise ConfigError(f"config key {key!r} is a group; set one of its fields, "
+                                  f"e.g. {key}.{dataclasses.fields(current)[0].name}=...")
+            direct[head] = _coerce(parse_value(value) if isinstance(value, str) else value,
+                                   hints[head], key)
+    for head, sub in nested.items():
+        direct[head] = apply_overrides(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **direct)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Light coercion of parsed override values to the field's declared type."""
+    options = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    if isinstance(value, list):
+        return tuple(value)
+    if float in options and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if int in options and float not in options and isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value}")
+    if value is not None and isinstance(value, str) and str not in options and not any(
+            typing.get_origin(o) is Literal for o in options):
+        raise ConfigError(f"{key}: could not parse {value!r} as {hint}")
+    return value

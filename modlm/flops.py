@@ -1,0 +1,143 @@
+"""FLOPs and parameters from a config alone: the one place the project counts compute.
+
+Convention (the same as `torch.utils.flop_counter.FlopCounterMode`, which a test checks):
+- 2 FLOPs per multiply-add; only matrix products count (linear layers, the two attention
+  products Q K^T and P V). Norms, rotary, activations, softmax, residual adds, gather and scatter
+  are not counted.
+- Attention scores count the full n x n product for the n tokens taking part (n = T in a dense
+  block, n = k in a routed one): what an unmasked kernel computes. A causal kernel that skips the
+  masked half does less; the convention is the standard one (Kaplan et al.; Chinchilla).
+- A routed block processes k = capacity_k(T, capacity) tokens (paper Sec 3.4), so its
+  projections and MLP cost k/T and its attention products (k/T)^2 of a dense block's (paper.md:
+  at 12.5% the scores cost 1/64). Its router (2 D FLOPs per token) and predictor run on all T.
+  In the causal modes the routed count varies; these numbers are for exactly k.
+- Training = forward + backward, the backward costing twice the forward (input and weight
+  gradients) for every matmul except the predictor's first layer: its input is a stop-gradient,
+  so its backward computes the weight gradient only.
+- The embedding lookup is free; the LM head is a D x V matmul on every token.
+
+Helpers size a MoD model to a dense model's forward FLOPs (the paper's isoFLOP rule, Sec 4.1:
+the best MoD uses as many FLOPs per forward pass as the best dense model, with more parameters)
+and convert a FLOP budget to optimizer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from modlm.config import ModelConfig, RoutingConfig
+from modlm.routing import capacity_k
+
+COMPONENTS = ("attention_projections", "attention_scores", "mlp", "router", "predictor", "lm_head")
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """Forward FLOPs for one sequence of `seq_len` tokens, by component."""
+
+    seq_len: int
+    attention_projections: float
+    attention_scores: float
+    mlp: float
+    router: float
+    predictor: float
+    lm_head: float
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, c) for c in COMPONENTS)
+
+    @property
+    def per_token(self) -> float:
+        return self.total / self.seq_len
+
+    def as_dict(self) -> dict[str, float]:
+        return {c: getattr(self, c) for c in COMPONENTS} | {"total": self.total}
+
+
+def tokens_per_block(cfg: ModelConfig, seq_len: int) -> list[int]:
+    """How many tokens take part in each block: T in dense blocks, k in routed ones."""
+    routed = set(cfg.routed_layers)
+    k = capacity_k(seq_len, cfg.routing.capacity)
+    return [k if i in routed else seq_len for i in range(cfg.n_layers)]
+
+
+def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown:
+    """Forward FLOPs for one sequence (default length: cfg.max_seq_len)."""
+    T = cfg.max_seq_len if seq_len is None else seq_len
+    D, F, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
+    mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+    proj = scores = mlp = 0.0
+    for n in tokens_per_block(cfg, T):
+        proj += 2 * n * 4 * D * D                 # q, k, v and output projections
+        scores += 2 * 2 * n * n * D               # Q K^T and P V over all heads
+        mlp += 2 * n * mlp_mats * D * F
+    n_routed = len(cfg.routed_layers)
+    learned = cfg.routing.router == "learned"
+    router = 2 * T * D * n_routed if learned else 0.0
+    P = cfg.predictor_hidden
+    predictor = 2 * T * (D * P + P) * n_routed if cfg.routing.predictor and n_routed else 0.0
+    return FlopBreakdown(T, proj, scores, mlp, router, predictor, 2 * T * D * V)
+
+
+def training_flops(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward + backward FLOPs for one sequence (see the module docstring)."""
+    f = forward_flops(cfg, seq_len)
+    predictor_first_layer = f.predictor * cfg.d_model / (cfg.d_model + 1)  # D*P of (D*P + P)
+    return 3 * f.total - predictor_first_layer
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int          # what the optimizer updates (tied embeddings once)
+    embedding: int      # token embedding (+ untied LM head)
+    non_embedding: int  # blocks, routers, predictors, final norm
+
+
+def param_count(cfg: ModelConfig) -> ParamCount:
+    D, F, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
+    mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+    block = 4 * D * D + mlp_mats * D * F + 2 * D           # projections, MLP, two norms
+    n_routed = len(cfg.routed_layers)
+    router = D if cfg.routing.router == "learned" else 0
+    P = cfg.predictor_hidden
+    predictor = D * P + P if cfg.routing.predictor else 0
+    non_embedding = cfg.n_layers * block + n_routed * (router + predictor) + D
+    embedding = V * D * (1 if cfg.tie_embeddings else 2)
+    return ParamCount(non_embedding + embedding, embedding, non_embedding)
+
+
+def steps_for_budget(cfg: ModelConfig, budget_flops: float, batch_size: int,
+                     seq_len: int | None = None) -> int:
+    """Optimizer steps that spend `budget_flops` of training compute at this batch shape."""
+    per_step = training_flops(cfg, seq_len) * batch_size
+    steps = math.floor(budget_flops / per_step)
+    if steps < 1:
+        raise ValueError(f"a FLOP budget of {budget_flops:.3g} is less than one step "
+                         f"({per_step:.3g} FLOPs at batch {batch_size}); raise the budget")
+    return steps
+
+
+def match_forward_flops(dense: ModelConfig, routing: RoutingConfig,
+                        vary: Literal["n_layers", "d_model"] = "n_layers",
+                        seq_len: int | None = None, limit: int = 512) -> ModelConfig:
+    """The MoD config, grown from `dense` in depth or width, whose forward FLOPs per sequence are
+    closest to the dense model's (paper Sec 4.1's isoFLOP rule; the paper found depth the better
+    way to spend the savings). Width grows in steps that keep n_heads and an even head width.
+    """
+    target = forward_flops(dense, seq_len).total
+    step = 1 if vary == "n_layers" else 2 * dense.n_heads
+    start = getattr(dense, vary)
+    best, best_gap = None, math.inf
+    for value in range(start, start + limit * step, step):
+        cand = dataclasses.replace(dense, routing=routing, **{vary: value})
+        gap = abs(forward_flops(cand, seq_len).total - target)
+        if gap < best_gap:
+            best, best_gap = cand, gap
+        elif forward_flops(cand, seq_len).total > target:
+            break  # FLOPs grow monotonically with depth and width: past the target, stop.
+    assert best is not None
+    return best

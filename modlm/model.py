@@ -1,0 +1,129 @@
+"""The decoder-only language model: embeddings, dense and routed blocks, LM head, named output.
+
+Legend: B batch, T time, D model width, V vocabulary.
+
+One code path for dense and MoD models: a dense model is one whose config routes no block.
+`forward` returns a `ModelOutput` with the logits, the LM loss, the two auxiliary losses of
+paper Sec 3.5 (kept separate and weighted into `loss`), and one `LayerRouting` per routed block.
+
+Routing modes for a full-sequence forward:
+- "topk" (training, the paper's forward): exact top-k per sequence. NOT causal: whether token t is
+  routed depends on the router scores of later tokens, so logits at t can change when the future
+  changes (a test demonstrates it). Use it for training and for the paper's top-k evaluation only.
+- "router": causal; token routed iff sigmoid(r) > 0.5 (trained by the auxiliary BCE loss).
+- "predictor": causal; token routed iff the stop-gradient predictor says it is in the top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modlm.block import ROUTING_MODES, Block, LayerRouting, RoutedBlock, RoutingMode
+from modlm.config import ModelConfig
+from modlm.layers import RMSNorm, Rotary
+from modlm.router import LinearRouter
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """logits_BTV always; the losses when targets were given (None otherwise)."""
+
+    logits_BTV: Tensor
+    loss: Tensor | None              # lm_loss + weighted auxiliary losses: what training minimises
+    lm_loss: Tensor | None
+    router_aux_loss: Tensor | None   # mean over routed layers of the router BCE (Sec 3.5, fix 1)
+    predictor_loss: Tensor | None    # mean over routed layers of the predictor BCE (fix 2)
+    routing: tuple[LayerRouting, ...]
+
+
+class MoDLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        routed = set(cfg.routed_layers)
+        self.blocks = nn.ModuleList(
+            RoutedBlock(cfg, i) if i in routed else Block(cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, init_std), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        for m in self.modules():
+            if isinstance(m, LinearRouter):
+                # Distinct scores from the first step (all-zero weights would tie every token and
+                # make the first top-k arbitrary); sigmoid(r) still starts near 0.5.
+                nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(self.cfg.d_model))
+
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None,
+                mode: RoutingMode = "topk",
+                generator: torch.Generator | None = None) -> ModelOutput:
+        """Logits (and losses, given targets; target -1 is ignored) for token ids idx_BT."""
+        self._check_inputs(idx_BT, mode)
+        x_BTD = self.embed(idx_BT)
+        stats: list[LayerRouting] = []
+        for block in self.blocks:
+            if isinstance(block, RoutedBlock):
+                x_BTD, layer_stats = block(x_BTD, self.rotary, mode, generator)
+                stats.append(layer_stats)
+            else:
+                x_BTD = block(x_BTD, self.rotary)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        if targets_BT is None:
+            return ModelOutput(logits_BTV, None, None, None, None, tuple(stats))
+
+        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(),
+                                  ignore_index=-1)
+        aux = _mean([s.router_aux_loss for s in stats])
+        pred = _mean([s.predictor_loss for s in stats])
+        loss = lm_loss
+        r = self.cfg.routing
+        if aux is not None and r.aux_loss_weight > 0:
+            loss = loss + r.aux_loss_weight * aux
+        if pred is not None and r.predictor_loss_weight > 0:
+            loss = loss + r.predictor_loss_weight * pred
+        return ModelOutput(logits_BTV, loss, lm_loss, aux, pred, tuple(stats))
+
+    def _check_inputs(self, idx_BT: Tensor, mode: str) -> None:
+        if mode not in ROUTING_MODES:
+            raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
+        if mode == "predictor" and not self.cfg.is_dense and not self.cfg.routing.predictor:
+            raise ValueError("routing mode 'predictor' needs a model built with "
+                             "routing.predictor=true; use mode='router' or 'topk'")
+        if idx_BT.dim() != 2:
+            raise ValueError(f"expected token ids of shape (batch, time), got {tuple(idx_BT.shape)}")
+        if idx_BT.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be int64 or int32, got {idx_BT.dtype}")
+        T = idx_BT.shape[1]
+        if not 1 <= T <= self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} must be in 1..max_seq_len={self.cfg.max_seq_len}")
+        lo, hi = int(idx_BT.min()), int(idx_BT.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.cfg.vocab_size - 1} (vocab_size), "
+                             f"got values in {lo}..{hi}; check the tokenizer matches the model")
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, counting tied embeddings once."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _mean(losses: list[Tensor | None]) -> Tensor | None:
+    present = [l for l in losses if l is not None]
+    return torch.stack(present).mean() if present else None

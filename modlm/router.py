@@ -1,0 +1,63 @@
+"""Routers (who goes through a block) and the causal predictor (paper Sec 3.4 and 3.5).
+
+Legend: B batch, T time, D model width, P predictor hidden width.
+
+- `LinearRouter`: r_i = w^T x_i, one vector per routed block (Sec 3.4), computed in float32.
+- `RandomRouter`: Gaussian scores, the stochastic-routing control of Sec 4.1.
+- `Predictor`: a small MLP that sees the router's input through a stop-gradient and predicts
+  whether a token is in the top-k (Sec 3.5, fix 2); its loss reaches no other parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LinearRouter(nn.Module):
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_model))
+
+    def causal_threshold(self, capacity: float) -> float:
+        """Logit above which a token is routed causally: sigmoid(r) > 0.5 (Sec 3.5, fix 1)."""
+        return 0.0
+
+    def forward(self, x_BTD: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        # Router logits and everything decided from them stay in float32, even under autocast.
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            # A (D, 1) matmul rather than a matrix-vector product: the same maths, and one that
+            # FLOP counters see (FlopCounterMode ignores mv), so the FLOP module can be checked.
+            return (x_BTD.float() @ self.weight.float().unsqueeze(-1)).squeeze(-1)
+
+
+class RandomRouter(nn.Module):
+    """Scores drawn from N(0, 1) per token (Sec 4.1's "stochastic routing" control)."""
+
+    def causal_threshold(self, capacity: float) -> float:
+        """The (1 - capacity) quantile of N(0, 1): a token is routed with probability capacity.
+
+        Deviation: the paper defines the control by top-k only; for causal evaluation we route
+        each token independently at the same expected rate.
+        """
+        return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - capacity)))
+
+    def forward(self, x_BTD: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        return torch.randn(B, T, generator=generator, device=x_BTD.device, dtype=torch.float32)
+
+
+class Predictor(nn.Module):
+    """Logit that the token is in its sequence's top-k, from a stop-gradient copy of x."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden, bias=False)
+        self.head = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        # Paper Sec 3.5: "stop-gradient" input, so the predictor cannot shape the trunk or router.
+        with torch.autocast(x_BTD.device.type, enabled=False):
+            h_BTP = F.silu(self.fc(x_BTD.detach().float()))
+            return self.head(h_BTP).squeeze(-1)
