@@ -39,13 +39,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def update(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        attn_BKD = self.attn(self.attn_norm(x_BKD), cos, sin)
+    def update(self, x_BKD: Tensor, rot: Tensor) -> Tensor:
+        """f(x) for the given tokens; `rot` is the rotary table at their true positions."""
+        attn_BKD = self.attn(self.attn_norm(x_BKD), rot)
         return attn_BKD + self.mlp(self.mlp_norm(x_BKD + attn_BKD))
 
     def forward(self, x_BTD: Tensor, rotary: Rotary) -> Tensor:
-        cos, sin = rotary(torch.arange(x_BTD.shape[1], device=x_BTD.device))
-        return x_BTD + self.update(x_BTD, cos, sin)
+        rot_TR = rotary(torch.arange(x_BTD.shape[1], device=x_BTD.device))
+        return x_BTD + self.update(x_BTD, rot_TR)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,7 @@ class RoutedBlock(nn.Module):
         out_BTD = x_BTD
         if idx_BK.shape[1] > 0:
             x_BKD = routing.gather_tokens(x_BTD, idx_BK)
-            cos, sin = rotary(idx_BK)                                    # true positions
-            delta_BKD = self.block.update(x_BKD, cos, sin)
+            delta_BKD = self.block.update(x_BKD, rotary(idx_BK))           # true positions
             w_BK = self.router_weights(torch.gather(logits_BT, 1, idx_BK))
             out_BTD = routing.scatter_add_tokens(
                 x_BTD, idx_BK, (w_BK.unsqueeze(-1) * delta_BKD).to(x_BTD.dtype), valid_BK)

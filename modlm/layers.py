@@ -6,7 +6,7 @@ D model width, H heads, Dh head width, F MLP hidden width.
 Attention takes the tokens' true positions, so a routed block's gathered tokens get rotary
 embeddings at their original positions (paper Sec 3.4, paper.md "Decisions"), and causal masking
 over the gathered axis equals causal masking by original position because the gathered tokens are
-in time order. Rotary uses the half-split ("rotate_half") layout of GPT-NeoX / Llama.
+in time order.
 """
 
 from __future__ import annotations
@@ -29,25 +29,34 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Cos/sin tables for rotary positions, indexed by true token positions."""
+    """Rotary position table, indexed by true token positions.
+
+    Pairs (x[2i], x[2i+1]) of each head rotate by position * theta^(-2i/Dh): the interleaved
+    layout of RoFormer and Meta's Llama, applied as one complex multiply, which on a CPU costs
+    a fraction of the half-split form's slices and concatenations. (Hugging Face's Llama stores q
+    and k projections permuted for the half-split form; converting weights applies that
+    permutation.)
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles_TR = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        # Non-persistent: derived from the config, so checkpoints need not carry them.
-        self.register_buffer("cos_TR", angles_TR.cos().float(), persistent=False)
-        self.register_buffer("sin_TR", angles_TR.sin().float(), persistent=False)
+        # Real (cos, sin) pairs, not a complex buffer, so module.to(dtype) leaves them float32;
+        # non-persistent: derived from the config, checkpoints need not carry them.
+        self.register_buffer("cos_sin_TR2", torch.stack((angles_TR.cos(), angles_TR.sin()), -1)
+                             .float(), persistent=False)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (T,) or (B, K) -> cos, sin shaped to broadcast over (B, K, H, Dh/2)."""
-        return self.cos_TR[positions].unsqueeze(-2), self.sin_TR[positions].unsqueeze(-2)
+    def forward(self, positions: Tensor) -> Tensor:
+        """positions (T,) or (B, K) -> complex rotations (T, R) or (B, K, R), R = Dh / 2."""
+        return torch.view_as_complex(self.cos_sin_TR2[positions])
 
 
-def apply_rotary(x_BKHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x_BKHd.chunk(2, dim=-1)
-    cos, sin = cos.to(x_BKHd.dtype), sin.to(x_BKHd.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rotary(x_BKNHd: Tensor, rot_BKR: Tensor) -> Tensor:
+    """Rotate q and k together: x (B, K, N, H, Dh) with N stacked tensors, rotations (B, K, R)."""
+    shape = x_BKNHd.shape
+    x_c = torch.view_as_complex(x_BKNHd.float().reshape(*shape[:-1], -1, 2))
+    return torch.view_as_real(x_c * rot_BKR[..., None, None, :]).reshape(shape).to(x_BKNHd.dtype)
 
 
 class Attention(nn.Module):
@@ -59,10 +68,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BKD: Tensor, rot_BKR: Tensor) -> Tensor:
         B, K, D = x_BKD.shape
-        q_BKHd, k_BKHd, v_BKHd = self.qkv(x_BKD).view(B, K, 3, self.n_heads, -1).unbind(2)
-        q_BKHd, k_BKHd = apply_rotary(q_BKHd, cos, sin), apply_rotary(k_BKHd, cos, sin)
+        qkv_BK3Hd = self.qkv(x_BKD).view(B, K, 3, self.n_heads, -1)
+        q_BKHd, k_BKHd = apply_rotary(qkv_BK3Hd[:, :, :2], rot_BKR).unbind(2)
+        v_BKHd = qkv_BK3Hd[:, :, 2]
         # The K axis is in time order, so is_causal masks by original position.
         y_BHKd = F.scaled_dot_product_attention(
             q_BKHd.transpose(1, 2), k_BKHd.transpose(1, 2), v_BKHd.transpose(1, 2), is_causal=True)
