@@ -87,6 +87,8 @@ class RoutedBlock(nn.Module):
                           if cfg.routing.predictor else None)
 
     def router_weights(self, logits_BT: Tensor) -> Tensor:
+        # Deviation: sigmoid(r) by default, not Eq. 1's raw r; the paper's figures show weights
+        # in [0, 1] with 0.5 as the decision line (docs/design.md).
         if self.weighting == "sigmoid":
             return torch.sigmoid(logits_BT)
         if self.weighting == "raw":
@@ -113,10 +115,11 @@ class RoutedBlock(nn.Module):
             idx_BK, valid_BK = routing.indices_from_mask(mask_BT)
 
         out_BTD = x_BTD
-        if idx_BK.shape[1] > 0:
+        if idx_BK.shape[1] > 0:  # in the causal modes a whole batch may route no token
             x_BKD = routing.gather_tokens(x_BTD, idx_BK)
             delta_BKD = self.block.update(x_BKD, rotary(idx_BK))           # true positions
             w_BK = self.router_weights(torch.gather(logits_BT, 1, idx_BK))
+            # Paper Sec 3.4, Eq. 1: x_i' = x_i + r_i * f_i(X~) for selected tokens, x_i otherwise.
             out_BTD = routing.scatter_add_tokens(
                 x_BTD, idx_BK, (w_BK.unsqueeze(-1) * delta_BKD).to(x_BTD.dtype), valid_BK)
 

@@ -63,6 +63,8 @@ class RoutingConfig:
 
     router: RouterKind = "learned"
     layers: RoutedLayers = "every_other"
+    # Deviation: the paper does not say where the interleaving starts; block 0 stays dense so
+    # every token gets one full block of context before any routing decision.
     first_layer_dense: bool = True
     capacity: float = 0.125
     router_weight: RouterWeight = "sigmoid"

@@ -67,7 +67,7 @@ class MoDLM(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         for m in self.modules():
-            if isinstance(m, LinearRouter):
+            if isinstance(m, LinearRouter):  # Deviation: the paper gives no router init.
                 # Distinct scores from the first step (all-zero weights would tie every token and
                 # make the first top-k arbitrary); sigmoid(r) still starts near 0.5.
                 nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(self.cfg.d_model))

@@ -49,7 +49,11 @@ class RandomRouter(nn.Module):
 
 
 class Predictor(nn.Module):
-    """Logit that the token is in its sequence's top-k, from a stop-gradient copy of x."""
+    """Logit that the token is in its sequence's top-k, from a stop-gradient copy of x.
+
+    Deviation: the paper says only "a small auxiliary MLP"; ours is Linear(D, P) -> SiLU ->
+    Linear(P, 1) with P = d_model / 8 by default, in float32.
+    """
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()

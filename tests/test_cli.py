@@ -1,0 +1,107 @@
+"""The command line and the benchmark script run, print what they promise, and fail clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modlm import flops
+from modlm.cli import main
+from modlm.presets import PRESETS, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_presets_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in PRESETS:
+        assert f"\n{name} " in out
+
+
+def test_dense_twin_has_no_routing_and_same_shape():
+    mod, dense = get_preset("small"), get_preset("small-dense")
+    assert mod.routed_layers == (1, 3, 5) and dense.routed_layers == ()
+    assert (mod.d_model, mod.n_layers, mod.max_seq_len) == (
+        dense.d_model, dense.n_layers, dense.max_seq_len)
+
+
+def test_flops_prints_breakdown_and_ratio(capsys):
+    assert main(["flops", "--preset", "bench"]) == 0
+    out = capsys.readouterr().out
+    cfg = get_preset("bench")
+    ratio = flops.forward_flops(cfg).total / flops.forward_flops(get_preset("bench-dense")).total
+    assert f"forward FLOP ratio to same-shape dense: {ratio:.4f}" in out
+    for component in flops.COMPONENTS:
+        assert component in out
+    assert "isoFLOP MoD" in out
+
+
+def test_flops_overrides_change_the_numbers(capsys):
+    main(["flops", "--preset", "small"])
+    base = capsys.readouterr().out
+    main(["flops", "--preset", "small", "--set", "routing.capacity=0.5",
+          "--set", "routing.layers=all"])
+    changed = capsys.readouterr().out
+    assert "capacity 0.5" in changed and "routed blocks 1,2,3,4,5" in changed
+    ratio_line = [l for l in changed.splitlines() if l.startswith("forward FLOP ratio")]
+    assert ratio_line and ratio_line[0] not in base
+
+
+def test_flops_budget_to_steps(capsys):
+    assert main(["flops", "--preset", "tiny", "--budget", "1e12", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    steps = flops.steps_for_budget(get_preset("tiny"), 1e12, 8)
+    assert f"is {steps} steps" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["flops", "--set", "routing.capacity=1.5"], "routing.capacity must be in (0, 1]"),
+    (["flops", "--set", "nope=1"], "unknown config key 'nope'"),
+    (["flops", "--set", "capacity"], "--set expects KEY=VALUE"),
+    (["flops", "--preset", "huge"], "unknown preset 'huge'"),
+    (["demo", "--preset", "tiny-dense"], "pick a MoD preset"),
+])
+def test_bad_input_gives_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modlm: error:") and message in err
+
+
+def test_demo_runs_every_mode(capsys):
+    assert main(["demo", "--preset", "tiny", "--batch", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "time ratio" in out
+    routed = get_preset("tiny").routed_layers
+    for mode in ("topk", "router", "predictor"):
+        rows = [l for l in out.splitlines()
+                if l.startswith(mode + " ") and l.split()[1].isdigit()]  # not the FLOP table
+        assert [int(r.split()[1]) for r in rows] == list(routed)
+    # top-k routes exactly the capacity in every routed block
+    for row in (l for l in out.splitlines() if l.startswith("topk ") and l.split()[1].isdigit()):
+        assert float(row.split()[2]) == pytest.approx(float(row.split()[3]), abs=1e-3)
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "modlm", "presets"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "gpt2-small-dense" in result.stdout
+
+
+def test_benchmark_script_runs_and_reports(tmp_path):
+    out_json = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--d-model", "32",
+         "--layers", "2", "--heads", "2", "--seq-len", "32", "--batch", "2", "--repeats", "2",
+         "--warmup", "1", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_json.read_text())
+    assert set(data["median_step_s"]) == {"dense", "mod"}
+    assert 0 < data["flop_ratio"] < 1
+    assert all(v["peak_rss_mib"] > 0 for v in data["peak_memory"].values())
+    assert "time ratio MoD/dense" in result.stdout
