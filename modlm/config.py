@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Union
@@ -36,6 +37,10 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ class RoutingConfig:
                f"routing.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         _check(self.predictor_loss_weight >= 0.0,
                f"routing.predictor_loss_weight must be >= 0, got {self.predictor_loss_weight}")
-        _check(self.predictor_hidden is None or self.predictor_hidden >= 1,
+        _check(self.predictor_hidden is None or _positive_int(self.predictor_hidden),
                f"routing.predictor_hidden must be a positive int or null, got {self.predictor_hidden}")
         if self.router == "random":
             _check(not self.predictor and self.aux_loss_weight == 0.0,
@@ -139,7 +144,7 @@ class ModelConfig:
             object.__setattr__(self, "routing", RoutingConfig(**self.routing))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            _check(_positive_int(value),
                    f"{name} must be a positive integer, got {value!r}")
         _check(self.d_model % self.n_heads == 0,
                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
@@ -147,7 +152,7 @@ class ModelConfig:
                f"head dimension d_model / n_heads = {self.head_dim} must be even for rotary "
                f"positions; change d_model or n_heads")
         _check(self.mlp in MLP_KINDS, f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
-        _check(self.d_mlp is None or (isinstance(self.d_mlp, int) and self.d_mlp >= 1),
+        _check(self.d_mlp is None or _positive_int(self.d_mlp),
                f"d_mlp must be a positive integer or null, got {self.d_mlp!r}")
         _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
@@ -262,7 +267,9 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Light coercion of parsed override values to the field's declared type."""
-    options = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    # `int | None` is a types.UnionType, `Union[...]` a typing.Union: both list their options.
+    is_union = typing.get_origin(hint) in (Union, types.UnionType)
+    options = typing.get_args(hint) if is_union else (hint,)
     if isinstance(value, list):
         return tuple(value)
     if float in options and isinstance(value, int) and not isinstance(value, bool):

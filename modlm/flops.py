@@ -12,8 +12,10 @@ Convention (the same as `torch.utils.flop_counter.FlopCounterMode`, which a test
   at 12.5% the scores cost 1/64). Its router (2 D FLOPs per token) and predictor run on all T.
   In the causal modes the routed count varies; these numbers are for exactly k.
 - Training = forward + backward, the backward costing twice the forward (input and weight
-  gradients) for every matmul except the predictor's first layer: its input is a stop-gradient,
-  so its backward computes the weight gradient only.
+  gradients) for every matmul, with three exceptions where autograd does less: the predictor's
+  first layer has a stop-gradient input, so only its weight gradient is computed; a predictor
+  whose loss weight is 0 and a router that no loss reaches (router_weight "constant" with aux
+  weight 0) run forward only.
 - The embedding lookup is free; the LM head is a D x V matmul on every token.
 
 Helpers size a MoD model to a dense model's forward FLOPs (the paper's isoFLOP rule, Sec 4.1:
@@ -86,8 +88,15 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown
 def training_flops(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Forward + backward FLOPs for one sequence (see the module docstring)."""
     f = forward_flops(cfg, seq_len)
-    predictor_first_layer = f.predictor * cfg.d_model / (cfg.d_model + 1)  # D*P of (D*P + P)
-    return 3 * f.total - predictor_first_layer
+    r = cfg.routing
+    total = 3 * f.total
+    if r.predictor_loss_weight > 0:
+        total -= f.predictor * cfg.d_model / (cfg.d_model + 1)  # first layer: D*P of (D*P + P)
+    else:
+        total -= 2 * f.predictor
+    if r.router_weight == "constant" and r.aux_loss_weight == 0:
+        total -= 2 * f.router
+    return total
 
 
 @dataclass(frozen=True)

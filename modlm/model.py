@@ -76,7 +76,7 @@ class MoDLM(nn.Module):
                 mode: RoutingMode = "topk",
                 generator: torch.Generator | None = None) -> ModelOutput:
         """Logits (and losses, given targets; target -1 is ignored) for token ids idx_BT."""
-        self._check_inputs(idx_BT, mode)
+        self._check_inputs(idx_BT, targets_BT, mode)
         x_BTD = self.embed(idx_BT)
         stats: list[LayerRouting] = []
         for block in self.blocks:
@@ -89,7 +89,7 @@ class MoDLM(nn.Module):
         if targets_BT is None:
             return ModelOutput(logits_BTV, None, None, None, None, tuple(stats))
 
-        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(),
+        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(),
                                   ignore_index=-1)
         aux = _mean([s.router_aux_loss for s in stats])
         pred = _mean([s.predictor_loss for s in stats])
@@ -101,7 +101,7 @@ class MoDLM(nn.Module):
             loss = loss + r.predictor_loss_weight * pred
         return ModelOutput(logits_BTV, loss, lm_loss, aux, pred, tuple(stats))
 
-    def _check_inputs(self, idx_BT: Tensor, mode: str) -> None:
+    def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str) -> None:
         if mode not in ROUTING_MODES:
             raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
         if mode == "predictor" and not self.cfg.is_dense and not self.cfg.routing.predictor:
@@ -118,6 +118,14 @@ class MoDLM(nn.Module):
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in 0..{self.cfg.vocab_size - 1} (vocab_size), "
                              f"got values in {lo}..{hi}; check the tokenizer matches the model")
+        if targets_BT is not None:
+            if targets_BT.shape != idx_BT.shape:
+                raise ValueError(f"targets shape {tuple(targets_BT.shape)} must equal the inputs' "
+                                 f"{tuple(idx_BT.shape)}")
+            lo, hi = int(targets_BT.min()), int(targets_BT.max())
+            if lo < -1 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"targets must be -1 (ignored) or in 0..{self.cfg.vocab_size - 1}, "
+                                 f"got values in {lo}..{hi}")
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""

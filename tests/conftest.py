@@ -1,0 +1,33 @@
+"""Shared tiny configurations for the core unit tests.
+
+Sizes are small, odd and distinct (vocab 99, d_model 32 or 48, d_mlp 37, 2 or 3 heads of width 16)
+so a swapped dimension fails loudly instead of broadcasting silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from modlm.config import ModelConfig, RoutingConfig
+
+TINY = dict(vocab_size=99, d_model=32, n_layers=4, n_heads=2, d_mlp=37, max_seq_len=32)
+
+
+def tiny_config(routing: dict[str, Any] | None = None, **overrides: Any) -> ModelConfig:
+    """A tiny model config; `routing` holds RoutingConfig fields, the rest ModelConfig fields."""
+    fields = {**TINY, **overrides}
+    return ModelConfig(**fields, routing=RoutingConfig(**(routing or {})))
+
+
+@pytest.fixture
+def make_cfg():
+    return tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
