@@ -74,8 +74,10 @@ def test_training_flops_match_counter(make_cfg, name):
 
 def test_config_knobs_change_flops(make_cfg):
     """Each configuration above is a different compute budget, so each check above counts."""
-    totals = {n: flops.forward_flops(make_cfg(**kw), 24).total for n, kw in CONFIGS.items()}
+    totals = {n: (flops.forward_flops(make_cfg(**kw), 24).total,
+                  flops.training_flops(make_cfg(**kw), 24)) for n, kw in CONFIGS.items()}
     assert len(set(totals.values())) == len(totals), totals
+    totals = {n: forward for n, (forward, _) in totals.items()}
     assert totals["mod_every_other"] < totals["dense"]
 
 
