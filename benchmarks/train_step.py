@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile both models first")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -116,6 +117,8 @@ def main() -> None:
     cfgs = configs(args)
     torch.manual_seed(0)
     models = {name: MoDLM(c) for name, c in cfgs.items()}
+    if args.compile:
+        models = {name: torch.compile(m) for name, m in models.items()}
     x, y = batch(args)
     for _ in range(args.warmup):
         for m in models.values():
@@ -135,7 +138,8 @@ def main() -> None:
     result = {
         "shape": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
                   "seq_len": args.seq_len, "batch": args.batch, "capacity": args.capacity,
-                  "vocab": 256, "dtype": "float32", "threads": args.threads},
+                  "vocab": 256, "dtype": "float32", "threads": args.threads,
+                  "compiled": args.compile},
         "median_step_s": med,
         "all_step_s": times,
         "time_ratio": med["mod"] / med["dense"],
@@ -151,7 +155,7 @@ def main() -> None:
           f"{args.batch}, capacity {args.capacity}, float32, {args.threads} threads; "
           f"median of {args.repeats} interleaved steps")
     print(f"{'':8s} {'step ms':>9s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'peak RSS MiB':>13s} "
-          f"{'step +MiB':>10s}")
+          f"{'step +MiB':>10s}{'   (torch.compile; memory measured eager)' if args.compile else ''}")
     for n in models:
         print(f"{n:8s} {med[n] * 1e3:9.1f} {train_flops[n] / 1e9:11.1f} {gflops[n]:8.1f} "
               f"{mem[n]['peak_rss_mib']:13.0f} {mem[n]['step_increase_mib']:10.0f}")

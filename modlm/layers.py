@@ -55,8 +55,16 @@ class Rotary(nn.Module):
 def apply_rotary(x_BKNHd: Tensor, rot_BKR: Tensor) -> Tensor:
     """Rotate q and k together: x (B, K, N, H, Dh) with N stacked tensors, rotations (B, K, R)."""
     shape = x_BKNHd.shape
-    x_c = torch.view_as_complex(x_BKNHd.float().reshape(*shape[:-1], -1, 2))
-    return torch.view_as_real(x_c * rot_BKR[..., None, None, :]).reshape(shape).to(x_BKNHd.dtype)
+    pairs = x_BKNHd.float().reshape(*shape[:-1], -1, 2)
+    rot = rot_BKR[..., None, None, :]
+    if torch.compiler.is_compiling():
+        # Inductor generates no code for complex ops but fuses this real form into one kernel.
+        cos, sin = rot.real, rot.imag
+        x0, x1 = pairs.unbind(-1)
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * rot)
+    return out.reshape(shape).to(x_BKNHd.dtype)
 
 
 class Attention(nn.Module):

@@ -292,3 +292,16 @@ def test_causal_decisions_follow_their_rules(make_cfg):
     scores = torch.randn(3, 24, generator=torch.Generator().manual_seed(4))
     _, stats = rnd(x_BTD, rotary, "router", torch.Generator().manual_seed(4))
     assert torch.equal(stats.mask_BT, scores > 0.6744897501960817)  # N(0,1) 75% quantile
+
+
+def test_rotary_compiled_form_equals_eager_complex_form(monkeypatch):
+    """The real-valued form used under torch.compile is the same rotation as the complex one."""
+    from modlm.layers import Rotary, apply_rotary
+    rotary = Rotary(head_dim=6, max_seq_len=40, theta=10000.0)
+    x = torch.randn(2, 5, 2, 3, 6)
+    pos = torch.tensor([[0, 3, 9, 17, 39], [1, 2, 4, 8, 16]])
+    eager = apply_rotary(x, rotary(pos))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_form = apply_rotary(x, rotary(pos))
+    assert not torch.equal(eager, x)
+    torch.testing.assert_close(compiled_form, eager, rtol=1e-6, atol=1e-6)
