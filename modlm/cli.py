@@ -1,4 +1,4 @@
-"""The `modlm` command line: `modlm presets`, `modlm flops`, `modlm demo`.
+"""The `modlm` command line: `presets`, `flops`, `demo`, `train`, `eval`.
 
 Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --set n_layers=10`).
 """
@@ -24,13 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
-    return apply_overrides(get_preset(args.preset), overrides)
+    return apply_overrides(get_preset(args.preset), _parse_overrides(args.overrides))
 
 
 def _describe(cfg: ModelConfig) -> str:
@@ -142,6 +136,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from modlm.train import load_run_config, train, train_preset
+    if args.resume:
+        if args.overrides:
+            raise ConfigError("--resume continues a run with its saved config; drop --set "
+                              "(or start a new run)")
+        cfg = load_run_config(args.resume)
+    else:
+        cfg = apply_overrides(train_preset(args.preset), _parse_overrides(args.overrides))
+    result = train(cfg, resume=args.resume)
+    state = "interrupted; continue with --resume" if result.interrupted else "done"
+    print(f"run {result.run_dir}: step {result.step}/{result.total_steps} ({state}); "
+          f"last checkpoint {result.last_checkpoint}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from modlm.checkpoint import load_model, resolve_checkpoint
+    from modlm.data import prepare_data, read_user_text, resolve_cache_dir, tokenize_cached
+    from modlm.evaluate import available_modes, evaluate
+    from modlm.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    model, loaded = load_model(resolve_checkpoint(args.run), device=device)
+    model_cfg = model.cfg
+    run_cfg = loaded.run_config or {}
+    data_cfg = _data_config(run_cfg)
+    seq_len = args.seq_len or data_cfg.seq_len
+    modes = available_modes(model_cfg) if args.mode == "all" else (args.mode,)
+    if args.data:
+        sets = {args.data: read_user_text(args.data, corpus_format=data_cfg.corpus_format,
+                                          text_field=data_cfg.text_field,
+                                          extensions=data_cfg.extensions)}
+    else:
+        prepared = prepare_data(data_cfg, tokenizer=loaded.tokenizer)
+        sets = {"val": (prepared.val, prepared.val_bytes),
+                "pydoc": (prepared.pydoc, prepared.pydoc_bytes)}
+    print(f"checkpoint {loaded.path} (step {loaded.step}); modes {', '.join(modes)}")
+    for name, value in sets.items():
+        if args.data:
+            text = value
+            ids = tokenize_cached(text, loaded.tokenizer, resolve_cache_dir(data_cfg)).ids
+            n_bytes = len(text.encode("utf-8"))
+        else:
+            ids, n_bytes = value
+        results = evaluate(model, ids, n_bytes=n_bytes, seq_len=seq_len,
+                           batch_size=args.batch_size, max_batches=args.batches,
+                           modes=modes, device=device)
+        for mode, r in results.items():
+            routed = " ".join(f"{l.fraction_routed:.3f}" for l in r.layers)
+            print(f"{name:10s} {mode:10s} loss {r.loss:.4f}  bpb {r.bits_per_byte:.4f}  "
+                  f"tokens {r.tokens:,d}" + (f"  routed per block {routed}" if routed else ""))
+    return 0
+
+
+def _data_config(run_cfg: dict):
+    from modlm.data import DataConfig
+    return DataConfig.from_dict(run_cfg["data"]) if "data" in run_cfg else DataConfig()
+
+
+def _parse_overrides(items: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def _opt(t) -> str:
     return "-" if t is None else f"{float(t):.3f}"
 
@@ -178,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model (or --resume a run)",
+                       description="Train on the built-in corpus or your own text. Keys: the "
+                       "TrainConfig fields (steps, tokens, flops, batch_size, lr, dtype, ...), "
+                       "model.* (e.g. model.routing.capacity) and data.* (e.g. data.corpus, "
+                       "data.tokenizer).")
+    _add_model_args(p, "small")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the run in this folder from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved model in its routing modes")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--data", default=None,
+                   help="a text file, folder or JSON-lines file to evaluate on (default: the "
+                        "run's validation split and the pydoc set)")
+    p.add_argument("--mode", default="all", choices=("all", "topk", "router", "predictor"))
+    p.add_argument("--batches", type=int, default=None, help="at most this many batches")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -185,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        # Config, data, checkpoint and training errors all carry a message meant for the user.
         print(f"modlm: error: {e}", file=sys.stderr)
         return 2
 

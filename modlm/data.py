@@ -387,6 +387,15 @@ def load_user_corpus(path: str | os.PathLike[str], *, corpus_format: str = "auto
                      text_field: str = "text", extensions: tuple[str, ...] = (".txt", ".md"),
                      val_fraction: float = 0.05, min_val_chars: int = 1) -> Corpus:
     """Read a text file, a folder of text files or JSON lines; split off the tail for validation."""
+    text = read_user_text(path, corpus_format=corpus_format, text_field=text_field,
+                          extensions=extensions)
+    train, val = split_text(text, val_fraction, min_val_chars)
+    return Corpus(str(Path(path).expanduser()), train, val)
+
+
+def read_user_text(path: str | os.PathLike[str], *, corpus_format: str = "auto",
+                   text_field: str = "text", extensions: tuple[str, ...] = (".txt", ".md")) -> str:
+    """The whole text of a user corpus (documents joined by DOCUMENT_SEPARATOR), unsplit."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"corpus path {root} does not exist; pass an existing text file, folder of "
@@ -412,8 +421,7 @@ def load_user_corpus(path: str | os.PathLike[str], *, corpus_format: str = "auto
     if not text:
         raise DataError(f"corpus {root} is empty (no non-whitespace text in {len(files)} file(s)); "
                         f"point it at files that contain text")
-    train, val = split_text(text, val_fraction, min_val_chars)
-    return Corpus(str(root), train, val)
+    return text
 
 
 def split_text(text: str, val_fraction: float, min_val_chars: int = 1) -> tuple[str, str]:

@@ -1,0 +1,115 @@
+"""Held-out evaluation in every routing mode: loss, bits per byte, and what the routers did.
+
+`topk` is the training forward (not causal, paper Sec 3.5); `router` and `predictor` are the
+causal modes a sampler can use, so their numbers are the honest ones. Each mode reports the mean
+next-token loss (nats), bits per byte, and per routed block the fraction of tokens routed and the
+router's and predictor's agreement with top-k membership (paper Fig 6).
+
+Bits per byte = loss / ln 2 / (UTF-8 bytes per token of the split). For a byte tokenizer that is
+loss / ln 2 exactly; for BPE the split's average bytes per token is used, which is exact when the
+whole split is evaluated and an estimate when only `max_batches` of it are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from modlm.config import ModelConfig
+from modlm.data import eval_batches
+from modlm.model import MoDLM
+from modlm.runtime import Dist, autocast
+
+
+def available_modes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Routing modes worth evaluating: a dense model has one; MoD models have their causal ones."""
+    if cfg.is_dense:
+        return ("topk",)
+    modes = ["topk", "router"]
+    if cfg.routing.predictor:
+        modes.append("predictor")
+    return tuple(modes)
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    layer: int
+    fraction_routed: float
+    router_accuracy: float | None
+    predictor_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    mode: str
+    loss: float
+    bits_per_byte: float
+    tokens: int
+    layers: tuple[LayerSummary, ...]
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "bpb": self.bits_per_byte, "tokens": self.tokens,
+                "layers": [vars(l) for l in self.layers]}
+
+
+@torch.no_grad()
+def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch_size: int,
+             max_batches: int | None, modes: tuple[str, ...] | None = None,
+             device: torch.device = torch.device("cpu"), dtype: str = "float32",
+             d: Dist = Dist()) -> dict[str, ModeResult]:
+    """Evaluate `model` on the sequential windows of `ids` in each mode (all ranks take part)."""
+    cfg = model.cfg
+    modes = modes or available_modes(cfg)
+    was_training = model.training
+    model.eval()
+    n_routed = len(cfg.routed_layers)
+    results = {}
+    for mode in modes:
+        # sums: nll, tokens, then per routed layer: routed, router correct, predictor correct
+        sums = torch.zeros(2 + 3 * n_routed, dtype=torch.float64)
+        for windows in eval_batches(ids, batch_size=batch_size, seq_len=seq_len,
+                                    max_batches=max_batches, rank=d.rank,
+                                    world_size=d.world_size):
+            if windows.shape[0] == 0:
+                continue  # this rank's share of the last global batch is empty
+            windows = windows.to(device)
+            x, y = windows[:, :-1], windows[:, 1:]
+            with autocast(device, dtype):
+                out = model(x, mode=mode)
+            nll = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), y.flatten(),
+                                  reduction="sum")
+            n = y.numel()
+            sums[0] += float(nll)
+            sums[1] += n
+            for j, s in enumerate(out.routing):
+                sums[2 + 3 * j] += float(s.mask_BT.sum())
+                if s.router_accuracy is not None:
+                    sums[3 + 3 * j] += float(s.router_accuracy) * n
+                if s.predictor_accuracy is not None:
+                    sums[4 + 3 * j] += float(s.predictor_accuracy) * n
+        if d.enabled:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        tokens = int(sums[1])
+        if tokens == 0:
+            raise ValueError(f"evaluation saw no tokens: the split has {len(ids)} tokens, fewer "
+                             f"than one window of {seq_len + 1}; use more text or a shorter seq_len")
+        loss = float(sums[0]) / tokens
+        bytes_per_token = n_bytes / max(1, len(ids))
+        layers = tuple(
+            LayerSummary(
+                layer=layer,
+                fraction_routed=float(sums[2 + 3 * j]) / tokens,
+                router_accuracy=(float(sums[3 + 3 * j]) / tokens
+                                 if cfg.routing.router == "learned" else None),
+                predictor_accuracy=(float(sums[4 + 3 * j]) / tokens
+                                    if cfg.routing.predictor else None))
+            for j, layer in enumerate(cfg.routed_layers))
+        results[mode] = ModeResult(mode, loss, loss / math.log(2) / bytes_per_token, tokens,
+                                   layers)
+    model.train(was_training)
+    return results

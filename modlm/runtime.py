@@ -1,0 +1,130 @@
+"""Devices, dtypes, processes and the environment record: decided here and nowhere else.
+
+- Device: "auto" picks CUDA when present, else CPU. Model code never moves tensors itself.
+- Dtype: float32 everywhere by default (what the tests use, and on CPU the exact-resume
+  guarantee); "bfloat16" runs the forward under autocast (parameters and optimizer state stay
+  float32; router logits, top-k and losses stay float32 inside the model). float16 is refused on
+  CPU, where it is about 100x slower than float32.
+- Processes: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) a process group
+  is set up with NCCL on CUDA and gloo on CPU; `Dist` says who we are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+DTYPES = ("float32", "bfloat16")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but CUDA is not available; "
+                               "use --set device=cpu (or auto)")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """The forward pass's numerics: a no-op for float32, bfloat16 autocast otherwise."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"dtype must be one of {DTYPES} (float16 is not supported: on CPU it is "
+                     f"~100x slower), got {dtype!r}")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group torchrun describes; a single process needs no group."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return Dist()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local)
+
+
+def shutdown_distributed(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.barrier()  # FSDP2 on gloo needs every rank here before the group goes away
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= d.world_size
+    return t
+
+
+def git_revision() -> str | None:
+    """The package checkout's commit (with "+dirty" for local changes), or None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "modlm"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def environment(device: torch.device, dtype: str, d: Dist) -> dict[str, Any]:
+    import numpy
+    info = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+        "platform": platform.platform(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(device), "dtype": dtype, "world_size": d.world_size,
+        "git_revision": git_revision(), "argv": sys.argv,
+    }
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+@contextlib.contextmanager
+def rank_zero_first(d: Dist) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. tokenizes and fills a cache), then the others."""
+    if d.enabled and not d.is_main:
+        dist.barrier()
+    yield
+    if d.enabled and d.is_main:
+        dist.barrier()

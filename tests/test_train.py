@@ -1,0 +1,245 @@
+"""The trainer: schedule, parameter groups, run folder, FLOP budgets, exact resume, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modlm import flops
+from modlm.checkpoint import latest_checkpoint, list_checkpoints
+from modlm.config import ConfigError, ModelConfig, apply_overrides
+from modlm.data import DataConfig
+from modlm.model import MoDLM
+from modlm.optim import lr_at, parameter_groups
+from modlm.train import TrainConfig, TrainingError, load_run_config, train, train_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    # A repetitive but not trivial text: enough for windows, learnable in a few steps.
+    words = ["the", "router", "picks", "tokens", "and", "blocks", "skip", "others", "quickly"]
+    lines = [" ".join(words[(i * j) % len(words)] for j in range(1, 12)) for i in range(400)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def tiny_cfg(tmp_path: Path, corpus: Path, **kw) -> TrainConfig:
+    model = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, d_mlp=37,
+                        max_seq_len=32)
+    data = DataConfig(corpus=str(corpus), seq_len=32, cache_dir=str(tmp_path / "cache"),
+                      val_fraction=0.1)
+    base = dict(model=model, data=data, steps=8, batch_size=4, lr=3e-3, warmup_steps=2,
+                eval_every=4, eval_batches=2, checkpoint_every=4, log_every=1, device="cpu",
+                out_dir=str(tmp_path / "runs"), run_name="run")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r and "eval" not in r}
+
+
+# ---- schedule and optimizer ---------------------------------------------------------------------
+
+def test_lr_schedule_warmup_then_cosine_over_exactly_the_run():
+    total, peak, warm = 100, 1e-3, 10
+    lrs = [lr_at(s, total, peak, warm, 0.1) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warm) and lrs[warm - 1] == pytest.approx(peak)
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm]))          # rising warm-up
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))      # decaying after
+    assert lrs[warm] == pytest.approx(peak)
+    # the cosine reaches its floor at the run's end, not before and not after
+    assert lr_at(total, total, peak, warm, 0.1) == pytest.approx(0.1 * peak)
+    assert lrs[-1] > 0.1 * peak
+    mid = warm + (total - warm) // 2
+    assert lrs[mid] == pytest.approx(0.1 * peak + 0.45 * peak, rel=1e-6)
+
+
+def test_parameter_groups_decay_only_matrices():
+    model = MoDLM(ModelConfig(vocab_size=99, d_model=32, n_layers=2, n_heads=2, d_mlp=37,
+                              max_seq_len=16))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "embed.weight" in kept and "blocks.1.router.weight" in kept
+    assert all("norm" not in n for n in decayed)
+    assert "blocks.0.attn.qkv.weight" in decayed and "blocks.1.predictor.fc.weight" in decayed
+    total = len(decay["params"]) + len(no_decay["params"])
+    assert total == len(list(model.parameters()))  # tied weight once
+    all_decay, none = parameter_groups(model, 0.1, decay_all=True)
+    assert len(all_decay["params"]) == total and not none["params"]
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+def test_train_config_errors_and_overrides():
+    with pytest.raises(ConfigError, match="set the training length"):
+        TrainConfig()
+    with pytest.raises(ConfigError, match="float16 is ~100x slower"):
+        TrainConfig(steps=1, dtype="float16")
+    with pytest.raises(ConfigError, match="data.seq_len .* exceeds model.max_seq_len"):
+        TrainConfig(steps=1, data=DataConfig(seq_len=512), model=ModelConfig(max_seq_len=256))
+    cfg = apply_overrides(train_preset("tiny"), {"model.routing.capacity": "0.25", "lr": "1e-3",
+                                                 "data.tokenizer": "bpe", "betas": "[0.9, 0.99]"})
+    assert cfg.model.routing.capacity == 0.25 and cfg.lr == 1e-3
+    assert cfg.data.tokenizer == "bpe" and cfg.betas == (0.9, 0.99)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_flop_budget_sets_the_steps(tmp_path, corpus):
+    cfg = tiny_cfg(tmp_path, corpus, steps=None, flops=3e9)
+    from modlm.train import total_steps
+    expected = flops.steps_for_budget(cfg.model, 3e9, cfg.batch_size, cfg.data.seq_len)
+    assert total_steps(cfg, 1) == expected
+    dense = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, routing=dataclasses.replace(cfg.model.routing, router="none")))
+    assert total_steps(dense, 1) < expected  # same budget, fewer (dearer) dense steps
+    assert total_steps(tiny_cfg(tmp_path, corpus, steps=None, tokens=1000), 1) == math.ceil(
+        1000 / (4 * 32))
+
+
+# ---- a run -------------------------------------------------------------------------------------
+
+def test_run_writes_its_folder_and_loss_falls(tmp_path, corpus):
+    cfg = tiny_cfg(tmp_path, corpus, steps=30, eval_every=15, checkpoint_every=15, lr=1e-2)
+    result = train(cfg)
+    run = result.run_dir
+    assert result.step == 30 and not result.interrupted
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == cfg
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["dtype"] == "float32"
+    assert (run / "tokenizer").is_dir()
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, 31))
+    assert sum(list(losses.values())[-5:]) / 5 < sum(list(losses.values())[:5]) / 5 - 0.3
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [15, 30]
+    for split in ("val", "pydoc"):
+        modes = evals[-1]["eval"][split]
+        assert set(modes) == {"topk", "router", "predictor"}
+        for r in modes.values():
+            assert r["bpb"] == pytest.approx(r["loss"] / math.log(2))  # bytes tokenizer
+            assert [l["layer"] for l in r["layers"]] == [1]
+    steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
+             if "eval" not in json.loads(l)]
+    assert steps[-1]["flops"] == pytest.approx(30 * 4 * flops.training_flops(cfg.model, 32))
+    assert [c.step for c in list_checkpoints(run)] == [15, 30]
+
+
+def test_same_seed_same_losses(tmp_path, corpus):
+    a = train(tiny_cfg(tmp_path, corpus, steps=4, run_name="a"))
+    b = train(tiny_cfg(tmp_path, corpus, steps=4, run_name="b"))
+    c = train(tiny_cfg(tmp_path, corpus, steps=4, run_name="c", seed=1))
+    assert step_losses(a.run_dir) == step_losses(b.run_dir)
+    assert step_losses(a.run_dir) != step_losses(c.run_dir)
+
+
+def test_resume_repeats_the_uninterrupted_losses(tmp_path, corpus):
+    full = train(tiny_cfg(tmp_path, corpus, run_name="full"))
+    part = train(tiny_cfg(tmp_path, corpus, run_name="part"))
+    # Forget everything after step 4, as if the process had died there.
+    shutil.rmtree(latest_checkpoint(part.run_dir))
+    resumed = train(load_run_config(part.run_dir), resume=part.run_dir)
+    assert resumed.step == 8
+    assert step_losses(resumed.run_dir) == step_losses(full.run_dir)
+    assert len(step_losses(resumed.run_dir)) == 8  # the re-run steps replaced, not duplicated
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, corpus):
+    train(tiny_cfg(tmp_path, corpus, steps=2))
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        train(tiny_cfg(tmp_path, corpus, steps=2))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
+    import modlm.train as train_mod
+
+    class Exploding(MoDLM):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            if self.training:
+                Exploding.calls += 1
+                if Exploding.calls >= 6 and out.loss is not None:
+                    return dataclasses.replace(out, loss=out.loss * float("nan"))
+            return out
+
+    monkeypatch.setattr(train_mod, "MoDLM", Exploding)
+    cfg = tiny_cfg(tmp_path, corpus, checkpoint_every=4)
+    with pytest.raises(TrainingError, match="non-finite loss .* step 6.*step_00000004"):
+        train(cfg)
+    run = Path(cfg.out_dir) / "run"
+    assert [c.step for c in list_checkpoints(run)] == [4]
+
+    Exploding.calls = 0
+    skipping = train(tiny_cfg(tmp_path, corpus, run_name="skip", on_nonfinite="skip"))
+    records = [json.loads(l) for l in (skipping.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [6, 7, 8]
+    assert skipping.step == 8
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, corpus):
+    """Kill -9 the training process between checkpoints; --resume repeats the same losses."""
+    def argv(name):
+        return [sys.executable, "-m", "modlm", "train", "--preset", "tiny",
+                "--set", f"data.corpus={corpus}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                "--set", "steps=40", "--set", "checkpoint_every=5", "--set", "eval_every=40",
+                "--set", "log_every=1", "--set", "device=cpu",
+                "--set", f"out_dir={tmp_path / 'runs'}", "--set", f"run_name={name}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(argv("full"), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(argv("killed"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run = tmp_path / "runs" / "killed"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = [c.step for c in list_checkpoints(run)] if run.exists() else []
+        if any(s >= 10 for s in done):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(c.step for c in list_checkpoints(run))
+    assert killed_at < 40
+    subprocess.run([sys.executable, "-m", "modlm", "train", "--resume", str(run)], check=True,
+                   env=env, capture_output=True, timeout=600)
+    assert step_losses(run) == step_losses(tmp_path / "runs" / "full")
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modlm", "train", "--preset", "tiny",
+         "--set", f"data.corpus={corpus}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+         "--set", "steps=100000", "--set", "checkpoint_every=100000", "--set", "log_every=1",
+         "--set", "device=cpu", "--set", f"out_dir={tmp_path / 'runs'}",
+         "--set", "run_name=int"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "int" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "interrupted; continue with --resume" in out
+    ckpts = list_checkpoints(tmp_path / "runs" / "int")
+    assert len(ckpts) == 1 and 0 < ckpts[0].step < 100000
