@@ -227,7 +227,8 @@ def save_checkpoint(run_dir: str | os.PathLike[str], *, step: int, model: nn.Mod
                     optimizer_state: Mapping[str, Any] | None,
                     trainer_state: Mapping[str, Any], model_cfg: ModelConfig,
                     tokenizer: Tokenizer, run_config: Mapping[str, Any] | None = None,
-                    val_loss: float | None = None, keep_last: int | None = 3) -> Path:
+                    val_loss: float | None = None, keep_last: int | None = 3,
+                    model_state: Mapping[str, Tensor] | None = None) -> Path:
     """Atomically write checkpoint `step` of `model` into RUN_DIR/checkpoints/ and prune old ones.
 
     optimizer_state: `optimizer.state_dict()` (or None); trainer_state: the trainer's dict (step,
@@ -236,7 +237,8 @@ def save_checkpoint(run_dir: str | os.PathLike[str], *, step: int, model: nn.Mod
     config.json (e.g. {"train": ..., "data": ...}). val_loss: recorded for best-checkpoint
     selection; a non-finite value is recorded as null. keep_last: how many of the newest
     checkpoints to keep besides the best and the one just saved; None keeps all.
-    Returns the checkpoint folder.
+    model_state: the full weights when `model.state_dict()` would not give them (a sharded
+    FSDP model: pass the gathered full state dict). Returns the checkpoint folder.
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"step must be a non-negative integer, got {step!r}")
@@ -262,7 +264,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], *, step: int, model: nn.Mod
                               f"the model's vocab_size is {model_cfg.vocab_size}")
     config_text = _config_json(model_cfg, run_config)
     loss = _finite_or_none(val_loss)
-    tensors, tied = _split_tied(model.state_dict())
+    tensors, tied = _split_tied(model.state_dict() if model_state is None else model_state)
 
     root = Path(run_dir) / CHECKPOINTS_DIRNAME
     root.mkdir(parents=True, exist_ok=True)

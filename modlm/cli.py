@@ -6,6 +6,7 @@ Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --se
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -146,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = apply_overrides(train_preset(args.preset), _parse_overrides(args.overrides))
     result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     state = "interrupted; continue with --resume" if result.interrupted else "done"
     print(f"run {result.run_dir}: step {result.step}/{result.total_steps} ({state}); "
           f"last checkpoint {result.last_checkpoint}")

@@ -75,12 +75,19 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
         for windows in eval_batches(ids, batch_size=batch_size, seq_len=seq_len,
                                     max_batches=max_batches, rank=d.rank,
                                     world_size=d.world_size):
-            if windows.shape[0] == 0:
-                continue  # this rank's share of the last global batch is empty
+            empty = windows.shape[0] == 0  # this rank's share of the last global batch
+            if empty and not d.enabled:
+                continue
+            if empty:
+                # A sharded (FSDP) model gathers weights inside forward, so every rank must run
+                # it as often as the others: run a throwaway row and count nothing.
+                windows = torch.zeros(1, seq_len + 1, dtype=torch.long)
             windows = windows.to(device)
             x, y = windows[:, :-1], windows[:, 1:]
             with autocast(device, dtype):
                 out = model(x, mode=mode)
+            if empty:
+                continue
             nll = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), y.flatten(),
                                   reduction="sum")
             n = y.numel()

@@ -55,6 +55,8 @@ class TrainConfig:
 
     Length: exactly one of `steps`, `tokens` (total training tokens, all processes) or `flops`
     (total training FLOPs by modlm.flops) is used; `steps` wins if several are set.
+    `fsdp`: under torchrun, shard parameters, gradients and optimizer state with FSDP2
+    (`fully_shard` per block, then the whole model) instead of replicating them with DDP.
     `batch_size` is per process and per micro-step; the global batch is
     batch_size * grad_accum * world_size sequences of data.seq_len tokens.
     """
@@ -78,6 +80,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    fsdp: bool = False
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -264,43 +267,59 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
 
     with runtime.rank_zero_first(d):
         data = prepare_data(cfg.data, tokenizer=loaded.tokenizer if loaded else None)
-    if cfg.model.vocab_size < data.tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
-                          f"{cfg.data.tokenizer} tokenizer's vocabulary "
-                          f"({data.tokenizer.vocab_size}); set model.vocab_size="
-                          f"{data.tokenizer.vocab_size}")
+    if cfg.model.vocab_size != data.tokenizer.vocab_size:
+        if loaded is not None:
+            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) differs from the run's "
+                              f"tokenizer ({data.tokenizer.vocab_size} ids)")
+        # The tokenizer decides the vocabulary: a BPE or GPT-2 run needs no extra override.
+        # The resolved value is what config.json records.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vocab_size=data.tokenizer.vocab_size))
+        if d.is_main:
+            print(f"model.vocab_size set to {cfg.model.vocab_size} to match the "
+                  f"{cfg.data.tokenizer} tokenizer", flush=True)
 
     torch.manual_seed(cfg.seed)
     model = MoDLM(cfg.model).to(device)
     routing_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                betas=cfg.betas, eps=cfg.eps, decay_all=cfg.decay_all)
     sampler = TrainSampler(data.train, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len,
                            seed=cfg.data.seed, rank=d.rank, world_size=d.world_size)
     steps_total = total_steps(cfg, d.world_size)
     step = tokens_seen = 0
     best_val: float | None = None
     if loaded is not None:
-        model.load_state_dict(loaded.model_state)
-        optimizer.load_state_dict(loaded.state["optimizer"])
         t = loaded.state["trainer"]
+        if int(t["world_size"]) != d.world_size:
+            raise ConfigError(f"this run was checkpointed with {t['world_size']} processes; "
+                              f"resume it with the same number (got {d.world_size})")
+        model.load_state_dict(loaded.model_state)  # full weights, before any sharding
         step, tokens_seen = int(t["step"]), int(t["tokens"])
         best_val = t.get("best_val")
         sampler.load_state_dict(t["sampler"])
         torch.set_rng_state(t["rng"])
         routing_gen.set_state(t["routing_rng"])
-        if int(t["world_size"]) != d.world_size:
-            raise ConfigError(f"this run was checkpointed with {t['world_size']} processes; "
-                              f"resume it with the same number (got {d.world_size})")
 
     train_model: torch.nn.Module = model
-    if d.enabled:
+    if cfg.fsdp:
+        if not d.enabled:
+            raise ConfigError("fsdp=true shards the model over processes; launch with "
+                              "`torchrun --nproc_per_node=N -m modlm train ...`")
+        from torch.distributed.fsdp import fully_shard
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    elif d.enabled:
         r = cfg.model.routing
         unused = (r.router_weight == "constant" and r.aux_loss_weight == 0) or (
             r.predictor and r.predictor_loss_weight == 0)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=unused)
+    # After sharding: FSDP2 replaces the parameters with sharded ones the optimizer must see.
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=cfg.betas, eps=cfg.eps, decay_all=cfg.decay_all)
+    if loaded is not None:
+        _load_optimizer_state(model, optimizer, loaded.state["optimizer"], cfg.fsdp)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -344,11 +363,13 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
                          "routing_rng": routing_gen.get_state(), "best_val": best_val,
                          "world_size": d.world_size, "total_steps": steps_total}
         path = None
+        model_state, optimizer_state = _full_states(model, optimizer, cfg.fsdp)  # collective
         if d.is_main:
             path = ckpt.save_checkpoint(
-                run_dir, step=step, model=model, optimizer_state=optimizer.state_dict(),
+                run_dir, step=step, model=model, optimizer_state=optimizer_state,
                 trainer_state=trainer_state, model_cfg=cfg.model, tokenizer=data.tokenizer,
-                run_config=cfg.to_dict(), val_loss=val_loss, keep_last=cfg.keep_last)
+                run_config=cfg.to_dict(), val_loss=val_loss, keep_last=cfg.keep_last,
+                model_state=model_state)
         if d.enabled:
             dist.barrier()
         return path
@@ -392,8 +413,7 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
                 step += 1
                 log({"step": step, "skipped": True, "loss": loss})
                 continue
-            grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                         if cfg.grad_clip > 0 else None)
+            grad_norm = (_clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -428,6 +448,40 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     if tb is not None:
         tb.close()
     return TrainResult(run_dir, step, steps_total, interrupted, final_eval, last_ckpt)
+
+
+def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 fsdp: bool) -> tuple[dict | None, dict]:
+    """Unsharded model and optimizer state (every rank must call this under FSDP)."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    if model.cfg.tie_embeddings and "embed.weight" in model_state:
+        # Gathering unties the shared tensor; re-tie it so the checkpoint stores it once, as an
+        # unsharded model's checkpoint does.
+        model_state["lm_head.weight"] = model_state["embed.weight"]
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_optimizer_state_dict)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _headline_loss(modes: dict[str, Any]) -> float:

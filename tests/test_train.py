@@ -243,3 +243,29 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     assert "interrupted; continue with --resume" in out
     ckpts = list_checkpoints(tmp_path / "runs" / "int")
     assert len(ckpts) == 1 and 0 < ckpts[0].step < 100000
+
+
+def test_bpe_tokenizer_sets_the_model_vocabulary_and_eval_cli_reads_the_run(tmp_path, corpus,
+                                                                           capsys):
+    from modlm.cli import main
+    from modlm.tokenizer import load_tokenizer
+    cfg = tiny_cfg(tmp_path, corpus, steps=2, eval_every=2, checkpoint_every=2,
+                   data=DataConfig(corpus=str(corpus), seq_len=32, tokenizer="bpe",
+                                   bpe_vocab_size=300, cache_dir=str(tmp_path / "cache"),
+                                   val_fraction=0.2))
+    run = train(cfg).run_dir
+    saved = load_run_config(run)
+    assert saved.model.vocab_size == load_tokenizer(run / "tokenizer").vocab_size
+    assert saved.model.vocab_size != cfg.model.vocab_size
+    capsys.readouterr()
+    assert main(["eval", str(run), "--mode", "router", "--batches", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [l.split() for l in out.splitlines() if l.startswith(("val ", "pydoc "))]
+    assert [(r[0], r[1]) for r in rows] == [("val", "router"), ("pydoc", "router")]
+    other = tmp_path / "other.txt"
+    other.write_text("a different text entirely, " * 50)
+    assert main(["eval", str(run), "--data", str(other), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert sum(str(other) in l for l in out.splitlines()) == 3  # topk, router, predictor
+    assert main(["eval", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "modlm: error:" in capsys.readouterr().err
