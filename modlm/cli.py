@@ -149,10 +149,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
+    if result.final_eval:
+        _print_eval_summary(result.final_eval)
     state = "interrupted; continue with --resume" if result.interrupted else "done"
     print(f"run {result.run_dir}: step {result.step}/{result.total_steps} ({state}); "
           f"last checkpoint {result.last_checkpoint}")
     return 0
+
+
+def _print_eval_summary(final_eval: dict) -> None:
+    """The last evaluation as a table: loss, bits per byte and, per routed block, the fraction
+    routed and the predictor's accuracy (paper Fig 6)."""
+    print(f"\n{'split':6s} {'mode':10s} {'loss':>7s} {'bpb':>7s}  routed per block / predictor acc")
+    for split, modes in final_eval.items():
+        for mode, r in modes.items():
+            blocks = "  ".join(
+                f"{l['layer']}: {l['fraction_routed']:.3f}"
+                + (f"/{l['predictor_accuracy']:.3f}" if l["predictor_accuracy"] is not None else "")
+                for l in r["layers"])
+            print(f"{split:6s} {mode:10s} {r['loss']:7.4f} {r['bpb']:7.4f}  {blocks}")
+    print("(topk is the training forward and is not causal; router and predictor are the causal "
+          "modes a sampler uses)\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

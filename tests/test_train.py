@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from modlm import flops
-from modlm.checkpoint import latest_checkpoint, list_checkpoints
+from safetensors.torch import load_file
+
+from modlm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from modlm.config import ConfigError, ModelConfig, apply_overrides
-from modlm.data import DataConfig
+from modlm.data import DataConfig, TrainSampler, prepare_data
 from modlm.model import MoDLM
-from modlm.optim import lr_at, parameter_groups
+from modlm.optim import build_optimizer, lr_at, parameter_groups
 from modlm.train import TrainConfig, TrainingError, load_run_config, train, train_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,3 +271,69 @@ def test_bpe_tokenizer_sets_the_model_vocabulary_and_eval_cli_reads_the_run(tmp_
     assert sum(str(other) in l for l in out.splitlines()) == 3  # topk, router, predictor
     assert main(["eval", str(tmp_path / "nope"), "--device", "cpu"]) == 2
     assert "modlm: error:" in capsys.readouterr().err
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path, corpus):
+    """Two micro-steps of b sequences make the same update as one batch of those 2b sequences."""
+    cfg = tiny_cfg(tmp_path, corpus, steps=1, batch_size=2, grad_accum=2, eval_every=1,
+                   checkpoint_every=1)
+    run = train(cfg).run_dir
+    assert load_checkpoint(latest_checkpoint(run)).state["trainer"]["sampler"]["step"] == 2
+
+    # The same step by hand: both micro-batches as one batch, one backward, one AdamW step.
+    sampler = TrainSampler(prepare_data(cfg.data).train, batch_size=2, seq_len=32,
+                           seed=cfg.data.seed)
+    windows = torch.cat([sampler.next_batch(), sampler.next_batch()])
+    torch.manual_seed(cfg.seed)
+    model = MoDLM(cfg.model)
+    opt = build_optimizer(model, lr=lr_at(0, 1, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
+                          weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+    out = model(windows[:, :-1], windows[:, 1:])
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    saved = load_file(latest_checkpoint(run) / "model.safetensors")
+    for name, p in model.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(saved[name], p, rtol=1e-5, atol=1e-6)
+    assert step_losses(run)[1] == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_bfloat16_autocast_trains(tmp_path, corpus):
+    result = train(tiny_cfg(tmp_path, corpus, steps=3, dtype="bfloat16"))
+    losses = step_losses(result.run_dir)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
+    assert json.loads((result.run_dir / "env.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_progress_line_on_a_terminal_only(monkeypatch, capsys):
+    from modlm.train import _Progress
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = _Progress(total=10, enabled=True)
+    bar.update(step=3, start_step=0, loss=1.2345, tok_s=1234.0)
+    err = capsys.readouterr().err
+    assert err.startswith("\rstep 3/10") and "loss 1.2345" in err and "1,234 tok/s" in err
+    assert "ETA" in err
+    monkeypatch.setenv("CI", "true")
+    quiet = _Progress(total=10, enabled=True)
+    quiet.update(step=3, start_step=0, loss=1.0, tok_s=1.0)
+    assert capsys.readouterr().err == ""
+
+
+def test_tensorboard_events_are_written(tmp_path, corpus):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra; "
+                        "pip install 'modlm[test]' to run this")
+    result = train(tiny_cfg(tmp_path, corpus, steps=2, tensorboard=True))
+    events = list((result.run_dir / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path, corpus):
+    eager = train(tiny_cfg(tmp_path, corpus, steps=3, run_name="eager"))
+    compiled = train(tiny_cfg(tmp_path, corpus, steps=3, run_name="compiled", compile=True))
+    a, b = step_losses(eager.run_dir), step_losses(compiled.run_dir)
+    assert a.keys() == b.keys()
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-4)
