@@ -386,7 +386,8 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
             set_lr(optimizer, lr := lr_at(step, steps_total, cfg.lr, cfg.warmup_steps,
                                           cfg.min_lr_ratio))
             sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, predictor
-            accs: list[float] = []
+            pred_acc: list[float] = []
+            router_acc: list[float] = []
             for micro in range(cfg.grad_accum):
                 windows = sampler.next_batch().to(device)
                 x, y = windows[:, :-1], windows[:, 1:]
@@ -399,7 +400,12 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
                 sums += torch.tensor([_f(out.loss), _f(out.lm_loss),
                                       _f(out.router_aux_loss), _f(out.predictor_loss)],
                                      dtype=torch.float64) / cfg.grad_accum
-                accs = [_f(s.predictor_accuracy) for s in out.routing]
+                # Routing statistics of the last micro-batch (fractions are exactly the capacity
+                # in the top-k training forward; the agreement of the causal rules is not).
+                pred_acc = [_f(s.predictor_accuracy) for s in out.routing
+                            if s.predictor_accuracy is not None]
+                router_acc = [_f(s.router_accuracy) for s in out.routing
+                              if s.router_accuracy is not None]
             sums = runtime.all_reduce_mean(sums, d)
             loss = float(sums[0])
             if not math.isfinite(loss):
@@ -426,7 +432,8 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
                      "router_aux_loss": float(sums[2]) if cfg.model.routed_layers else None,
                      "predictor_loss": float(sums[3]) if cfg.model.routing.predictor
                      and cfg.model.routed_layers else None,
-                     "predictor_accuracy": accs or None, "lr": lr, "grad_norm": grad_norm,
+                     "predictor_accuracy": pred_acc or None,
+                     "router_accuracy": router_acc or None, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": tok_s})
             val_loss = None
             if step % cfg.eval_every == 0 or step == steps_total:

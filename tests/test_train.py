@@ -142,6 +142,10 @@ def test_run_writes_its_folder_and_loss_falls(tmp_path, corpus):
     steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
              if "eval" not in json.loads(l)]
     assert steps[-1]["flops"] == pytest.approx(30 * 4 * flops.training_flops(cfg.model, 32))
+    assert steps[-1]["tokens"] == 30 * 4 * 32
+    for key in ("router_accuracy", "predictor_accuracy"):  # one value per routed block
+        assert len(steps[-1][key]) == 1 and 0.0 <= steps[-1][key][0] <= 1.0
+    assert steps[-1]["lm_loss"] < steps[-1]["loss"]  # the auxiliary losses are part of the sum
     assert [c.step for c in list_checkpoints(run)] == [15, 30]
 
 
