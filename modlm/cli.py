@@ -138,14 +138,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from modlm.train import load_run_config, train, train_preset
+    from modlm.train import configure, load_run_config, train
     if args.resume:
         if args.overrides:
             raise ConfigError("--resume continues a run with its saved config; drop --set "
                               "(or start a new run)")
         cfg = load_run_config(args.resume)
     else:
-        cfg = apply_overrides(train_preset(args.preset), _parse_overrides(args.overrides))
+        cfg = configure(args.preset, _parse_overrides(args.overrides))
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports

@@ -37,7 +37,8 @@ import torch.distributed as dist
 from modlm import checkpoint as ckpt
 from modlm import flops as flop_count
 from modlm import runtime
-from modlm.config import ConfigError, ModelConfig, _check, _positive_int, _reject_unknown
+from modlm.config import (ConfigError, ModelConfig, _check, _positive_int, _reject_unknown,
+                          apply_overrides)
 from modlm.data import DataConfig, TrainSampler, prepare_data
 from modlm.evaluate import evaluate
 from modlm.model import MoDLM
@@ -54,7 +55,7 @@ class TrainConfig:
     """Everything a run needs besides the data on disk; saved as the run's config.json.
 
     Length: exactly one of `steps`, `tokens` (total training tokens, all processes) or `flops`
-    (total training FLOPs by modlm.flops) is used; `steps` wins if several are set.
+    (total training FLOPs by modlm.flops).
     `fsdp`: under torchrun, shard parameters, gradients and optimizer state with FSDP2
     (`fully_shard` per block, then the whole model) instead of replicating them with DDP.
     `batch_size` is per process and per micro-step; the global batch is
@@ -99,8 +100,15 @@ class TrainConfig:
             object.__setattr__(self, "data", DataConfig.from_dict(self.data))
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
-        _check(self.steps is not None or self.tokens is not None or self.flops is not None,
-               "set the training length: steps=N, tokens=N or flops=X (a training-FLOP budget)")
+        lengths = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
+        _check(len(lengths) == 1,
+               "set the training length one way: steps=N, tokens=N or flops=X (a training-FLOP "
+               f"budget); got {lengths or 'none'}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "eps", "flops"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v)),
+                   f"{name} must be a finite number, got {v!r}")
         for name in ("steps", "tokens"):
             v = getattr(self, name)
             _check(v is None or _positive_int(v), f"{name} must be a positive integer, got {v!r}")
@@ -110,6 +118,10 @@ class TrainConfig:
             v = getattr(self, name)
             _check(_positive_int(v), f"{name} must be a positive integer, got {v!r}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                            and 0 <= b < 1 for b in self.betas),
+               f"betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got {self.betas!r}")
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
@@ -148,6 +160,15 @@ def train_preset(name: str) -> TrainConfig:
                             warmup_steps=30)}.get(base, dict(steps=1000))
     return TrainConfig(model=model, data=DataConfig(seq_len=model.max_seq_len), preset=name,
                        **length)
+
+
+def configure(preset: str, overrides: Mapping[str, Any]) -> TrainConfig:
+    """A training preset with dotted overrides (the CLI's `--preset` and `--set`). A length given
+    as `tokens` or `flops` replaces the preset's `steps`."""
+    overrides = dict(overrides)
+    if ("tokens" in overrides or "flops" in overrides) and "steps" not in overrides:
+        overrides["steps"] = None
+    return apply_overrides(train_preset(preset), overrides)
 
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -226,8 +247,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop records a killed run logged past its last checkpoint."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line half-written when the process was killed
+        if record.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -247,7 +274,11 @@ def load_run_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
     if not path.exists():
         raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder "
                           f"that `modlm train` printed")
-    return TrainConfig.from_dict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it or start a new run") from e
+    return TrainConfig.from_dict(saved)
 
 
 def train(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> TrainResult:
@@ -261,6 +292,11 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> 
 
 def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResult:
     device = runtime.resolve_device(cfg.device, d.local_rank)
+    if resume is not None and (resume / "meta.json").exists():
+        raise ConfigError(f"--resume takes a run folder, got the checkpoint {resume}; its run "
+                          f"folder is {resume.parents[1]} (it resumes from its latest checkpoint)")
+    if resume is not None and not (resume / "config.json").exists():
+        raise ConfigError(f"--resume takes a run folder (with config.json), got {resume}")
     run_dir = resume if resume is not None else new_run_dir(cfg)
     loaded = ckpt.load_checkpoint(ckpt.resolve_checkpoint(run_dir), expected_model_cfg=cfg.model) \
         if resume is not None else None
@@ -281,12 +317,12 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
 
     torch.manual_seed(cfg.seed)
     model = MoDLM(cfg.model).to(device)
-    routing_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    # Routing randomness (the random-routing control) differs per rank, like the rows it scores.
+    routing_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1_000_003 * d.rank)
     sampler = TrainSampler(data.train, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len,
                            seed=cfg.data.seed, rank=d.rank, world_size=d.world_size)
     steps_total = total_steps(cfg, d.world_size)
     step = tokens_seen = 0
-    best_val: float | None = None
     if loaded is not None:
         t = loaded.state["trainer"]
         if int(t["world_size"]) != d.world_size:
@@ -294,7 +330,6 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
                               f"resume it with the same number (got {d.world_size})")
         model.load_state_dict(loaded.model_state)  # full weights, before any sharding
         step, tokens_seen = int(t["step"]), int(t["tokens"])
-        best_val = t.get("best_val")
         sampler.load_state_dict(t["sampler"])
         torch.set_rng_state(t["rng"])
         routing_gen.set_state(t["routing_rng"])
@@ -328,7 +363,8 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        _write_json_atomic(run_dir / "env.json", runtime.environment(device, cfg.dtype, d))
+        env_name = "env.json" if loaded is None else f"env.resume-{step:08d}.json"
+        _write_json_atomic(run_dir / env_name, runtime.environment(device, cfg.dtype, d))
         if not (run_dir / "tokenizer").exists():
             data.tokenizer.save(run_dir / "tokenizer")
         if loaded is not None:
@@ -351,8 +387,10 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
         result = {}
         for split, ids, n_bytes in (("val", data.val, data.val_bytes),
                                     ("pydoc", data.pydoc, data.pydoc_bytes)):
+            # The same windows whatever the number of processes (when it divides batch_size).
             modes = evaluate(model, ids, n_bytes=n_bytes, seq_len=cfg.data.seq_len,
-                             batch_size=cfg.batch_size, max_batches=cfg.eval_batches,
+                             batch_size=max(1, cfg.batch_size // d.world_size),
+                             max_batches=cfg.eval_batches,
                              device=device, dtype=cfg.dtype, d=d)
             result[split] = {m: r.as_dict() for m, r in modes.items()}
         return result
@@ -360,7 +398,7 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     def save(val_loss: float | None) -> Path | None:
         trainer_state = {"step": step, "tokens": tokens_seen, "flops": step * per_step_flops,
                          "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
-                         "routing_rng": routing_gen.get_state(), "best_val": best_val,
+                         "routing_rng": routing_gen.get_state(),
                          "world_size": d.world_size, "total_steps": steps_total}
         path = None
         model_state, optimizer_state = _full_states(model, optimizer, cfg.fsdp)  # collective
@@ -377,7 +415,7 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     start_step = step
     progress = _Progress(steps_total, d.is_main)
     final_eval = None
-    last_ckpt = None
+    last_ckpt = ckpt.latest_checkpoint(run_dir) if loaded is not None else None
     interrupted = False
     model.train()
     with _StopFlag() as stop:
@@ -385,61 +423,37 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
             t0 = time.perf_counter()
             set_lr(optimizer, lr := lr_at(step, steps_total, cfg.lr, cfg.warmup_steps,
                                           cfg.min_lr_ratio))
-            sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, predictor
-            pred_acc: list[float] = []
-            router_acc: list[float] = []
-            for micro in range(cfg.grad_accum):
-                windows = sampler.next_batch().to(device)
-                x, y = windows[:, :-1], windows[:, 1:]
-                sync = micro == cfg.grad_accum - 1 or not d.enabled
-                ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
-                    with runtime.autocast(device, cfg.dtype):
-                        out = train_model(x, y, generator=routing_gen)
-                    (out.loss / cfg.grad_accum).backward()
-                sums += torch.tensor([_f(out.loss), _f(out.lm_loss),
-                                      _f(out.router_aux_loss), _f(out.predictor_loss)],
-                                     dtype=torch.float64) / cfg.grad_accum
-                # Routing statistics of the last micro-batch (fractions are exactly the capacity
-                # in the top-k training forward; the agreement of the causal rules is not).
-                pred_acc = [_f(s.predictor_accuracy) for s in out.routing
-                            if s.predictor_accuracy is not None]
-                router_acc = [_f(s.router_accuracy) for s in out.routing
-                              if s.router_accuracy is not None]
-            sums = runtime.all_reduce_mean(sums, d)
-            loss = float(sums[0])
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.on_nonfinite == "stop":
-                    last = ckpt.latest_checkpoint(run_dir)
-                    raise TrainingError(
-                        f"non-finite loss ({loss}) at step {step + 1}; stopped without saving. "
-                        f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
-                        f"lower lr, raise warmup_steps, or set on_nonfinite=skip")
-                step += 1
-                log({"step": step, "skipped": True, "loss": loss})
-                continue
-            grad_norm = (_clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else None)
-            optimizer.step()
+            st = _forward_backward(train_model, model, sampler, cfg, d, device, routing_gen)
+            if st.finite:
+                optimizer.step()
+            elif cfg.on_nonfinite == "stop":
+                last = ckpt.latest_checkpoint(run_dir)
+                raise TrainingError(
+                    f"non-finite loss or gradient (loss {st.loss}, gradient norm {st.grad_norm}) "
+                    f"at step {step + 1}; stopped without saving. The last good checkpoint is "
+                    f"{last or 'none (no checkpoint yet)'}; lower lr, raise warmup_steps, or set "
+                    f"on_nonfinite=skip")
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tokens_per_step
+            tokens_seen += tokens_per_step  # drawn and consumed, even by a skipped step
             tok_s = tokens_per_step / (time.perf_counter() - t0)
-            progress.update(step, start_step, loss, tok_s)
-            if step % cfg.log_every == 0 or step == steps_total:
+            progress.update(step, start_step, st.loss, tok_s)
+            if not st.finite or step % cfg.log_every == 0 or step == steps_total:
+                routed = bool(cfg.model.routed_layers)
                 log({"step": step, "tokens": tokens_seen, "flops": step * per_step_flops,
-                     "loss": loss, "lm_loss": float(sums[1]),
-                     "router_aux_loss": float(sums[2]) if cfg.model.routed_layers else None,
-                     "predictor_loss": float(sums[3]) if cfg.model.routing.predictor
-                     and cfg.model.routed_layers else None,
-                     "predictor_accuracy": pred_acc or None,
-                     "router_accuracy": router_acc or None, "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": tok_s})
+                     "loss": st.loss, "lm_loss": st.lm_loss,
+                     "router_aux_loss": st.router_aux_loss
+                     if routed and cfg.model.routing.router == "learned" else None,
+                     "predictor_loss": st.predictor_loss
+                     if routed and cfg.model.routing.predictor else None,
+                     "predictor_accuracy": st.predictor_accuracy or None,
+                     "router_accuracy": st.router_accuracy or None, "lr": lr,
+                     "grad_norm": st.grad_norm, "tokens_per_s": tok_s,
+                     **({} if st.finite else {"skipped": True})})
             val_loss = None
             if step % cfg.eval_every == 0 or step == steps_total:
                 final_eval = run_eval()
                 val_loss = _headline_loss(final_eval["val"])
-                best_val = val_loss if best_val is None else min(best_val, val_loss)
                 log({"step": step, "tokens": tokens_seen, "flops": step * per_step_flops,
                      "eval": final_eval})
                 if d.is_main:
@@ -455,6 +469,59 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     if tb is not None:
         tb.close()
     return TrainResult(run_dir, step, steps_total, interrupted, final_eval, last_ckpt)
+
+
+@dataclass(frozen=True)
+class _StepStats:
+    """One optimizer step's forward/backward, averaged over micro-batches and processes."""
+
+    loss: float
+    lm_loss: float
+    router_aux_loss: float
+    predictor_loss: float
+    router_accuracy: list[float]
+    predictor_accuracy: list[float]
+    grad_norm: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def _forward_backward(train_model: torch.nn.Module, model: MoDLM, sampler: TrainSampler,
+                      cfg: TrainConfig, d: runtime.Dist, device: torch.device,
+                      routing_gen: torch.Generator) -> _StepStats:
+    """Accumulate gradients over cfg.grad_accum micro-batches, then clip (or just measure) them."""
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, predictor
+    for micro in range(cfg.grad_accum):
+        windows_BT1 = sampler.next_batch().to(device)
+        x_BT, y_BT = windows_BT1[:, :-1], windows_BT1[:, 1:]
+        sync = micro == cfg.grad_accum - 1  # reduce gradients across processes once per step
+        ctx = contextlib.nullcontext()
+        if d.enabled and cfg.fsdp:
+            model.set_requires_gradient_sync(sync)
+        elif d.enabled and not sync:
+            ctx = train_model.no_sync()
+        with ctx:
+            with runtime.autocast(device, cfg.dtype):
+                out = train_model(x_BT, y_BT, generator=routing_gen)
+            (out.loss / cfg.grad_accum).backward()
+        sums += torch.tensor([_f(out.loss), _f(out.lm_loss), _f(out.router_aux_loss),
+                              _f(out.predictor_loss)], dtype=torch.float64) / cfg.grad_accum
+    sums = runtime.all_reduce_mean(sums, d)
+    # No clipping when grad_clip is 0, but the norm is still measured: a non-finite gradient
+    # (e.g. a bfloat16 overflow) must not reach the weights even when the loss is finite.
+    grad_norm = _clip_grad_norm(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    # Routing statistics of the last micro-batch: the fractions are exactly the capacity in the
+    # top-k training forward; the agreement of the causal rules with top-k is what is learned.
+    return _StepStats(
+        loss=float(sums[0]), lm_loss=float(sums[1]), router_aux_loss=float(sums[2]),
+        predictor_loss=float(sums[3]),
+        router_accuracy=[_f(s.router_accuracy) for s in out.routing
+                         if s.router_accuracy is not None],
+        predictor_accuracy=[_f(s.predictor_accuracy) for s in out.routing
+                            if s.predictor_accuracy is not None],
+        grad_norm=grad_norm)
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

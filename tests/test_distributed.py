@@ -51,9 +51,10 @@ def run_train(tmp_path: Path, corpus: Path, name: str, nproc: int, *sets: str,
     return run
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every step line, in file order, duplicates kept."""
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "eval" not in r}
+    return [(r["step"], r["loss"]) for r in records if "eval" not in r]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -66,7 +67,7 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, corpus, str
     single = run_train(tmp_path, corpus, "single", 1, "batch_size=4", *common)
     extra = ("fsdp=true",) if strategy == "fsdp" else ()
     double = run_train(tmp_path, corpus, strategy, 2, "batch_size=2", *common, *extra)
-    assert losses(double)[1] == pytest.approx(losses(single)[1], rel=1e-6)
+    assert losses(double)[0][1] == pytest.approx(losses(single)[0][1], rel=1e-6)
     w1, w2 = weights(single), weights(double)
     initial = run_train(tmp_path, corpus, "init", 1, "batch_size=4", "steps=1", "lr=1e-12")
     w0 = weights(initial)
@@ -88,3 +89,16 @@ def test_two_process_resume_repeats_the_losses(tmp_path, corpus, strategy):
     shutil.rmtree(latest_checkpoint(part))  # as if killed after the step-3 checkpoint
     run_train(tmp_path, corpus, "part", 2, resume=True)
     assert losses(part) == losses(full)
+
+
+def test_fsdp_with_gradient_accumulation_matches_one_process(tmp_path, corpus):
+    """2 processes x 1 sequence x 2 micro-steps (FSDP2) = 1 process x 2 sequences x 2 micro-steps:
+    both draw the same 2 windows per micro-step from the sampler."""
+    common = ("steps=2", "eval_every=2", "checkpoint_every=2", "grad_accum=2")
+    single = run_train(tmp_path, corpus, "single", 1, "batch_size=2", *common)
+    sharded = run_train(tmp_path, corpus, "fsdp", 2, "batch_size=1", "fsdp=true", *common)
+    for (s1, l1), (s2, l2) in zip(losses(single), losses(sharded), strict=True):
+        assert s1 == s2 and l2 == pytest.approx(l1, rel=1e-5)
+    w1, w2 = weights(single), weights(sharded)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6)

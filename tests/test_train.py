@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modlm import flops
 from safetensors.torch import load_file
 
+from modlm import flops
 from modlm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from modlm.config import ConfigError, ModelConfig, apply_overrides
 from modlm.data import DataConfig, TrainSampler, prepare_data
@@ -49,6 +49,12 @@ def tiny_cfg(tmp_path: Path, corpus: Path, **kw) -> TrainConfig:
                 out_dir=str(tmp_path / "runs"), run_name="run")
     base.update(kw)
     return TrainConfig(**base)
+
+
+def metric_lines(run_dir: Path) -> list[tuple[int, bool]]:
+    """(step, is_eval) of every metrics line, duplicates kept."""
+    return [(r["step"], "eval" in r) for r in
+            (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -91,8 +97,14 @@ def test_parameter_groups_decay_only_matrices():
 # ---- config ----------------------------------------------------------------------------------------
 
 def test_train_config_errors_and_overrides():
-    with pytest.raises(ConfigError, match="set the training length"):
+    with pytest.raises(ConfigError, match="set the training length one way"):
         TrainConfig()
+    with pytest.raises(ConfigError, match=r"got \['steps', 'flops'\]"):
+        TrainConfig(steps=3, flops=1e12)
+    with pytest.raises(ConfigError, match="lr must be a finite number, got True"):
+        TrainConfig(steps=1, lr=True)
+    with pytest.raises(ConfigError, match="betas must be two numbers"):
+        TrainConfig(steps=1, betas=(0.9,))
     with pytest.raises(ConfigError, match="float16 is ~100x slower"):
         TrainConfig(steps=1, dtype="float16")
     with pytest.raises(ConfigError, match="data.seq_len .* exceeds model.max_seq_len"):
@@ -102,6 +114,22 @@ def test_train_config_errors_and_overrides():
     assert cfg.model.routing.capacity == 0.25 and cfg.lr == 1e-3
     assert cfg.data.tokenizer == "bpe" and cfg.betas == (0.9, 0.99)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_preset_length_is_replaced_by_a_flop_or_token_budget():
+    """`--preset small-dense --set flops=X` and `--preset small --set flops=X` are isoFLOP."""
+    from modlm.train import configure, total_steps
+    dense = configure("small-dense", {"flops": "2.4e13"})
+    mod = configure("small", {"flops": "2.4e13"})
+    assert dense.steps is None and mod.steps is None
+    per_seq = {c.preset: flops.training_flops(c.model, c.data.seq_len) for c in (dense, mod)}
+    steps = {c.preset: total_steps(c, 1) for c in (dense, mod)}
+    for c in (dense, mod):
+        spent = steps[c.preset] * c.batch_size * per_seq[c.preset]
+        assert 2.4e13 - c.batch_size * per_seq[c.preset] < spent <= 2.4e13
+    assert steps["small"] > 1.6 * steps["small-dense"]
+    assert configure("small", {"tokens": "4096"}).tokens == 4096
+    assert configure("small", {}).steps == train_preset("small").steps
 
 
 def test_flop_budget_sets_the_steps(tmp_path, corpus):
@@ -165,7 +193,27 @@ def test_resume_repeats_the_uninterrupted_losses(tmp_path, corpus):
     resumed = train(load_run_config(part.run_dir), resume=part.run_dir)
     assert resumed.step == 8
     assert step_losses(resumed.run_dir) == step_losses(full.run_dir)
-    assert len(step_losses(resumed.run_dir)) == 8  # the re-run steps replaced, not duplicated
+    # the re-run steps replaced the old records rather than being logged twice
+    assert metric_lines(resumed.run_dir) == metric_lines(full.run_dir)
+    assert (resumed.run_dir / "env.json").exists()
+    assert (resumed.run_dir / "env.resume-00000004.json").exists()
+
+
+def test_resume_survives_a_half_written_metrics_line(tmp_path, corpus):
+    run = train(tiny_cfg(tmp_path, corpus)).run_dir
+    shutil.rmtree(latest_checkpoint(run))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 1.2')  # killed mid-write
+    resumed = train(load_run_config(run), resume=run)
+    assert sorted(step_losses(resumed.run_dir)) == list(range(1, 9))
+
+
+def test_resume_refuses_a_checkpoint_folder(tmp_path, corpus):
+    run = train(tiny_cfg(tmp_path, corpus, steps=4)).run_dir
+    before = sorted(p.name for p in latest_checkpoint(run).iterdir())
+    with pytest.raises(ConfigError, match="its run folder is .*run"):
+        train(load_run_config(run), resume=latest_checkpoint(run))
+    assert sorted(p.name for p in latest_checkpoint(run).iterdir()) == before
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, corpus):
@@ -200,6 +248,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, mo
     records = [json.loads(l) for l in (skipping.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("skipped")] == [6, 7, 8]
     assert skipping.step == 8
+    # skipped steps still reach the end-of-step work: the final evaluation and checkpoint
+    assert [r["step"] for r in records if "eval" in r] == [4, 8]
+    assert [c.step for c in list_checkpoints(skipping.run_dir)] == [4, 8]
 
 
 @pytest.mark.slow
@@ -229,6 +280,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, corpus):
     subprocess.run([sys.executable, "-m", "modlm", "train", "--resume", str(run)], check=True,
                    env=env, capture_output=True, timeout=600)
     assert step_losses(run) == step_losses(tmp_path / "runs" / "full")
+    assert metric_lines(run) == metric_lines(tmp_path / "runs" / "full")
 
 
 @pytest.mark.slow
