@@ -186,6 +186,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_cfg = loaded.run_config or {}
     data_cfg = _data_config(run_cfg)
     seq_len = args.seq_len or data_cfg.seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
+                          f"{model_cfg.max_seq_len}")
     modes = available_modes(model_cfg) if args.mode == "all" else (args.mode,)
     if args.data:
         sets = {args.data: read_user_text(args.data, corpus_format=data_cfg.corpus_format,
@@ -242,6 +245,13 @@ def _demo_batch(batch: int, length: int, vocab_size: int):
     return data.clamp_max(vocab_size - 1).view(batch, length)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modlm", description="Mixture-of-Depths transformer language models.")
@@ -281,22 +291,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a text file, folder or JSON-lines file to evaluate on (default: the "
                         "run's validation split and the pydoc set)")
     p.add_argument("--mode", default="all", choices=("all", "topk", "router", "predictor"))
-    p.add_argument("--batches", type=int, default=None, help="at most this many batches")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batches", type=_positive, default=None, help="at most this many batches")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--seq-len", type=_positive, default=None,
+                   help="window length (default: the run's; at most the model's max_seq_len)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
     return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The project's own error classes: their messages are written for the user. Anything else
+    is a bug and keeps its traceback."""
+    from modlm.checkpoint import CheckpointError
+    from modlm.data import DataError
+    from modlm.tokenizer import TokenizerError
+    from modlm.train import TrainingError
+    return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-        # Config, data, checkpoint and training errors all carry a message meant for the user.
+    except _user_errors() as e:
         print(f"modlm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Training handles Ctrl-C itself (checkpoint, clean exit); elsewhere, e.g. while a
+        # corpus is tokenized, nothing is half-written: the caches are written atomically.
+        print("modlm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], _prefix: str = "") -> Any:
     """Return a copy of a (nested) frozen dataclass with dotted keys replaced.
 
     Values may be strings from the command line ("0.25", "true", "[1, 3]"), parsed as JSON, or
@@ -248,7 +248,8 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head not in fields:
-            raise ConfigError(f"unknown config key {key!r}; valid keys are {sorted(fields)}")
+            raise ConfigError(f"unknown config key {_prefix + key!r}; valid keys are "
+                              f"{sorted(_prefix + f for f in fields)}")
         current = getattr(cfg, head)
         if rest:
             if not dataclasses.is_dataclass(current):
@@ -259,10 +260,14 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
                 raise ConfigError(f"config key {key!r} is a group; set one of its fields, "
                                   f"e.g. {key}.{dataclasses.fields(current)[0].name}=...")
             direct[head] = _coerce(parse_value(value) if isinstance(value, str) else value,
-                                   hints[head], key)
+                                   hints[head], _prefix + key)
     for head, sub in nested.items():
-        direct[head] = apply_overrides(getattr(cfg, head), sub)
+        direct[head] = apply_overrides(getattr(cfg, head), sub, f"{_prefix}{head}.")
     return dataclasses.replace(cfg, **direct)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint)).replace("typing.", "")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -270,8 +275,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     # `int | None` is a types.UnionType, `Union[...]` a typing.Union: both list their options.
     is_union = typing.get_origin(hint) in (Union, types.UnionType)
     options = typing.get_args(hint) if is_union else (hint,)
+    accepts_tuple = any(o is tuple or typing.get_origin(o) is tuple for o in options)
     if isinstance(value, list):
+        if not accepts_tuple:
+            raise ConfigError(f"{key} takes a single value, got the list {value}")
         return tuple(value)
+    if isinstance(value, bool) and bool not in options:
+        raise ConfigError(f"{key} takes a {_type_name(hint)}, got {value}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value}")
     if float in options and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if int in options and float not in options and isinstance(value, float):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.data import eval_batches
+from modlm.data import DataError, eval_batches
 from modlm.model import MoDLM
 from modlm.runtime import Dist, autocast
 
@@ -103,8 +103,8 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         tokens = int(sums[1])
         if tokens == 0:
-            raise ValueError(f"evaluation saw no tokens: the split has {len(ids)} tokens, fewer "
-                             f"than one window of {seq_len + 1}; use more text or a shorter seq_len")
+            raise DataError(f"evaluation saw no tokens: the split has {len(ids)} tokens, fewer "
+                            f"than one window of {seq_len + 1}; use more text or a shorter seq_len")
         loss = float(sums[0]) / tokens
         bytes_per_token = n_bytes / max(1, len(ids))
         layers = tuple(

@@ -23,6 +23,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from modlm.config import ConfigError
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -31,11 +33,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but CUDA is not available; "
-                               "use --set device=cpu (or auto)")
+            raise ConfigError("device 'cuda' was asked for but CUDA is not available; "
+                              "use --set device=cpu (or auto)")
         return torch.device("cuda", local_rank)
     if name != "cpu":
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+        raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}")
     return torch.device("cpu")
 
 

@@ -65,11 +65,27 @@ def test_flops_budget_to_steps(capsys):
     (["flops", "--set", "capacity"], "--set expects KEY=VALUE"),
     (["flops", "--preset", "huge"], "unknown preset 'huge'"),
     (["demo", "--preset", "tiny-dense"], "pick a MoD preset"),
+    (["train", "--preset", "tiny", "--set", "lr=[1]"], "lr takes a single value"),
+    (["train", "--preset", "tiny", "--set", "model.routing.capacity=true"],
+     "model.routing.capacity takes a float"),
+    (["train", "--preset", "tiny", "--set", "flops=Infinity"], "flops must be finite"),
+    (["train", "--preset", "tiny", "--set", "dtype=float16"], "float16 is ~100x slower"),
+    (["train", "--preset", "tiny", "--set", "data.seq_len=4096"], "exceeds model.max_seq_len"),
+    (["train", "--resume", "/nonexistent/run"], "not a run folder"),
+    (["train", "--resume", "/nonexistent/run", "--set", "lr=1"], "drop --set"),
+    (["eval", "/nonexistent/run"], "/nonexistent/run"),
 ])
 def test_bad_input_gives_clear_error(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("modlm: error:") and message in err
+
+
+def test_eval_rejects_non_positive_counts(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "somewhere", "--batches", "0"])
+    assert exit_info.value.code == 2
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_demo_runs_every_mode(capsys):
