@@ -6,7 +6,7 @@ first), takes medians, and prints the measured time ratio beside the FLOP ratio 
 the peak memory of each (measured in a fresh child process per model, since a process's
 high-water mark cannot be reset).
 
-    python benchmarks/train_step.py                  # the issue's shape: d 512, 8 layers, T 1024, B 4
+    python benchmarks/train_step.py                  # d 512, 8 layers, T 1024, batch 4
     python benchmarks/train_step.py --json out.json  # also write the numbers as JSON
 """
 
@@ -155,7 +155,8 @@ def main() -> None:
           f"{args.batch}, capacity {args.capacity}, float32, {args.threads} threads; "
           f"median of {args.repeats} interleaved steps")
     print(f"{'':8s} {'step ms':>9s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'peak RSS MiB':>13s} "
-          f"{'step +MiB':>10s}{'   (torch.compile; memory measured eager)' if args.compile else ''}")
+          f"{'step +MiB':>10s}"
+          + ("   (torch.compile; memory measured eager)" if args.compile else ""))
     for n in models:
         print(f"{n:8s} {med[n] * 1e3:9.1f} {train_flops[n] / 1e9:11.1f} {gflops[n]:8.1f} "
               f"{mem[n]['peak_rss_mib']:13.0f} {mem[n]['step_increase_mib']:10.0f}")

@@ -42,7 +42,7 @@ def main() -> None:
     device = torch.device("cpu")
     variants = {}
     for family, cfg in (("dense", dense(mod_cfg)), ("mod", mod_cfg)):
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16"):  # every variant starts from the same weights
             torch.manual_seed(0)
             model = MoDLM(cfg)
             opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
@@ -59,7 +59,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     for _ in range(args.warmup):
-        for (family, dtype), (m, o) in variants.items():
+        for (_, dtype), (m, o) in variants.items():
             step(m, o, dtype)
     times = {k: [] for k in variants}
     keys = list(variants)

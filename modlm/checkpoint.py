@@ -50,14 +50,16 @@ import re
 import shutil
 import stat
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from modlm import atomic
 from modlm.config import ModelConfig
 from modlm.model import MoDLM
 from modlm.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -278,10 +280,11 @@ def save_checkpoint(run_dir: str | os.PathLike[str], *, step: int, model: nn.Mod
         _write_model(tmp / MODEL_FILENAME, tensors, tied)
         with open(tmp / STATE_FILENAME, "wb") as f:
             torch.save(state, f)
-            _flush_and_sync(f)
+            f.flush()
+            os.fsync(f.fileno())
         _write_text(tmp / CONFIG_FILENAME, config_text)
         tokenizer.save(tmp / TOKENIZER_DIRNAME)
-        _fsync_tree(tmp / TOKENIZER_DIRNAME)
+        atomic.fsync_tree(tmp / TOKENIZER_DIRNAME)
         # safetensors and mkstemp create files 0600; give every file the umask-respecting mode
         # open() gave config.json, so whoever may read the run folder may read its checkpoints.
         mode = stat.S_IMODE((tmp / CONFIG_FILENAME).stat().st_mode)
@@ -302,7 +305,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], *, step: int, model: nn.Mod
             "torch_version": torch.__version__,
         }
         _write_text(tmp / META_FILENAME, json.dumps(meta, indent=2, sort_keys=True))
-        _fsync_dir(tmp)
+        atomic.fsync_dir(tmp)
         _commit(tmp, final, root / f".{name}.old-{pid}")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -329,7 +332,7 @@ def _commit(tmp: Path, final: Path, aside: Path) -> None:
         if replacing:
             os.rename(aside, final)
         raise
-    _fsync_dir(final.parent)
+    atomic.fsync_dir(final.parent)
     if replacing:
         shutil.rmtree(aside, ignore_errors=True)   # what is left, the next save removes
 
@@ -349,7 +352,7 @@ def _prune(root: Path, keep_last: int | None, saved_step: int) -> None:
             removed = True
             shutil.rmtree(doomed)
     if removed:
-        _fsync_dir(root)
+        atomic.fsync_dir(root)
 
 
 def _write_best(root: Path, best: CheckpointInfo | None) -> None:
@@ -357,16 +360,9 @@ def _write_best(root: Path, best: CheckpointInfo | None) -> None:
     if best is None:
         path.unlink(missing_ok=True)
         return
-    record = {"step": best.step, "path": best.path.name, "val_loss": best.val_loss,
-              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    tmp = root / f".{BEST_FILENAME}.tmp-{os.getpid()}"
-    try:
-        _write_text(tmp, json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(root)
+    atomic.write_json(path, {"step": best.step, "path": best.path.name,
+                             "val_loss": best.val_loss,
+                             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def _clean_debris(root: Path) -> None:
@@ -383,7 +379,7 @@ def _clean_debris(root: Path) -> None:
             os.rename(child, root / name)   # crash between the two renames of a re-save
         else:
             shutil.rmtree(child, ignore_errors=True)
-    _fsync_dir(root)
+    atomic.fsync_dir(root)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -504,45 +500,15 @@ def _write_model(path: Path, tensors: dict[str, Tensor], tied: dict[str, str]) -
     safetensors_torch = _import_safetensors()
     safetensors_torch.save_file(tensors, path,
                                 metadata={"format": "pt", "modlm_tied_weights": json.dumps(tied)})
-    _fsync_file(path)
+    atomic.fsync_file(path)
 
 
 def _write_text(path: Path, text: str) -> None:
+    """A plain write inside the checkpoint's temporary folder (the folder rename is atomic)."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-        _flush_and_sync(f)
-
-
-def _flush_and_sync(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):   # Windows cannot open a folder to fsync it
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*"), reverse=True):
-        if p.is_file():
-            _fsync_file(p)
-        elif p.is_dir():
-            _fsync_dir(p)
-    _fsync_dir(path)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _import_safetensors() -> Any:

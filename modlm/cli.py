@@ -10,7 +10,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from modlm.config import ConfigError, ModelConfig, apply_overrides
 from modlm.presets import PRESETS, dense, get_preset
@@ -173,7 +173,6 @@ def _print_eval_summary(final_eval: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from modlm.checkpoint import load_model, resolve_checkpoint
     from modlm.data import prepare_data, read_user_text, resolve_cache_dir, tokenize_cached
@@ -237,8 +236,9 @@ def _opt(t) -> str:
 
 def _demo_batch(batch: int, length: int, vocab_size: int):
     """Real text with zero install: CPython's pydoc topics, as bytes (clipped to the vocab)."""
-    import torch
     from pydoc_data.topics import topics
+
+    import torch
 
     text = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
     data = torch.tensor(list(text[: batch * length]), dtype=torch.long)

@@ -16,8 +16,9 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Union
 
 RouterKind = Literal["learned", "random", "none"]
 RouterWeight = Literal["sigmoid", "raw", "constant"]
@@ -34,12 +35,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what would be valid."""
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
-def _positive_int(value: Any) -> bool:
+def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -84,31 +85,32 @@ class RoutingConfig:
         # JSON gives lists; the config stores tuples so it stays hashable and frozen.
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
-        _check(self.router in ROUTER_KINDS,
+        check(self.router in ROUTER_KINDS,
                f"routing.router must be one of {ROUTER_KINDS}, got {self.router!r}")
-        _check(self.router_weight in ROUTER_WEIGHTS,
+        check(self.router_weight in ROUTER_WEIGHTS,
                f"routing.router_weight must be one of {ROUTER_WEIGHTS}, got {self.router_weight!r}")
         if isinstance(self.layers, str):
-            _check(self.layers in LAYER_PATTERNS,
+            check(self.layers in LAYER_PATTERNS,
                    f"routing.layers must be one of {LAYER_PATTERNS} or a list of block indices, "
                    f"got {self.layers!r}")
         else:
-            _check(isinstance(self.layers, tuple)
+            check(isinstance(self.layers, tuple)
                    and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers),
                    f"routing.layers must be one of {LAYER_PATTERNS} or a list of block indices, "
                    f"got {self.layers!r}")
-            _check(len(set(self.layers)) == len(self.layers),
+            check(len(set(self.layers)) == len(self.layers),
                    f"routing.layers lists a block twice: {self.layers}")
-        _check(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0,
+        check(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0,
                f"routing.capacity must be in (0, 1], got {self.capacity!r}")
-        _check(self.aux_loss_weight >= 0.0,
+        check(self.aux_loss_weight >= 0.0,
                f"routing.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
-        _check(self.predictor_loss_weight >= 0.0,
+        check(self.predictor_loss_weight >= 0.0,
                f"routing.predictor_loss_weight must be >= 0, got {self.predictor_loss_weight}")
-        _check(self.predictor_hidden is None or _positive_int(self.predictor_hidden),
-               f"routing.predictor_hidden must be a positive int or null, got {self.predictor_hidden}")
+        check(self.predictor_hidden is None or is_positive_int(self.predictor_hidden),
+               f"routing.predictor_hidden must be a positive int or null, "
+               f"got {self.predictor_hidden}")
         if self.router == "random":
-            _check(not self.predictor and self.aux_loss_weight == 0.0,
+            check(not self.predictor and self.aux_loss_weight == 0.0,
                    "routing.router='random' has no learned scores to supervise: set "
                    "routing.predictor=false and routing.aux_loss_weight=0")
 
@@ -144,24 +146,25 @@ class ModelConfig:
             object.__setattr__(self, "routing", RoutingConfig(**self.routing))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
-            _check(_positive_int(value),
+            check(is_positive_int(value),
                    f"{name} must be a positive integer, got {value!r}")
-        _check(self.d_model % self.n_heads == 0,
+        check(self.d_model % self.n_heads == 0,
                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        _check(self.head_dim % 2 == 0,
+        check(self.head_dim % 2 == 0,
                f"head dimension d_model / n_heads = {self.head_dim} must be even for rotary "
                f"positions; change d_model or n_heads")
-        _check(self.mlp in MLP_KINDS, f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
-        _check(self.d_mlp is None or _positive_int(self.d_mlp),
+        check(self.mlp in MLP_KINDS, f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        check(self.d_mlp is None or is_positive_int(self.d_mlp),
                f"d_mlp must be a positive integer or null, got {self.d_mlp!r}")
-        _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
-        _check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
-        _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
         layers = self.routing.layers
         if isinstance(layers, tuple):
             bad = [i for i in layers if not 0 <= i < self.n_layers]
-            _check(not bad, f"routing.layers has block indices {bad} outside 0..{self.n_layers - 1}")
-            _check(not (self.routing.first_layer_dense and 0 in layers),
+            check(not bad,
+                   f"routing.layers has block indices {bad} outside 0..{self.n_layers - 1}")
+            check(not (self.routing.first_layer_dense and 0 in layers),
                    "routing.layers includes block 0 but routing.first_layer_dense is true; "
                    "remove 0 from the list or set routing.first_layer_dense=false")
 
@@ -210,16 +213,16 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        _reject_unknown(cls, d, "")
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        reject_unknown_keys(cls, d, "")
         d = dict(d)
         if "routing" in d:
-            _reject_unknown(RoutingConfig, d["routing"], "routing.")
+            reject_unknown_keys(RoutingConfig, d["routing"], "routing.")
             d["routing"] = RoutingConfig(**d["routing"])
         return cls(**d)
 
 
-def _reject_unknown(cls: type, d: Mapping[str, Any], prefix: str) -> None:
+def reject_unknown_keys(cls: type, d: Mapping[str, Any], prefix: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -228,7 +231,7 @@ def _reject_unknown(cls: type, d: Mapping[str, Any], prefix: str) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a CLI override value: JSON when it parses (numbers, true/false/null, lists), else text."""
+    """A CLI override value: JSON if it parses (numbers, true/false/null, lists), else text."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -49,14 +49,16 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
-from modlm.config import ConfigError
+from modlm import atomic
+from modlm.config import ConfigError, check, reject_unknown_keys
 from modlm.tokenizer import (
     TOKENIZER_NAMES,
     BPETokenizer,
@@ -127,20 +129,20 @@ class DataConfig:
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
                 object.__setattr__(self, name, value)
-            _check(value is None or (isinstance(value, str) and value != ""),
+            check(value is None or (isinstance(value, str) and value != ""),
                    f"{name} must be a path or null, got {value!r}")
-        _check(self.corpus_format in CORPUS_FORMATS,
+        check(self.corpus_format in CORPUS_FORMATS,
                f"corpus_format must be one of {CORPUS_FORMATS}, got {self.corpus_format!r}")
-        _check(isinstance(self.text_field, str) and self.text_field != "",
+        check(isinstance(self.text_field, str) and self.text_field != "",
                f"text_field must be a non-empty string, got {self.text_field!r}")
-        _check(len(self.extensions) > 0
+        check(len(self.extensions) > 0
                and all(isinstance(e, str) and len(e) > 1 and e.startswith(".")
                        for e in self.extensions),
                f"extensions must be a non-empty list like ['.txt', '.md'], got {self.extensions!r}")
-        _check(isinstance(self.val_fraction, (int, float))
+        check(isinstance(self.val_fraction, (int, float))
                and not isinstance(self.val_fraction, bool) and 0.0 < self.val_fraction <= 0.5,
                f"val_fraction must be in (0, 0.5], got {self.val_fraction!r}")
-        _check(self.tokenizer in TOKENIZER_NAMES,
+        check(self.tokenizer in TOKENIZER_NAMES,
                f"tokenizer must be one of {TOKENIZER_NAMES}, got {self.tokenizer!r}")
         try:
             check_bpe_vocab_size(self.bpe_vocab_size)
@@ -148,7 +150,7 @@ class DataConfig:
             raise ConfigError(str(e)) from None
         for name, low in (("bpe_train_chars", 1), ("seq_len", 1), ("seed", 0)):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
                    f"{name} must be an integer >= {low}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,18 +159,9 @@ class DataConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown data config key(s) {unknown}; "
-                              f"valid keys are {sorted(known)}")
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        reject_unknown_keys(cls, d, "data.")
         return cls(**d)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 class Corpus(NamedTuple):
@@ -536,16 +529,8 @@ def tokenize_cached(text: str, tokenizer: Tokenizer,
             return CachedTokens(ids, path, True)
     ids = np.ascontiguousarray(tokenizer.encode_array(text), dtype=tokenizer.dtype)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_open(path, "wb") as f:
+        np.save(f, ids)
     return CachedTokens(np.load(path, mmap_mode="r"), path, False)
 
 

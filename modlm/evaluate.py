@@ -60,10 +60,12 @@ class ModeResult:
 @torch.no_grad()
 def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch_size: int,
              max_batches: int | None, modes: tuple[str, ...] | None = None,
-             device: torch.device = torch.device("cpu"), dtype: str = "float32",
-             d: Dist = Dist()) -> dict[str, ModeResult]:
+             device: torch.device | None = None, dtype: str = "float32",
+             d: Dist | None = None) -> dict[str, ModeResult]:
     """Evaluate `model` on the sequential windows of `ids` in each mode (all ranks take part)."""
     cfg = model.cfg
+    device = device or torch.device("cpu")
+    d = d or Dist()
     modes = modes or available_modes(cfg)
     was_training = model.training
     model.eval()

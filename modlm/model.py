@@ -108,12 +108,14 @@ class MoDLM(nn.Module):
             raise ValueError("routing mode 'predictor' needs a model built with "
                              "routing.predictor=true; use mode='router' or 'topk'")
         if idx_BT.dim() != 2:
-            raise ValueError(f"expected token ids of shape (batch, time), got {tuple(idx_BT.shape)}")
+            raise ValueError(f"expected token ids of shape (batch, time), "
+                             f"got {tuple(idx_BT.shape)}")
         if idx_BT.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token ids must be int64 or int32, got {idx_BT.dtype}")
         T = idx_BT.shape[1]
         if not 1 <= T <= self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} must be in 1..max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(f"sequence length {T} must be in "
+                             f"1..max_seq_len={self.cfg.max_seq_len}")
         if torch.compiler.is_compiling():
             return  # the value checks below read tensors and would break the compiled graph
         lo, hi = int(idx_BT.min()), int(idx_BT.max())
@@ -126,7 +128,8 @@ class MoDLM(nn.Module):
                                  f"{tuple(idx_BT.shape)}")
             lo, hi = int(targets_BT.min()), int(targets_BT.max())
             if lo < -1 or hi >= self.cfg.vocab_size:
-                raise ValueError(f"targets must be -1 (ignored) or in 0..{self.cfg.vocab_size - 1}, "
+                raise ValueError(f"targets must be -1 (ignored) or in "
+                                 f"0..{self.cfg.vocab_size - 1}, "
                                  f"got values in {lo}..{hi}")
 
     def num_parameters(self) -> int:

@@ -12,7 +12,7 @@ first block dense; Sec 4.1); the `-dense` twin of each is the same shape with no
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from modlm.config import ConfigError, ModelConfig, RoutingConfig
 

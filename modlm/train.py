@@ -27,18 +27,25 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
+from modlm import atomic, runtime
 from modlm import checkpoint as ckpt
 from modlm import flops as flop_count
-from modlm import runtime
-from modlm.config import (ConfigError, ModelConfig, _check, _positive_int, _reject_unknown,
-                          apply_overrides)
+from modlm.config import (
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    check,
+    is_positive_int,
+    reject_unknown_keys,
+)
 from modlm.data import DataConfig, TrainSampler, prepare_data
 from modlm.evaluate import evaluate
 from modlm.model import MoDLM
@@ -101,40 +108,41 @@ class TrainConfig:
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
         lengths = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
-        _check(len(lengths) == 1,
+        check(len(lengths) == 1,
                "set the training length one way: steps=N, tokens=N or flops=X (a training-FLOP "
                f"budget); got {lengths or 'none'}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "eps", "flops"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+            check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                  and math.isfinite(v)),
                    f"{name} must be a finite number, got {v!r}")
         for name in ("steps", "tokens"):
             v = getattr(self, name)
-            _check(v is None or _positive_int(v), f"{name} must be a positive integer, got {v!r}")
-        _check(self.flops is None or self.flops > 0, f"flops must be > 0, got {self.flops}")
+            check(v is None or is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
+        check(self.flops is None or self.flops > 0, f"flops must be > 0, got {self.flops}")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches",
                      "checkpoint_every", "keep_last", "log_every"):
             v = getattr(self, name)
-            _check(_positive_int(v), f"{name} must be a positive integer, got {v!r}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+            check(is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                             and 0 <= b < 1 for b in self.betas),
                f"betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got {self.betas!r}")
-        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+        check(0 <= self.min_lr_ratio <= 1,
+               f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        _check(self.dtype in runtime.DTYPES,
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        check(self.dtype in runtime.DTYPES,
                f"dtype must be one of {runtime.DTYPES} (float16 is ~100x slower on CPU), "
                f"got {self.dtype!r}")
-        _check(self.device in ("auto", "cpu", "cuda"),
+        check(self.device in ("auto", "cpu", "cuda"),
                f"device must be auto, cpu or cuda, got {self.device!r}")
-        _check(self.on_nonfinite in ("stop", "skip"),
+        check(self.on_nonfinite in ("stop", "skip"),
                f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        _check(self.data.seq_len <= self.model.max_seq_len,
+        check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                f"({self.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
 
@@ -145,8 +153,8 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        _reject_unknown(cls, d, "")
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        reject_unknown_keys(cls, d, "")
         return cls(**d)
 
 
@@ -219,7 +227,7 @@ class _StopFlag:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -237,12 +245,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop records a killed run logged past its last checkpoint."""
     if not path.exists():
@@ -255,9 +257,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line half-written when the process was killed
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -362,9 +362,9 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     tb = None
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        atomic.write_json(run_dir / "config.json", cfg.to_dict())
         env_name = "env.json" if loaded is None else f"env.resume-{step:08d}.json"
-        _write_json_atomic(run_dir / env_name, runtime.environment(device, cfg.dtype, d))
+        atomic.write_json(run_dir / env_name, runtime.environment(device, cfg.dtype, d))
         if not (run_dir / "tokenizer").exists():
             data.tokenizer.save(run_dir / "tokenizer")
         if loaded is not None:
@@ -537,7 +537,10 @@ def _full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if not fsdp:
         return None, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     if model.cfg.tie_embeddings and "embed.weight" in model_state:
@@ -552,8 +555,7 @@ def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     if not fsdp:
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
 

@@ -14,9 +14,17 @@ import pytest
 import safetensors.torch
 import torch
 
-from modlm.checkpoint import (CheckpointError, best_checkpoint, latest_checkpoint,
-                              list_checkpoints, load_checkpoint, load_model, model_config_hash,
-                              resolve_checkpoint, save_checkpoint)
+from modlm.checkpoint import (
+    CheckpointError,
+    best_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    model_config_hash,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from modlm.config import ModelConfig
 from modlm.model import MoDLM
 from modlm.tokenizer import ByteTokenizer

@@ -9,7 +9,6 @@ import pytest
 
 from modlm.config import ConfigError, ModelConfig, RoutingConfig, apply_overrides
 
-
 # ---- validation ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [

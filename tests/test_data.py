@@ -271,7 +271,7 @@ def test_data_config_round_trips_through_json(tmp_path) -> None:
     cfg = DataConfig(corpus=tmp_path / "c.txt", extensions=[".txt", ".rst"], seq_len=33)
     assert cfg.corpus == str(tmp_path / "c.txt") and cfg.extensions == (".txt", ".rst")
     assert DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ConfigError, match="unknown data config key"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['data.seq_length'\]"):
         DataConfig.from_dict({"seq_length": 3})
 
 

@@ -5,8 +5,6 @@ Legend: B batch, T time, V vocabulary.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,6 @@ from modlm import routing
 from modlm.block import RoutedBlock
 from modlm.model import MoDLM
 
-
 # ---- capacity_k ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seq_len, capacity, expected", [

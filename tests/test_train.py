@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from modlm import flops
@@ -94,7 +93,7 @@ def test_parameter_groups_decay_only_matrices():
     assert len(all_decay["params"]) == total and not none["params"]
 
 
-# ---- config ----------------------------------------------------------------------------------------
+# ---- config ------------------------------------------------------------------------------
 
 def test_train_config_errors_and_overrides():
     with pytest.raises(ConfigError, match="set the training length one way"):
