@@ -236,11 +236,11 @@ def _opt(t) -> str:
 
 def _demo_batch(batch: int, length: int, vocab_size: int):
     """Real text with zero install: CPython's pydoc topics, as bytes (clipped to the vocab)."""
-    from pydoc_data.topics import topics
-
     import torch
 
-    text = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    from modlm.data import load_pydoc_text
+
+    text = load_pydoc_text().encode("utf-8")
     data = torch.tensor(list(text[: batch * length]), dtype=torch.long)
     return data.clamp_max(vocab_size - 1).view(batch, length)
 
