@@ -65,9 +65,11 @@ def test_topk_routes_exactly_k_per_row(make_cfg, T, capacity):
         assert stats.mask_BT.shape == (3, T)
         assert torch.equal(stats.mask_BT.sum(dim=1), torch.full((3,), k))
         assert stats.fraction.item() == pytest.approx(k / T)
-    # The knob changes something: a different capacity gives a different k.
-    other = routing.capacity_k(T, 0.5 if capacity == 0.125 else 0.125)
-    assert other != k
+    # The knob changes something: the model built with the other capacity routes a different
+    # number of tokens per row.
+    other_cfg = make_cfg(routing=dict(capacity=0.5 if capacity == 0.125 else 0.125))
+    other = MoDLM(other_cfg)(idx_BT).routing[0].mask_BT.sum(dim=1)
+    assert not torch.equal(other, torch.full((3,), k))
 
 
 # ---- residual exactness ----------------------------------------------------------------------
