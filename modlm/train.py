@@ -46,7 +46,7 @@ from modlm.config import (
     is_positive_int,
     reject_unknown_keys,
 )
-from modlm.data import DataConfig, TrainSampler, prepare_data
+from modlm.data import DataConfig, PreparedData, TrainSampler, prepare_data
 from modlm.evaluate import evaluate
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
@@ -290,7 +290,97 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = None) -> 
         runtime.shutdown_distributed(d)
 
 
+@dataclass
+class TrainState:
+    """Where a run is: the only values the loop changes (saved in every checkpoint)."""
+
+    step: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class _Session:
+    """Everything a run holds fixed while it trains."""
+
+    cfg: TrainConfig
+    d: runtime.Dist
+    device: torch.device
+    run_dir: Path
+    data: PreparedData
+    model: MoDLM                    # the module itself (sharded in place under FSDP)
+    train_model: torch.nn.Module    # what the loop calls: DDP / compiled wrapper, or `model`
+    optimizer: torch.optim.Optimizer
+    sampler: TrainSampler
+    routing_gen: torch.Generator
+    steps_total: int
+    tb: Any
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.cfg
+        return c.batch_size * c.grad_accum * self.d.world_size * c.data.seq_len
+
+    def flops_at(self, step: int) -> float:
+        seqs = self.cfg.batch_size * self.cfg.grad_accum * self.d.world_size
+        return step * seqs * flop_count.training_flops(self.cfg.model, self.cfg.data.seq_len)
+
+
 def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResult:
+    s, state, resumed = _start(cfg, d, resume)
+    start_step = state.step
+    progress = _Progress(s.steps_total, d.is_main)
+    final_eval = None
+    last_ckpt = ckpt.latest_checkpoint(s.run_dir) if resumed else None
+    interrupted = False
+    s.model.train()
+    with _StopFlag() as stop:
+        while state.step < s.steps_total:
+            t0 = time.perf_counter()
+            lr = lr_at(state.step, s.steps_total, s.cfg.lr, s.cfg.warmup_steps,
+                       s.cfg.min_lr_ratio)
+            set_lr(s.optimizer, lr)
+            st = _forward_backward(s)
+            if st.finite:
+                s.optimizer.step()
+            elif s.cfg.on_nonfinite == "stop":
+                last = ckpt.latest_checkpoint(s.run_dir)
+                raise TrainingError(
+                    f"non-finite loss or gradient (loss {st.loss}, gradient norm {st.grad_norm}) "
+                    f"at step {state.step + 1}; stopped without saving. The last good checkpoint "
+                    f"is {last or 'none (no checkpoint yet)'}; lower lr, raise warmup_steps, or "
+                    f"set on_nonfinite=skip")
+            s.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += s.tokens_per_step  # drawn and consumed, even by a skipped step
+            tok_s = s.tokens_per_step / (time.perf_counter() - t0)
+            progress.update(state.step, start_step, st.loss, tok_s)
+            last_step = state.step == s.steps_total
+            if not st.finite or state.step % s.cfg.log_every == 0 or last_step:
+                _log(s, _step_record(s, state, st, lr, tok_s))
+            val_loss = None
+            if state.step % s.cfg.eval_every == 0 or last_step:
+                final_eval = _evaluate_splits(s)
+                val_loss = _headline_loss(final_eval["val"])
+                _log(s, {"step": state.step, "tokens": state.tokens,
+                         "flops": s.flops_at(state.step), "eval": final_eval})
+                if d.is_main:
+                    progress.close()
+                    print(_eval_line(state.step, final_eval), flush=True)
+            stop_now = _agree(stop.requested, d)
+            if state.step % s.cfg.checkpoint_every == 0 or last_step or stop_now:
+                last_ckpt = _save(s, state, val_loss) or last_ckpt
+            if stop_now:
+                interrupted = True
+                break
+    progress.close()
+    if s.tb is not None:
+        s.tb.close()
+    return TrainResult(s.run_dir, state.step, s.steps_total, interrupted, final_eval, last_ckpt)
+
+
+def _start(cfg: TrainConfig, d: runtime.Dist,
+           resume: Path | None) -> tuple[_Session, TrainState, bool]:
+    """Set a run up (new, or resumed from its latest checkpoint) and write its folder."""
     device = runtime.resolve_device(cfg.device, d.local_rank)
     if resume is not None and (resume / "meta.json").exists():
         raise ConfigError(f"--resume takes a run folder, got the checkpoint {resume}; its run "
@@ -321,35 +411,19 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     routing_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1_000_003 * d.rank)
     sampler = TrainSampler(data.train, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len,
                            seed=cfg.data.seed, rank=d.rank, world_size=d.world_size)
-    steps_total = total_steps(cfg, d.world_size)
-    step = tokens_seen = 0
+    state = TrainState()
     if loaded is not None:
         t = loaded.state["trainer"]
         if int(t["world_size"]) != d.world_size:
             raise ConfigError(f"this run was checkpointed with {t['world_size']} processes; "
                               f"resume it with the same number (got {d.world_size})")
         model.load_state_dict(loaded.model_state)  # full weights, before any sharding
-        step, tokens_seen = int(t["step"]), int(t["tokens"])
+        state = TrainState(step=int(t["step"]), tokens=int(t["tokens"]))
         sampler.load_state_dict(t["sampler"])
         torch.set_rng_state(t["rng"])
         routing_gen.set_state(t["routing_rng"])
 
-    train_model: torch.nn.Module = model
-    if cfg.fsdp:
-        if not d.enabled:
-            raise ConfigError("fsdp=true shards the model over processes; launch with "
-                              "`torchrun --nproc_per_node=N -m modlm train ...`")
-        from torch.distributed.fsdp import fully_shard
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-    elif d.enabled:
-        r = cfg.model.routing
-        unused = (r.router_weight == "constant" and r.aux_loss_weight == 0) or (
-            r.predictor and r.predictor_loss_weight == 0)
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=unused)
+    train_model = _parallelize(model, cfg, d, device)
     # After sharding: FSDP2 replaces the parameters with sharded ones the optimizer must see.
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=cfg.betas, eps=cfg.eps, decay_all=cfg.decay_all)
@@ -358,117 +432,97 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    metrics_path = run_dir / "metrics.jsonl"
     tb = None
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run_dir / "config.json", cfg.to_dict())
-        env_name = "env.json" if loaded is None else f"env.resume-{step:08d}.json"
+        env_name = "env.json" if loaded is None else f"env.resume-{state.step:08d}.json"
         atomic.write_json(run_dir / env_name, runtime.environment(device, cfg.dtype, d))
         if not (run_dir / "tokenizer").exists():
             data.tokenizer.save(run_dir / "tokenizer")
         if loaded is not None:
-            _truncate_metrics(metrics_path, step)
+            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         if cfg.tensorboard:
             tb = _tensorboard(run_dir / "tb")
+    session = _Session(cfg, d, device, run_dir, data, model, train_model, optimizer, sampler,
+                       routing_gen, total_steps(cfg, d.world_size), tb)
+    return session, state, loaded is not None
 
-    per_step_flops = flop_count.training_flops(cfg.model, cfg.data.seq_len) * (
-        cfg.batch_size * cfg.grad_accum * d.world_size)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.data.seq_len
 
-    def log(record: dict[str, Any]) -> None:
-        if d.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if tb is not None:
-                _tb_write(tb, record)
+def _parallelize(model: MoDLM, cfg: TrainConfig, d: runtime.Dist,
+                 device: torch.device) -> torch.nn.Module:
+    """FSDP2 shards `model` in place (and returns it); DDP wraps it; one process uses it as is."""
+    if cfg.fsdp:
+        if not d.enabled:
+            raise ConfigError("fsdp=true shards the model over processes; launch with "
+                              "`torchrun --nproc_per_node=N -m modlm train ...`")
+        from torch.distributed.fsdp import fully_shard
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if not d.enabled:
+        return model
+    r = cfg.model.routing
+    unused = (r.router_weight == "constant" and r.aux_loss_weight == 0) or (
+        r.predictor and r.predictor_loss_weight == 0)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=unused)
 
-    def run_eval() -> dict[str, Any]:
-        result = {}
-        for split, ids, n_bytes in (("val", data.val, data.val_bytes),
-                                    ("pydoc", data.pydoc, data.pydoc_bytes)):
-            # The same windows whatever the number of processes (when it divides batch_size).
-            modes = evaluate(model, ids, n_bytes=n_bytes, seq_len=cfg.data.seq_len,
-                             batch_size=max(1, cfg.batch_size // d.world_size),
-                             max_batches=cfg.eval_batches,
-                             device=device, dtype=cfg.dtype, d=d)
-            result[split] = {m: r.as_dict() for m, r in modes.items()}
-        return result
 
-    def save(val_loss: float | None) -> Path | None:
-        trainer_state = {"step": step, "tokens": tokens_seen, "flops": step * per_step_flops,
-                         "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
-                         "routing_rng": routing_gen.get_state(),
-                         "world_size": d.world_size, "total_steps": steps_total}
-        path = None
-        model_state, optimizer_state = _full_states(model, optimizer, cfg.fsdp)  # collective
-        if d.is_main:
-            path = ckpt.save_checkpoint(
-                run_dir, step=step, model=model, optimizer_state=optimizer_state,
-                trainer_state=trainer_state, model_cfg=cfg.model, tokenizer=data.tokenizer,
-                run_config=cfg.to_dict(), val_loss=val_loss, keep_last=cfg.keep_last,
-                model_state=model_state)
-        if d.enabled:
-            dist.barrier()
-        return path
+def _log(s: _Session, record: dict[str, Any]) -> None:
+    if s.d.is_main:
+        with open(s.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if s.tb is not None:
+            _tb_write(s.tb, record)
 
-    start_step = step
-    progress = _Progress(steps_total, d.is_main)
-    final_eval = None
-    last_ckpt = ckpt.latest_checkpoint(run_dir) if loaded is not None else None
-    interrupted = False
-    model.train()
-    with _StopFlag() as stop:
-        while step < steps_total:
-            t0 = time.perf_counter()
-            set_lr(optimizer, lr := lr_at(step, steps_total, cfg.lr, cfg.warmup_steps,
-                                          cfg.min_lr_ratio))
-            st = _forward_backward(train_model, model, sampler, cfg, d, device, routing_gen)
-            if st.finite:
-                optimizer.step()
-            elif cfg.on_nonfinite == "stop":
-                last = ckpt.latest_checkpoint(run_dir)
-                raise TrainingError(
-                    f"non-finite loss or gradient (loss {st.loss}, gradient norm {st.grad_norm}) "
-                    f"at step {step + 1}; stopped without saving. The last good checkpoint is "
-                    f"{last or 'none (no checkpoint yet)'}; lower lr, raise warmup_steps, or set "
-                    f"on_nonfinite=skip")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step  # drawn and consumed, even by a skipped step
-            tok_s = tokens_per_step / (time.perf_counter() - t0)
-            progress.update(step, start_step, st.loss, tok_s)
-            if not st.finite or step % cfg.log_every == 0 or step == steps_total:
-                routed = bool(cfg.model.routed_layers)
-                log({"step": step, "tokens": tokens_seen, "flops": step * per_step_flops,
-                     "loss": st.loss, "lm_loss": st.lm_loss,
-                     "router_aux_loss": st.router_aux_loss
-                     if routed and cfg.model.routing.router == "learned" else None,
-                     "predictor_loss": st.predictor_loss
-                     if routed and cfg.model.routing.predictor else None,
-                     "predictor_accuracy": st.predictor_accuracy or None,
-                     "router_accuracy": st.router_accuracy or None, "lr": lr,
-                     "grad_norm": st.grad_norm, "tokens_per_s": tok_s,
-                     **({} if st.finite else {"skipped": True})})
-            val_loss = None
-            if step % cfg.eval_every == 0 or step == steps_total:
-                final_eval = run_eval()
-                val_loss = _headline_loss(final_eval["val"])
-                log({"step": step, "tokens": tokens_seen, "flops": step * per_step_flops,
-                     "eval": final_eval})
-                if d.is_main:
-                    progress.close()
-                    print(_eval_line(step, final_eval), flush=True)
-            stop_now = _agree(stop.requested, d)
-            if step % cfg.checkpoint_every == 0 or step == steps_total or stop_now:
-                last_ckpt = save(val_loss) or last_ckpt
-            if stop_now:
-                interrupted = True
-                break
-    progress.close()
-    if tb is not None:
-        tb.close()
-    return TrainResult(run_dir, step, steps_total, interrupted, final_eval, last_ckpt)
+
+def _step_record(s: _Session, state: TrainState, st: _StepStats, lr: float,
+                 tok_s: float) -> dict[str, Any]:
+    routing = s.cfg.model.routing
+    routed = bool(s.cfg.model.routed_layers)
+    return {"step": state.step, "tokens": state.tokens, "flops": s.flops_at(state.step),
+            "loss": st.loss, "lm_loss": st.lm_loss,
+            "router_aux_loss": st.router_aux_loss
+            if routed and routing.router == "learned" else None,
+            "predictor_loss": st.predictor_loss if routed and routing.predictor else None,
+            "predictor_accuracy": st.predictor_accuracy or None,
+            "router_accuracy": st.router_accuracy or None, "lr": lr,
+            "grad_norm": st.grad_norm, "tokens_per_s": tok_s,
+            **({} if st.finite else {"skipped": True})}
+
+
+def _evaluate_splits(s: _Session) -> dict[str, Any]:
+    result = {}
+    for split, ids, n_bytes in (("val", s.data.val, s.data.val_bytes),
+                                ("pydoc", s.data.pydoc, s.data.pydoc_bytes)):
+        # The same windows whatever the number of processes (when it divides batch_size).
+        modes = evaluate(s.model, ids, n_bytes=n_bytes, seq_len=s.cfg.data.seq_len,
+                         batch_size=max(1, s.cfg.batch_size // s.d.world_size),
+                         max_batches=s.cfg.eval_batches, device=s.device, dtype=s.cfg.dtype,
+                         d=s.d)
+        result[split] = {m: r.as_dict() for m, r in modes.items()}
+    return result
+
+
+def _save(s: _Session, state: TrainState, val_loss: float | None) -> Path | None:
+    trainer_state = {"step": state.step, "tokens": state.tokens, "flops": s.flops_at(state.step),
+                     "sampler": s.sampler.state_dict(), "rng": torch.get_rng_state(),
+                     "routing_rng": s.routing_gen.get_state(), "world_size": s.d.world_size,
+                     "total_steps": s.steps_total}
+    path = None
+    model_state, optimizer_state = _full_states(s.model, s.optimizer, s.cfg.fsdp)  # collective
+    if s.d.is_main:
+        path = ckpt.save_checkpoint(
+            s.run_dir, step=state.step, model=s.model, optimizer_state=optimizer_state,
+            trainer_state=trainer_state, model_cfg=s.cfg.model, tokenizer=s.data.tokenizer,
+            run_config=s.cfg.to_dict(), val_loss=val_loss, keep_last=s.cfg.keep_last,
+            model_state=model_state)
+    if s.d.enabled:
+        dist.barrier()
+    return path
 
 
 @dataclass(frozen=True)
@@ -488,23 +542,22 @@ class _StepStats:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
-def _forward_backward(train_model: torch.nn.Module, model: MoDLM, sampler: TrainSampler,
-                      cfg: TrainConfig, d: runtime.Dist, device: torch.device,
-                      routing_gen: torch.Generator) -> _StepStats:
+def _forward_backward(s: _Session) -> _StepStats:
     """Accumulate gradients over cfg.grad_accum micro-batches, then clip (or just measure) them."""
+    cfg, d, model = s.cfg, s.d, s.model
     sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, predictor
     for micro in range(cfg.grad_accum):
-        windows_BT1 = sampler.next_batch().to(device)
+        windows_BT1 = s.sampler.next_batch().to(s.device)
         x_BT, y_BT = windows_BT1[:, :-1], windows_BT1[:, 1:]
         sync = micro == cfg.grad_accum - 1  # reduce gradients across processes once per step
         ctx = contextlib.nullcontext()
         if d.enabled and cfg.fsdp:
             model.set_requires_gradient_sync(sync)
         elif d.enabled and not sync:
-            ctx = train_model.no_sync()
+            ctx = s.train_model.no_sync()
         with ctx:
-            with runtime.autocast(device, cfg.dtype):
-                out = train_model(x_BT, y_BT, generator=routing_gen)
+            with runtime.autocast(s.device, cfg.dtype):
+                out = s.train_model(x_BT, y_BT, generator=s.routing_gen)
             (out.loss / cfg.grad_accum).backward()
         sums += torch.tensor([_f(out.loss), _f(out.lm_loss), _f(out.router_aux_loss),
                               _f(out.predictor_loss)], dtype=torch.float64) / cfg.grad_accum
