@@ -175,7 +175,8 @@ def _print_eval_summary(final_eval: dict) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
 
     from modlm.checkpoint import load_model, resolve_checkpoint
-    from modlm.data import prepare_data, read_user_text, resolve_cache_dir, tokenize_cached
+    from modlm.corpus import read_user_text
+    from modlm.data import prepare_data, resolve_cache_dir, tokenize_cached
     from modlm.evaluate import available_modes, evaluate
     from modlm.runtime import resolve_device
 
@@ -238,7 +239,7 @@ def _demo_batch(batch: int, length: int, vocab_size: int):
     """Real text with zero install: CPython's pydoc topics, as bytes (clipped to the vocab)."""
     import torch
 
-    from modlm.data import load_pydoc_text
+    from modlm.corpus import load_pydoc_text
 
     text = load_pydoc_text().encode("utf-8")
     data = torch.tensor(list(text[: batch * length]), dtype=torch.long)
@@ -304,7 +305,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The project's own error classes: their messages are written for the user. Anything else
     is a bug and keeps its traceback."""
     from modlm.checkpoint import CheckpointError
-    from modlm.data import DataError
+    from modlm.corpus import DataError
     from modlm.tokenizer import TokenizerError
     from modlm.train import TrainingError
     return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
-from modlm.data import DataError, eval_batches
+from modlm.corpus import DataError
+from modlm.data import eval_batches
 from modlm.model import MoDLM
 from modlm.runtime import Dist, autocast
 

