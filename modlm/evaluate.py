@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from modlm.config import ModelConfig
 from modlm.corpus import DataError
-from modlm.data import eval_batches
+from modlm.data import eval_batches, split_windows
 from modlm.model import MoDLM
 from modlm.runtime import Dist, autocast
 
@@ -86,14 +86,14 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
                 # it as often as the others: run a throwaway row and count nothing.
                 windows = torch.zeros(1, seq_len + 1, dtype=torch.long)
             windows = windows.to(device)
-            x, y = windows[:, :-1], windows[:, 1:]
+            x_BT, y_BT = split_windows(windows)
             with autocast(device, dtype):
-                out = model(x, mode=mode)
+                out = model(x_BT, mode=mode)
             if empty:
                 continue
-            nll = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), y.flatten(),
+            nll = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), y_BT.flatten(),
                                   reduction="sum")
-            n = y.numel()
+            n = y_BT.numel()
             sums[0] += float(nll)
             sums[1] += n
             for j, s in enumerate(out.routing):

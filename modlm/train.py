@@ -46,7 +46,7 @@ from modlm.config import (
     is_positive_int,
     reject_unknown_keys,
 )
-from modlm.data import DataConfig, PreparedData, TrainSampler, prepare_data
+from modlm.data import DataConfig, PreparedData, TrainSampler, prepare_data, split_windows
 from modlm.evaluate import evaluate
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
@@ -548,7 +548,7 @@ def _forward_backward(s: _Session) -> _StepStats:
     sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, predictor
     for micro in range(cfg.grad_accum):
         windows_BT1 = s.sampler.next_batch().to(s.device)
-        x_BT, y_BT = windows_BT1[:, :-1], windows_BT1[:, 1:]
+        x_BT, y_BT = split_windows(windows_BT1)
         sync = micro == cfg.grad_accum - 1  # reduce gradients across processes once per step
         ctx = contextlib.nullcontext()
         if d.enabled and cfg.fsdp:
