@@ -166,8 +166,11 @@ def train_preset(name: str) -> TrainConfig:
                            warmup_steps=10, log_every=5, eval_batches=4),
               "small": dict(steps=300, batch_size=16, eval_every=100, checkpoint_every=100,
                             warmup_steps=30)}.get(base, dict(steps=1000))
-    return TrainConfig(model=model, data=DataConfig(seq_len=model.max_seq_len), preset=name,
-                       **length)
+    # The GPT-2-sized presets come with GPT-2's vocabulary, so they read text with its BPE.
+    tokenizer = "gpt2" if base == "gpt2-small" else "bytes"
+    return TrainConfig(model=model, data=DataConfig(seq_len=model.max_seq_len,
+                                                    tokenizer=tokenizer),
+                       preset=name, **length)
 
 
 def configure(preset: str, overrides: Mapping[str, Any]) -> TrainConfig:

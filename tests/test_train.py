@@ -129,6 +129,9 @@ def test_preset_length_is_replaced_by_a_flop_or_token_budget():
     assert steps["small"] > 1.6 * steps["small-dense"]
     assert configure("small", {"tokens": "4096"}).tokens == 4096
     assert configure("small", {}).steps == train_preset("small").steps
+    assert train_preset("gpt2-small").data.tokenizer == "gpt2"
+    assert train_preset("gpt2-small-dense").data.tokenizer == "gpt2"
+    assert train_preset("small").data.tokenizer == "bytes"
 
 
 def test_flop_budget_sets_the_steps(tmp_path, corpus):
