@@ -41,7 +41,11 @@ class Block(nn.Module):
 
     def update(self, x_BKD: Tensor, rot: Tensor) -> Tensor:
         """f(x) for the given tokens; `rot` is the rotary table at their true positions."""
-        attn_BKD = self.attn(self.attn_norm(x_BKD), rot)
+        return self.finish(x_BKD, self.attn(self.attn_norm(x_BKD), rot))
+
+    def finish(self, x_BKD: Tensor, attn_BKD: Tensor) -> Tensor:
+        """f(x) given the attention output: attn + mlp(norm(x + attn)). The generation engine,
+        which attends over a KV cache itself, shares this half."""
         return attn_BKD + self.mlp(self.mlp_norm(x_BKD + attn_BKD))
 
     def forward(self, x_BTD: Tensor, rotary: Rotary) -> Tensor:

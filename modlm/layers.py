@@ -76,15 +76,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BKD: Tensor, rot_BKR: Tensor) -> Tensor:
-        B, K, D = x_BKD.shape
+    def project(self, x_BKD: Tensor, rot_BKR: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries and keys rotated at the tokens' true positions, and values: (B, K, H, Dh)."""
+        B, K, _ = x_BKD.shape
         qkv_BK3Hd = self.qkv(x_BKD).view(B, K, 3, self.n_heads, -1)
         q_BKHd, k_BKHd = apply_rotary(qkv_BK3Hd[:, :, :2], rot_BKR).unbind(2)
-        v_BKHd = qkv_BK3Hd[:, :, 2]
+        return q_BKHd, k_BKHd, qkv_BK3Hd[:, :, 2]
+
+    def merge(self, y_BHKd: Tensor) -> Tensor:
+        """The heads' outputs (B, H, K, Dh) through the output projection: (B, K, D)."""
+        B, H, K, Dh = y_BHKd.shape
+        return self.out(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh))
+
+    def forward(self, x_BKD: Tensor, rot_BKR: Tensor) -> Tensor:
+        q_BKHd, k_BKHd, v_BKHd = self.project(x_BKD, rot_BKR)
         # The K axis is in time order, so is_causal masks by original position.
         y_BHKd = F.scaled_dot_product_attention(
             q_BKHd.transpose(1, 2), k_BKHd.transpose(1, 2), v_BKHd.transpose(1, 2), is_causal=True)
-        return self.out(y_BHKd.transpose(1, 2).reshape(B, K, D))
+        return self.merge(y_BHKd)
 
 
 class MLP(nn.Module):

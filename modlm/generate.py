@@ -1,0 +1,740 @@
+"""The generation engine: batched prefill, token-by-token decode with a KV cache that skips tokens.
+
+Legend: B batch (live rows), T time, D model width, H heads, Dh head width, C cache slots,
+K routed tokens, N rows processed by a routed layer in one decode step, V vocabulary, R Dh / 2.
+
+Paper Sec 3.5: top-k routing is not causal, so generation routes each token alone, in one of the
+two causal modes the model was trained for: "router" (sigmoid(r) > 0.5, needs the auxiliary BCE
+loss) or "predictor" (the stop-gradient predictor's logit > 0). "topk" is refused. Because a
+token's decision depends only on its own residual, prefill + incremental decode computes exactly
+what `model(ids, mode=mode)` computes over the whole sequence (a test checks every logit).
+
+The engine reads the model's weights and calls its submodules (norms, qkv / out projections, MLPs,
+routers, predictors) but does its own attention, because it needs the keys and values:
+
+- Prefill takes right-padded prompts of different lengths. Dense blocks run causally over the
+  padded batch (a valid token never attends to the padding after it); routed blocks route only
+  valid tokens (padding is masked out of the decision), gather each row's routed tokens with
+  `routing.indices_from_mask` and write them to the cache with their true positions.
+- Caches: a dense block's `LayerCache` holds every token of each row; a routed block's holds only
+  the tokens routed into it, per row (`n_B` differs across rows), keys rotated at their true
+  positions, slots padded and masked out in attention. Routed caches start at the prefill's
+  largest count plus a little headroom and grow by doubling, so their memory follows the routing.
+- Decode: one new token per row. Dense blocks append and attend with a per-row length mask. A
+  routed block decides for each row's new token; only the routed rows are gathered, attend over
+  their own routed cache and get x + w * f(x) scattered back; the others skip the block, and a
+  step in which no row routes does no work in that block at all.
+- Finished rows leave the batch (their cache rows are dropped), so later steps spend nothing on
+  them.
+
+Context rule: a row's prompt plus its new tokens may not exceed `max_seq_len` (the rotary table
+and the full forward stop there). `generate` refuses a request that could cross it, unless
+`truncate=True`, in which case each row stops at the context with finish reason "context".
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from modlm import routing
+from modlm.block import Block, RoutedBlock
+from modlm.model import MoDLM
+
+GENERATION_MODES = ("router", "predictor")
+FINISH_REASONS = ("length", "stop_token", "stop_string", "context")
+# Extra slots a routed cache gets beyond what prefill needed, before its first doubling.
+_ROUTED_HEADROOM = 16
+
+
+class GenerationError(ValueError):
+    """A generation request cannot be served; the message says why and what to change."""
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class _TextTokenizer(_Decoder, Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+# ---- the KV cache ------------------------------------------------------------------------------
+
+
+class LayerCache:
+    """Keys and values of one block, per row: slots [0, n_B[b]) of row b are its cached tokens.
+
+    k_BHCd / v_BHCd: keys (already rotated) and values; pos_BC: each slot's true position;
+    n_B: filled slots per row. A dense block fills one slot per token; a routed block one slot per
+    token routed into it. `limit` is the most slots a row can ever need.
+    """
+
+    def __init__(self, k_BHCd: Tensor, v_BHCd: Tensor, pos_BC: Tensor, n_B: Tensor,
+                 limit: int, routed: bool) -> None:
+        self.k_BHCd, self.v_BHCd, self.pos_BC, self.n_B = k_BHCd, v_BHCd, pos_BC, n_B
+        self.limit = limit
+        self.routed = routed
+
+    @classmethod
+    def empty(cls, B: int, H: int, Dh: int, slots: int, limit: int, routed: bool,
+              dtype: torch.dtype, device: torch.device) -> LayerCache:
+        return cls(torch.zeros(B, H, slots, Dh, dtype=dtype, device=device),
+                   torch.zeros(B, H, slots, Dh, dtype=dtype, device=device),
+                   torch.zeros(B, slots, dtype=torch.long, device=device),
+                   torch.zeros(B, dtype=torch.long, device=device), limit, routed)
+
+    @property
+    def slots(self) -> int:
+        return self.k_BHCd.shape[2]
+
+    def entries(self) -> int:
+        """Tokens held, summed over rows."""
+        return int(self.n_B.sum())
+
+    def fill(self, k_BKHd: Tensor, v_BKHd: Tensor, pos_BK: Tensor, n_B: Tensor) -> None:
+        """Prefill: the first K slots of each row (entries past n_B[b] are padding)."""
+        K = k_BKHd.shape[1]
+        self.k_BHCd[:, :, :K] = k_BKHd.transpose(1, 2)
+        self.v_BHCd[:, :, :K] = v_BKHd.transpose(1, 2)
+        self.pos_BC[:, :K] = pos_BK
+        self.n_B.copy_(n_B)
+
+    def append(self, rows_N: Tensor, k_NHd: Tensor, v_NHd: Tensor, pos_N: Tensor) -> Tensor:
+        """Write one token for each given row at its next free slot; return their new counts."""
+        n_N = self.n_B[rows_N]
+        need = int(n_N.max()) + 1
+        if need > self.slots:
+            self._grow(need)
+        self.k_BHCd[rows_N, :, n_N] = k_NHd
+        self.v_BHCd[rows_N, :, n_N] = v_NHd
+        self.pos_BC[rows_N, n_N] = pos_N
+        n_N = n_N + 1
+        self.n_B[rows_N] = n_N
+        return n_N
+
+    def _grow(self, need: int) -> None:
+        if need > self.limit:
+            raise GenerationError(f"a row needs {need} cache slots but the cache was built for "
+                                  f"{self.limit}; pass a larger capacity to prefill")
+        slots = min(self.limit, max(need, 2 * self.slots))
+        B, H, C, Dh = self.k_BHCd.shape
+        k = self.k_BHCd.new_zeros(B, H, slots, Dh)
+        v = self.v_BHCd.new_zeros(B, H, slots, Dh)
+        pos = self.pos_BC.new_zeros(B, slots)
+        k[:, :, :C], v[:, :, :C], pos[:, :C] = self.k_BHCd, self.v_BHCd, self.pos_BC
+        self.k_BHCd, self.v_BHCd, self.pos_BC = k, v, pos
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the given rows (in that order): finished rows leave the batch."""
+        self.k_BHCd, self.v_BHCd = self.k_BHCd[rows], self.v_BHCd[rows]
+        self.pos_BC, self.n_B = self.pos_BC[rows], self.n_B[rows]
+
+
+@dataclass
+class DecodeState:
+    """Everything a decode step needs, for the live rows of a batch.
+
+    rows: original (prompt) index of each live row. pos_B: tokens each live row has fed through
+    the model so far (= the position the next token takes). caches: one per block.
+    routed_tokens / seen_tokens: per block, tokens routed into it and tokens that reached it,
+    summed over prefill and decode and over all rows (including rows that have since left).
+    retired_entries: per block, cache entries of rows that have left the batch.
+    """
+
+    rows: list[int]
+    pos_B: Tensor
+    caches: list[LayerCache]
+    capacity: int
+    routed_tokens: list[int]
+    seen_tokens: list[int]
+    retired_entries: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    def keep(self, keep: Sequence[int]) -> None:
+        """Keep the live rows at these indices (into `rows`), dropping the rest from every cache."""
+        if list(keep) == list(range(len(self.rows))):
+            return
+        idx = torch.tensor(list(keep), dtype=torch.long, device=self.pos_B.device)
+        for i, cache in enumerate(self.caches):
+            self.retired_entries[i] += cache.entries() - int(cache.n_B[idx].sum())
+            cache.keep(idx)
+        self.pos_B = self.pos_B[idx]
+        self.rows = [self.rows[i] for i in keep]
+
+    def cache_entries(self) -> list[int]:
+        """Per block, tokens its cache holds, counting rows that have left at their final size."""
+        return [c.entries() + r for c, r in zip(self.caches, self.retired_entries)]
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+
+def sample_next(logits_NV: Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row: argmax when temperature is 0, else a draw from the softmax of
+    logits / temperature restricted to the top_k largest and to the smallest set of tokens whose
+    probability reaches top_p (both applied when both are given, top-k first)."""
+    if temperature == 0.0:
+        return logits_NV.argmax(dim=-1)
+    logits_NV = logits_NV.float() / temperature
+    V = logits_NV.shape[-1]
+    if top_k is not None and top_k < V:
+        kth_N1 = torch.topk(logits_NV, top_k, dim=-1).values[:, -1:]
+        logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_NV, order_NV = torch.sort(logits_NV, dim=-1, descending=True)
+        probs_NV = torch.softmax(sorted_NV, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first stays.
+        drop_NV = probs_NV.cumsum(dim=-1) - probs_NV >= top_p
+        logits_NV = logits_NV.scatter(-1, order_NV, sorted_NV.masked_fill(drop_NV, -math.inf))
+    probs_NV = torch.softmax(logits_NV, dim=-1)
+    return torch.multinomial(probs_NV, 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature >= 0.0
+            and math.isfinite(temperature)):
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                              or top_k < 1):
+        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What one step produced: the new token of each row still generating (streaming unit)."""
+
+    step: int
+    rows: tuple[int, ...]
+    tokens: tuple[int, ...]
+    finished: tuple[int, ...]   # rows among `rows` that finished with this token
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One batched generation.
+
+    tokens: the new tokens of each row (prompt excluded; a stop token that ended a row is kept).
+    finish_reasons: per row, one of FINISH_REASONS.
+    tokens_per_s: new tokens / (prefill + decode time); decode_tokens_per_s: tokens produced by
+    decode steps / decode time (None when no decode step ran).
+    routed_fraction: per routed block index, tokens routed into it / tokens that reached it, over
+    prefill and decode (every token fed through the model; the last sampled token of a row is
+    never fed). kv_cache_bytes: bytes of keys and values the caches held at the end (rows that
+    finished early counted at their final size); dense_kv_cache_bytes: what a cache holding every
+    fed token in every block would need.
+    """
+
+    mode: str
+    tokens: tuple[tuple[int, ...], ...]
+    finish_reasons: tuple[str, ...]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    decode_tokens_per_s: float | None
+    routed_fraction: dict[int, float]
+    kv_cache_bytes: int
+    dense_kv_cache_bytes: int
+
+    @property
+    def kv_cache_ratio(self) -> float:
+        """KV-cache bytes used / a dense cache's bytes (1.0 for a dense model)."""
+        return self.kv_cache_bytes / self.dense_kv_cache_bytes if self.dense_kv_cache_bytes else 1.0
+
+
+@dataclass(frozen=True)
+class TextGeneration:
+    """`Engine.generate_text`'s result: the decoded continuation of each prompt, cut before any
+    stop string and without the stop token, plus the token-level result."""
+
+    texts: tuple[str, ...]
+    result: GenerationResult
+
+
+class GenerationStream:
+    """Iterate for one `StepTokens` per step; `result` is set once the iteration has ended."""
+
+    def __init__(self, steps: Iterator[StepTokens | GenerationResult]) -> None:
+        self._steps = steps
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[StepTokens]:
+        for item in self._steps:
+            if isinstance(item, GenerationResult):
+                self._result = item
+            else:
+                yield item
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise GenerationError("the stream has not finished; iterate it to the end first")
+        return self._result
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+
+class Engine:
+    """Batched generation from a `MoDLM` in a causal routing mode ("router" or "predictor").
+
+    A dense model has no routing; any causal mode is accepted and ignored for it.
+    """
+
+    def __init__(self, model: MoDLM, mode: str = "router") -> None:
+        cfg = model.cfg
+        if mode == "topk":
+            raise GenerationError("mode 'topk' is not causal (whether a token is routed depends on "
+                                  "later tokens) and cannot generate; use mode='router' or "
+                                  "'predictor' (paper Sec 3.5)")
+        if mode not in GENERATION_MODES:
+            raise GenerationError(f"unknown generation mode {mode!r}; choose one of "
+                                  f"{GENERATION_MODES}")
+        if not cfg.is_dense:
+            if mode == "router" and (cfg.routing.router != "learned"
+                                     or cfg.routing.aux_loss_weight == 0):
+                raise GenerationError(
+                    "mode 'router' routes a token iff sigmoid(r) > 0.5, which only means 'in the "
+                    "top-k' for a learned router trained with the auxiliary BCE loss; this model "
+                    f"has routing.router={cfg.routing.router!r} and "
+                    f"routing.aux_loss_weight={cfg.routing.aux_loss_weight}. Use "
+                    "mode='predictor' if it has a predictor, or train with aux_loss_weight > 0")
+            if mode == "predictor" and not cfg.routing.predictor:
+                raise GenerationError(
+                    "mode 'predictor' needs a model trained with routing.predictor=true; this "
+                    "model has no predictor. Use mode='router' (needs the auxiliary loss)")
+        self.model = model
+        self.mode = mode
+        self.cfg = cfg
+        # Caches take the dtype of the projections that write them.
+        self.device = model.embed.weight.device
+        self.dtype = model.blocks[0].attn.qkv.weight.dtype
+
+    @classmethod
+    def from_checkpoint(cls, path: Any, mode: str = "router",
+                        device: str | torch.device = "cpu") -> Engine:
+        from modlm.checkpoint import load_model
+        model, _ = load_model(path, device)
+        return cls(model, mode)
+
+    # ---- input checks --------------------------------------------------------------------------
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) \
+                and not isinstance(prompts, Tensor):
+            raise GenerationError("prompts must be a list of token-id lists, one per row")
+        if len(prompts) == 0:
+            raise GenerationError("no prompts given; pass a list of token-id lists")
+        V, L = self.cfg.vocab_size, self.cfg.max_seq_len
+        out: list[list[int]] = []
+        for b, prompt in enumerate(prompts):
+            if isinstance(prompt, Tensor):
+                prompt = prompt.tolist()
+            if isinstance(prompt, (int, str, bytes)) or not isinstance(prompt, Sequence):
+                raise GenerationError(f"prompt {b} is not a list of token ids (got "
+                                      f"{type(prompt).__name__}); pass a list of lists")
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise GenerationError(f"prompt {b} holds a value that is not an integer token "
+                                      f"id") from None
+            if not ids:
+                raise GenerationError(f"prompt {b} is empty; every row needs at least one token "
+                                      f"(e.g. a beginning-of-text id)")
+            if len(ids) >= L:
+                raise GenerationError(f"prompt {b} has {len(ids)} tokens but the model's context "
+                                      f"is max_seq_len={L}, which must hold the prompt and at "
+                                      f"least one new token; shorten it to at most {L - 1}")
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise GenerationError(f"prompt {b} has token ids {bad[:5]} outside the "
+                                      f"vocabulary 0..{V - 1}; check the tokenizer matches the "
+                                      f"model")
+            out.append(ids)
+        return out
+
+    # ---- prefill and decode --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], *, capacity: int | None = None,
+                all_logits: bool = False) -> tuple[DecodeState, Tensor]:
+        """Run the prompts through the model and fill the caches.
+
+        capacity: the most tokens any row will feed through the model (prompt + decoded), at most
+        max_seq_len (the default). Returns the state and the logits of each row's last prompt
+        token (B, V), or with all_logits the logits of every position (B, T, V), right-padded
+        (positions past a row's prompt are meaningless).
+        """
+        ids = self._check_prompts(prompts)
+        L = self.cfg.max_seq_len
+        capacity = L if capacity is None else capacity
+        lengths = [len(p) for p in ids]
+        if not max(lengths) <= capacity <= L:
+            raise GenerationError(f"capacity must be in {max(lengths)}..{L} (longest prompt.."
+                                  f"max_seq_len), got {capacity}")
+        B, T, dev = len(ids), max(lengths), self.device
+        idx_BT = torch.zeros(B, T, dtype=torch.long, device=dev)
+        for b, p in enumerate(ids):
+            idx_BT[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        len_B = torch.tensor(lengths, dtype=torch.long, device=dev)
+        valid_BT = torch.arange(T, device=dev) < len_B[:, None]
+        pos_T = torch.arange(T, device=dev)
+        rot_TR = self.model.rotary(pos_T)
+        H, Dh = self.cfg.n_heads, self.cfg.head_dim
+
+        x_BTD = self.model.embed(idx_BT)
+        caches: list[LayerCache] = []
+        routed_tokens, seen_tokens = [], []
+        for block in self.model.blocks:
+            if isinstance(block, RoutedBlock):
+                x_BTD, cache, n_routed = self._prefill_routed(block, x_BTD, valid_BT, capacity)
+            else:
+                cache = LayerCache.empty(B, H, Dh, capacity, capacity, False, self.dtype, dev)
+                q, k, v = _qkv(block, x_BTD, rot_TR)
+                y_BHTd = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+                x_BTD = x_BTD + _finish(block, x_BTD, y_BHTd)
+                # Padding slots are written too but lie past n_B, so attention never sees them.
+                cache.fill(k, v, pos_T.expand(B, T), len_B)
+                n_routed = sum(lengths)
+            caches.append(cache)
+            routed_tokens.append(n_routed)
+            seen_tokens.append(sum(lengths))
+
+        if all_logits:
+            logits = self.model.lm_head(self.model.norm(x_BTD))
+        else:
+            last_BD = x_BTD[torch.arange(B, device=dev), len_B - 1]
+            logits = self.model.lm_head(self.model.norm(last_BD))
+        state = DecodeState(rows=list(range(B)), pos_B=len_B.clone(), caches=caches,
+                            capacity=capacity, routed_tokens=routed_tokens,
+                            seen_tokens=seen_tokens, retired_entries=[0] * len(caches))
+        return state, logits
+
+    def _decide(self, block: RoutedBlock, x_BTD: Tensor) -> tuple[Tensor, Tensor]:
+        """Router logits (float32) and the causal routing decision of every token."""
+        logits_BT = block.router(x_BTD)
+        if self.mode == "router":
+            return logits_BT, logits_BT > block.router.causal_threshold(block.capacity)
+        return logits_BT, block.predictor(x_BTD) > 0.0  # predicted top-k membership
+
+    def _prefill_routed(self, block: RoutedBlock, x_BTD: Tensor, valid_BT: Tensor,
+                        capacity: int) -> tuple[Tensor, LayerCache, int]:
+        B = x_BTD.shape[0]
+        logits_BT, mask_BT = self._decide(block, x_BTD)
+        mask_BT = mask_BT & valid_BT                     # padding is never routed
+        idx_BK, valid_BK = routing.indices_from_mask(mask_BT)
+        n_B = valid_BK.sum(dim=1)
+        K = idx_BK.shape[1]
+        cache = LayerCache.empty(B, self.cfg.n_heads, self.cfg.head_dim,
+                                 min(capacity, K + _ROUTED_HEADROOM), capacity, True,
+                                 self.dtype, x_BTD.device)
+        if K > 0:
+            x_BKD = routing.gather_tokens(x_BTD, idx_BK)
+            q, k, v = _qkv(block.block, x_BKD, self.model.rotary(idx_BK))   # true positions
+            # Valid entries precede padding in every row, so the causal mask over K is by
+            # original position and never lets a routed token see padding.
+            y_BHKd = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            delta_BKD = _finish(block.block, x_BKD, y_BHKd)
+            w_BK = block.router_weights(torch.gather(logits_BT, 1, idx_BK))
+            # Paper Sec 3.4, Eq. 1: x + w * f(x) for routed tokens, x bit for bit otherwise.
+            x_BTD = routing.scatter_add_tokens(
+                x_BTD, idx_BK, (w_BK.unsqueeze(-1) * delta_BKD).to(x_BTD.dtype), valid_BK)
+            cache.fill(k, v, idx_BK, n_B)
+        return x_BTD, cache, int(n_B.sum())
+
+    @torch.inference_mode()
+    def decode_step(self, state: DecodeState, tokens: Sequence[int] | Tensor) -> Tensor:
+        """Feed one token per live row; return the next-token logits (B, V)."""
+        B = state.batch_size
+        tok_B = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        if tok_B.numel() != B:
+            raise GenerationError(f"decode_step needs one token per live row ({B}), "
+                                  f"got {tok_B.numel()}")
+        if B == 0:
+            raise GenerationError("no live rows left to decode")
+        if int(state.pos_B.max()) >= state.capacity:
+            raise GenerationError(f"a row has reached the cache capacity ({state.capacity} "
+                                  f"tokens); prefill with a larger capacity")
+        V = self.cfg.vocab_size
+        if int(tok_B.min()) < 0 or int(tok_B.max()) >= V:
+            raise GenerationError(f"token ids must be in 0..{V - 1}, got {tok_B.tolist()}")
+        pos_B = state.pos_B
+        x_B1D = self.model.embed(tok_B).unsqueeze(1)
+        rot_B1R = self.model.rotary(pos_B.unsqueeze(1))
+        all_B = torch.arange(B, device=self.device)
+        dense_mask: Tensor | None = None      # shared by every dense block in this step
+        for i, (block, cache) in enumerate(zip(self.model.blocks, state.caches)):
+            state.seen_tokens[i] += B
+            if not isinstance(block, RoutedBlock):
+                q, k, v = _qkv(block, x_B1D, rot_B1R)
+                n_B = cache.append(all_B, k[:, 0], v[:, 0], pos_B)
+                if dense_mask is None:
+                    dense_mask = _length_mask(n_B)
+                y = _attend_cached(q, cache, None, n_B, dense_mask)
+                x_B1D = x_B1D + _finish(block, x_B1D, y)
+                state.routed_tokens[i] += B
+                continue
+            logits_B1, mask_B1 = self._decide(block, x_B1D)
+            rows_N = mask_B1[:, 0].nonzero().squeeze(-1)
+            N = rows_N.numel()
+            state.routed_tokens[i] += N
+            if N == 0:
+                continue                       # no row routes: the block does no work at all
+            x_N1D = x_B1D[rows_N]
+            q, k, v = _qkv(block.block, x_N1D, rot_B1R[rows_N])
+            n_N = cache.append(rows_N, k[:, 0], v[:, 0], pos_B[rows_N])
+            y = _attend_cached(q, cache, None if N == B else rows_N, n_N, _length_mask(n_N))
+            delta_N1D = _finish(block.block, x_N1D, y)
+            w_N1 = block.router_weights(logits_B1[rows_N])
+            # Paper Sec 3.4, Eq. 1 for the routed rows; the others keep x bit for bit.
+            x_B1D = x_B1D.index_add(0, rows_N, (w_N1.unsqueeze(-1) * delta_N1D).to(x_B1D.dtype))
+        state.pos_B = pos_B + 1
+        return self.model.lm_head(self.model.norm(x_B1D[:, 0]))
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, stop_token_ids: Sequence[int] = (),
+               stop_strings: Sequence[str] = (), tokenizer: _Decoder | None = None,
+               truncate: bool = False) -> GenerationStream:
+        """Like `generate`, but iterate for the tokens of each step as they come."""
+        return GenerationStream(self._run(prompts, max_new_tokens, temperature, top_k, top_p,
+                                          seed, stop_token_ids, stop_strings, tokenizer,
+                                          truncate))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop_token_ids: Sequence[int] = (),
+                 stop_strings: Sequence[str] = (), tokenizer: _Decoder | None = None,
+                 truncate: bool = False,
+                 on_step: Callable[[StepTokens], None] | None = None) -> GenerationResult:
+        """Generate up to max_new_tokens for each prompt (a list of token-id lists).
+
+        temperature 0 is greedy; otherwise sample, optionally restricted by top_k / top_p, from a
+        torch.Generator seeded with `seed` (the global RNG when None). A row finishes at a stop
+        token (kept in its output), when its generated text contains a stop string (needs
+        `tokenizer`), at max_new_tokens, or, with truncate=True, when prompt + new tokens reach
+        max_seq_len (without truncate such a request is refused). `on_step` is called after each
+        step with that step's tokens (streaming).
+        """
+        stream = self.stream(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+                             stop_strings=stop_strings, tokenizer=tokenizer, truncate=truncate)
+        for step in stream:
+            if on_step is not None:
+                on_step(step)
+        return stream.result
+
+    def generate_text(self, tokenizer: _TextTokenizer, prompts: str | Sequence[str],
+                      max_new_tokens: int, **kwargs: Any) -> TextGeneration:
+        """Encode text prompts, generate, and decode each continuation (cut before a stop string,
+        without a final stop token). Keyword arguments are `generate`'s."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        result = self.generate([tokenizer.encode(t) for t in texts], max_new_tokens,
+                               tokenizer=tokenizer, **kwargs)
+        stops = set(kwargs.get("stop_token_ids", ()))
+        stop_strings = kwargs.get("stop_strings", ())
+        out = []
+        for toks, reason in zip(result.tokens, result.finish_reasons):
+            if reason == "stop_token" and toks and toks[-1] in stops:
+                toks = toks[:-1]
+            text = tokenizer.decode(list(toks))
+            if reason == "stop_string":
+                text = text[:min(i for s in stop_strings if (i := text.find(s)) >= 0)]
+            out.append(text)
+        return TextGeneration(tuple(out), result)
+
+    def stream_text(self, tokenizer: _TextTokenizer, prompt: str, max_new_tokens: int,
+                    **kwargs: Any) -> Iterator[str]:
+        """Yield the continuation of one text prompt piece by piece as it is generated (what a
+        terminal prints). Text ending in U+FFFD (a multi-byte character cut short) or in the start
+        of a stop string is held back until later tokens settle it; a final stop token and stop
+        strings are not printed.
+        Keyword arguments are `generate`'s."""
+        stops = set(kwargs.get("stop_token_ids", ()))
+        stop_strings = list(kwargs.get("stop_strings", ()))
+        stream = self.stream([tokenizer.encode(prompt)], max_new_tokens, tokenizer=tokenizer,
+                             **kwargs)
+        toks: list[int] = []
+        shown = 0
+        for step in stream:
+            tok = step.tokens[0]
+            if step.finished and tok in stops:
+                break
+            toks.append(tok)
+            text = tokenizer.decode(toks)
+            cut = [i for s in stop_strings if (i := text.find(s)) >= 0]
+            if cut:
+                text = text[:min(cut)]
+            elif not step.finished:
+                if text.endswith("\ufffd"):
+                    continue
+                # Hold back a tail that may be the start of a stop string.
+                hold = max((k for s in stop_strings for k in range(1, len(s))
+                            if text.endswith(s[:k])), default=0)
+                text = text[:len(text) - hold]
+            if len(text) > shown:
+                yield text[shown:]
+                shown = len(text)
+
+    def _run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, seed: int | None,
+             stop_token_ids: Sequence[int], stop_strings: Sequence[str],
+             tokenizer: _Decoder | None,
+             truncate: bool) -> Iterator[StepTokens | GenerationResult]:
+        # Everything is checked before the first token so a bad request fails on the call.
+        ids = self._check_prompts(prompts)
+        _check_sampling(temperature, top_k, top_p)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+                or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, "
+                                  f"got {max_new_tokens!r}")
+        stop_ids = {operator.index(t) for t in stop_token_ids}
+        stop_strings = [s for s in stop_strings]
+        if stop_strings and tokenizer is None:
+            raise GenerationError("stop_strings need a tokenizer to decode the generated tokens; "
+                                  "pass tokenizer=")
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise GenerationError(f"stop strings must be non-empty strings, got {stop_strings!r}")
+        L = self.cfg.max_seq_len
+        budgets = []
+        for b, p in enumerate(ids):
+            room = L - len(p)
+            if max_new_tokens > room and not truncate:
+                raise GenerationError(
+                    f"prompt {b} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
+                    f"would exceed the context max_seq_len={L} (room for {room} new tokens). "
+                    f"Lower max_new_tokens, shorten the prompt, or pass truncate=True to stop "
+                    f"each row at the context")
+            budgets.append(min(max_new_tokens, room))
+        return self._loop(ids, budgets, max_new_tokens, temperature, top_k, top_p, seed,
+                          stop_ids, stop_strings, tokenizer)
+
+    def _loop(self, ids: list[list[int]], budgets: list[int], max_new_tokens: int,
+              temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+              stop_ids: set[int], stop_strings: list[str],
+              tokenizer: _Decoder | None) -> Iterator[StepTokens | GenerationResult]:
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        # The last sampled token of a row is never fed back, hence the -1.
+        capacity = max(len(p) + n - 1 for p, n in zip(ids, budgets))
+        t0 = time.perf_counter()
+        state, logits_BV = self.prefill(ids, capacity=max(capacity, max(map(len, ids))))
+        t1 = time.perf_counter()
+        out: list[list[int]] = [[] for _ in ids]
+        reasons: list[str] = [""] * len(ids)
+        step = 0
+        decode_tokens = 0
+        while True:
+            next_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator)
+            tokens = next_B.tolist()
+            keep, finished = [], []
+            for i, (row, tok) in enumerate(zip(state.rows, tokens)):
+                out[row].append(tok)
+                reason = self._finish_reason(out[row], budgets[row], max_new_tokens, stop_ids,
+                                             stop_strings, tokenizer)
+                if reason:
+                    reasons[row] = reason
+                    finished.append(row)
+                else:
+                    keep.append(i)
+            if step > 0:
+                decode_tokens += len(tokens)
+            yield StepTokens(step, tuple(state.rows), tuple(tokens), tuple(finished))
+            step += 1
+            if not keep:
+                break
+            state.keep(keep)
+            logits_BV = self.decode_step(state, next_B[keep])
+        t2 = time.perf_counter()
+        yield self._result(ids, out, reasons, state, t1 - t0, t2 - t1, decode_tokens)
+
+    @staticmethod
+    def _finish_reason(out: list[int], budget: int, max_new_tokens: int, stop_ids: set[int],
+                       stop_strings: list[str], tokenizer: _Decoder | None) -> str:
+        if out[-1] in stop_ids:
+            return "stop_token"
+        if stop_strings:
+            text = tokenizer.decode(out)  # type: ignore[union-attr]
+            if any(s in text for s in stop_strings):
+                return "stop_string"
+        if len(out) >= budget:
+            return "length" if budget == max_new_tokens else "context"
+        return ""
+
+    def _result(self, ids: list[list[int]], out: list[list[int]], reasons: list[str],
+                state: DecodeState, prefill_s: float, decode_s: float,
+                decode_tokens: int) -> GenerationResult:
+        entry_bytes = 2 * self.cfg.n_heads * self.cfg.head_dim * self.dtype.itemsize
+        fed = sum(len(p) + len(o) - 1 for p, o in zip(ids, out))
+        new = sum(map(len, out))
+        fractions = {block.layer: state.routed_tokens[i] / state.seen_tokens[i]
+                     for i, block in enumerate(self.model.blocks)
+                     if isinstance(block, RoutedBlock)}
+        total_s = prefill_s + decode_s
+        return GenerationResult(
+            mode=self.mode, tokens=tuple(tuple(o) for o in out), finish_reasons=tuple(reasons),
+            prompt_tokens=sum(map(len, ids)), new_tokens=new, prefill_s=prefill_s,
+            decode_s=decode_s, tokens_per_s=new / total_s if total_s > 0 else math.inf,
+            decode_tokens_per_s=(decode_tokens / decode_s if decode_tokens and decode_s > 0
+                                 else None),
+            routed_fraction=fractions,
+            kv_cache_bytes=sum(state.cache_entries()) * entry_bytes,
+            dense_kv_cache_bytes=fed * len(self.model.blocks) * entry_bytes)
+
+
+# ---- attention pieces shared by prefill and decode ---------------------------------------------
+
+
+def _qkv(block: Block, x_BKD: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries and keys rotated at the tokens' true positions, and values: each (B, K, H, Dh)."""
+    return block.attn.project(block.attn_norm(x_BKD), rot)
+
+
+def _finish(block: Block, x_BKD: Tensor, y_BHKd: Tensor) -> Tensor:
+    """f(x) of Eq. 1 from the attention heads' output: out projection, then the MLP."""
+    return block.finish(x_BKD, block.attn.merge(y_BHKd))
+
+
+def _length_mask(n_N: Tensor) -> Tensor | None:
+    """Attention mask (N, 1, 1, S) letting row r see its first n_N[r] slots; None if all equal."""
+    lo, hi = torch.aminmax(n_N)
+    lo, hi = int(lo), int(hi)
+    if lo == hi:
+        return None
+    return (torch.arange(hi, device=n_N.device) < n_N[:, None])[:, None, None, :]
+
+
+def _attend_cached(q_N1Hd: Tensor, cache: LayerCache, rows_N: Tensor | None, n_N: Tensor,
+                   mask: Tensor | None) -> Tensor:
+    """One query per row over that row's cached slots; returns (N, H, 1, Dh)."""
+    S = int(n_N.max()) if mask is None else mask.shape[-1]
+    k, v = cache.k_BHCd[:, :, :S], cache.v_BHCd[:, :, :S]
+    if rows_N is not None:
+        k, v = k[rows_N], v[rows_N]
+    return F.scaled_dot_product_attention(q_N1Hd.transpose(1, 2), k, v, attn_mask=mask)

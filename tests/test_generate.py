@@ -1,0 +1,362 @@
+"""Generation engine: cached decoding equals the full causal forward, routed caches hold only
+routed tokens, decode steps skip unrouted rows, sampling and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modlm.config import ModelConfig, RoutingConfig
+from modlm.generate import Engine, GenerationError, sample_next
+from modlm.layers import apply_rotary
+from modlm.model import MoDLM
+
+# Untied embeddings and a wider init so greedy outputs vary and logits are far from ties.
+CFG = dict(vocab_size=99, d_model=32, n_layers=4, n_heads=2, d_mlp=37, max_seq_len=48,
+           init_std=0.1, tie_embeddings=False)
+PROMPTS = [[5, 17, 3, 88, 41, 2, 60], [9, 30], [71, 4, 4, 12, 90, 33, 8, 51, 26, 19, 77]]
+MODES = ["dense", "router", "predictor"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids thread start-up costs on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(kind: str = "router", seed: int = 0, **routing) -> MoDLM:
+    """kind "dense" or a causal mode; routers / predictors scaled so decisions vary."""
+    r = RoutingConfig(router="none") if kind == "dense" else RoutingConfig(capacity=0.5, **routing)
+    torch.manual_seed(seed)
+    model = MoDLM(ModelConfig(**CFG, routing=r)).eval()
+    with torch.no_grad():
+        for block in model.blocks[1::2] if kind != "dense" else []:
+            block.router.weight.mul_(3.0)
+            if block.predictor is not None:
+                block.predictor.head.weight.mul_(3.0)
+    return model
+
+
+def engine_for(kind: str, **kw) -> Engine:
+    return Engine(make_model(kind, **kw), "router" if kind == "dense" else kind)
+
+
+def full_forward(engine: Engine, ids: list[int]):
+    with torch.no_grad():
+        return engine.model(torch.tensor([ids]), mode=engine.mode)
+
+
+def teacher_forced(engine: Engine, prompts, n_steps: int, seed: int = 1):
+    """Prefill, then feed random continuation tokens; return the state, per-row logits and ids."""
+    g = torch.Generator().manual_seed(seed)
+    cont = torch.randint(0, 99, (len(prompts), n_steps), generator=g)
+    state, logits = engine.prefill(prompts, all_logits=True)
+    rows = [[logits[b, :len(p)]] for b, p in enumerate(prompts)]
+    for t in range(n_steps):
+        step_logits = engine.decode_step(state, cont[:, t])
+        for b in range(len(prompts)):
+            rows[b].append(step_logits[b:b + 1])
+    full = [p + cont[b].tolist() for b, p in enumerate(prompts)]
+    return state, [torch.cat(r) for r in rows], full
+
+
+def routed_fractions(engine: Engine, ids: list[int]) -> list[float]:
+    return [float(r.fraction) for r in full_forward(engine, ids).routing]
+
+
+# ---- 1, 2, 3: cached decoding equals full recomputation ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", MODES)
+def test_prefill_and_decode_logits_equal_full_forward(kind):
+    engine = engine_for(kind)
+    _, logits, full = teacher_forced(engine, PROMPTS, n_steps=9)
+    for b, ids in enumerate(full):
+        ref = full_forward(engine, ids)
+        # logits at every fed position: prompt (prefill) and each decoded token
+        assert logits[b].shape == ref.logits_BTV[0].shape
+        torch.testing.assert_close(logits[b], ref.logits_BTV[0], atol=1e-5, rtol=0)
+        if kind != "dense":  # the knob changed something: routing really varies
+            assert all(0.0 < f < 1.0 for f in routed_fractions(engine, ids))
+    assert len({len(p) for p in PROMPTS}) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("kind", MODES)
+def test_greedy_with_cache_equals_full_recomputation(kind):
+    engine = engine_for(kind)
+    result = engine.generate(PROMPTS, 12)
+    for b, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        for _ in range(12):
+            seq.append(int(full_forward(engine, seq).logits_BTV[0, -1].argmax()))
+        assert list(result.tokens[b]) == seq[len(prompt):]
+    assert len({tuple(t) for t in result.tokens}) == len(PROMPTS)  # rows differ
+    if kind != "dense":
+        assert set(result.routed_fraction) == {1, 3}
+        assert all(0.0 < f < 1.0 for f in result.routed_fraction.values())
+        assert 0 < result.kv_cache_bytes < result.dense_kv_cache_bytes
+    else:
+        assert result.routed_fraction == {}
+        assert result.kv_cache_bytes == result.dense_kv_cache_bytes
+
+
+@pytest.mark.parametrize("kind", MODES)
+def test_batch_generates_what_each_prompt_generates_alone(kind):
+    engine = engine_for(kind)
+    batch = engine.generate(PROMPTS, 10)
+    for b, prompt in enumerate(PROMPTS):
+        alone = engine.generate([prompt], 10)
+        assert alone.tokens[0] == batch.tokens[b]
+
+
+# ---- 4, 5: routed caches and skipping ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["router", "predictor"])
+def test_routed_caches_hold_exactly_the_routed_tokens(kind):
+    engine = engine_for(kind)
+    state, _, full = teacher_forced(engine, PROMPTS, n_steps=8)
+    routed_idx = [i for i, blk in enumerate(engine.model.blocks) if hasattr(blk, "router")]
+    assert routed_idx == [1, 3]
+    routed = {layer: 0 for layer in routed_idx}
+    for b, ids in enumerate(full):  # every continuation token was fed, so all are cached
+        ref = full_forward(engine, ids)
+        for layer, stats in zip(routed_idx, ref.routing):
+            cache = state.caches[layer]
+            want = stats.mask_BT[0].nonzero().squeeze(-1)
+            n = int(cache.n_B[b])
+            assert n == len(want)
+            assert cache.pos_BC[b, :n].tolist() == want.tolist()
+            routed[layer] += n
+        for layer in (0, 2):  # dense caches hold every token
+            assert int(state.caches[layer].n_B[b]) == len(ids)
+    total = sum(map(len, full))
+    assert all(0 < n < total for n in routed.values())
+    # Routed caches allocate far fewer slots than the dense ones (memory follows routing).
+    assert state.caches[1].slots < state.caches[0].slots
+
+
+def test_routed_keys_are_rotated_at_true_positions():
+    engine = engine_for("router")
+    state, _, full = teacher_forced(engine, PROMPTS[:1], n_steps=5)
+    block = engine.model.blocks[1]
+    ids = full[0]
+    captured = {}
+
+    def grab(module, args, out):
+        captured["x"] = out
+
+    h = block.block.attn_norm.register_forward_hook(grab)
+    try:
+        full_forward(engine, ids)
+    finally:
+        h.remove()
+    h_BKD = captured["x"]  # the routed tokens' normed inputs, in time order
+    K = h_BKD.shape[1]
+    assert 0 < K < len(ids)
+    qkv = block.block.attn.qkv(h_BKD).view(1, K, 3, 2, -1)
+    pos = state.caches[1].pos_BC[:, :K]
+    k = apply_rotary(qkv[:, :, :2], engine.model.rotary(pos))[:, :, 1]
+    torch.testing.assert_close(state.caches[1].k_BHCd[0, :, :K], k[0].transpose(0, 1).detach(),
+                               atol=1e-5, rtol=0)
+
+
+def _count_mlp_rows(engine: Engine):
+    calls = {i: [] for i, blk in enumerate(engine.model.blocks) if hasattr(blk, "router")}
+    for i in calls:
+        mlp = engine.model.blocks[i].block.mlp
+        original = mlp.forward
+
+        def forward(x, _original=original, _i=i):
+            calls[_i].append(x.shape[0])
+            return _original(x)
+
+        mlp.forward = forward
+    return calls
+
+
+def test_decode_step_runs_a_routed_block_only_for_routed_rows():
+    engine = engine_for("router")
+    state, _, full = teacher_forced(engine, PROMPTS, n_steps=0)
+    calls = _count_mlp_rows(engine)
+    g = torch.Generator().manual_seed(3)
+    cont = torch.randint(0, 99, (len(PROMPTS), 10), generator=g)
+    refs = [full_forward(engine, p + cont[b].tolist()).routing for b, p in enumerate(PROMPTS)]
+    seen_sizes = set()
+    for t in range(10):
+        before = {i: len(c) for i, c in calls.items()}
+        engine.decode_step(state, cont[:, t])
+        for j, (i, c) in enumerate(calls.items()):
+            routed = sum(bool(refs[b][j].mask_BT[0, len(p) + t]) for b, p in enumerate(PROMPTS))
+            seen_sizes.add(routed)
+            assert c[before[i]:] == ([routed] if routed else [])
+    assert len(seen_sizes) > 1  # steps differed in how many rows routed
+
+    # A model whose routers route nothing: decode never enters a routed block's MLP.
+    engine = engine_for("router")
+    for blk in engine.model.blocks[1::2]:
+        blk.router.weight.data.zero_()  # logit 0 is not > 0: no token routes
+    calls = _count_mlp_rows(engine)
+    result = engine.generate(PROMPTS, 5)
+    assert calls == {1: [], 3: []}
+    assert result.routed_fraction == {1: 0.0, 3: 0.0}
+
+
+# ---- 6: sampling, stopping, streaming, errors --------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_seed_matters():
+    engine = engine_for("router")
+    a = engine.generate(PROMPTS, 10, temperature=1.0, seed=7)
+    b = engine.generate(PROMPTS, 10, temperature=1.0, seed=7)
+    c = engine.generate(PROMPTS, 10, temperature=1.0, seed=8)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    # top_k=1 is greedy whatever the temperature
+    assert engine.generate(PROMPTS, 6, temperature=2.0, top_k=1, seed=3).tokens == \
+        engine.generate(PROMPTS, 6).tokens
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.5, 0.0, -1.0, 1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    free = set(sample_next(logits, temperature=1.0, generator=g).tolist())
+    assert len(free) >= 5
+    top2 = set(sample_next(logits, temperature=1.0, top_k=2, generator=g).tolist())
+    assert top2 == {0, 1}
+    # probs ~ [0.58, 0.21, 0.13, ...]: top_p 0.7 keeps the first two, 0.5 only the first
+    assert set(sample_next(logits, temperature=1.0, top_p=0.7, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, temperature=1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next(logits, temperature=0.0).tolist()) == {0}
+
+
+def test_stop_tokens_end_rows_independently():
+    engine = engine_for("router")
+    free = engine.generate(PROMPTS, 10)
+    # a token row 0 produces at step 3 that row 1 never produces
+    stop = free.tokens[0][3]
+    assert stop not in free.tokens[1] and stop not in free.tokens[0][:3]
+    result = engine.generate(PROMPTS, 10, stop_token_ids=[stop])
+    assert result.tokens[0] == free.tokens[0][:4]
+    assert result.finish_reasons[0] == "stop_token"
+    assert result.tokens[1] == free.tokens[1]
+    assert result.finish_reasons[1] == "length"
+    for b in range(3):
+        expect = free.tokens[b]
+        if stop in expect:
+            expect = expect[:expect.index(stop) + 1]
+        assert result.tokens[b] == expect
+
+
+class LetterTokenizer:
+    """Token i <-> one letter; enough for stop strings and the text helper."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("A") + i % 26) for i in ids)
+
+    def encode(self, text):
+        return [ord(c) - ord("A") for c in text]
+
+
+def test_stop_strings_and_text_helper():
+    engine = engine_for("router")
+    tok = LetterTokenizer()
+    free = engine.generate(PROMPTS, 10)
+    stop = tok.decode(free.tokens[0][2:4])
+    result = engine.generate(PROMPTS, 10, stop_strings=[stop], tokenizer=tok)
+    assert result.finish_reasons[0] == "stop_string"
+    assert result.tokens[0] == free.tokens[0][:4]
+    text = engine.generate_text(tok, "FRDKP", 10, stop_strings=[stop])
+    plain = engine.generate_text(tok, "FRDKP", 10)
+    assert len(plain.texts[0]) == 10
+    if stop in plain.texts[0]:
+        assert text.texts[0] == plain.texts[0][:plain.texts[0].index(stop)]
+    else:
+        assert text.texts[0] == plain.texts[0]
+
+
+def test_stream_text_prints_the_text_helpers_continuation():
+    engine = engine_for("router")
+    tok = LetterTokenizer()
+    plain = engine.generate_text(tok, "FRDKP", 8)
+    pieces = list(engine.stream_text(tok, "FRDKP", 8))
+    assert len(pieces) == 8 and "".join(pieces) == plain.texts[0]
+    stop = plain.texts[0][3:5]
+    cut_pieces = list(engine.stream_text(tok, "FRDKP", 8, stop_strings=[stop]))
+    cut = "".join(cut_pieces)
+    assert cut == engine.generate_text(tok, "FRDKP", 8, stop_strings=[stop]).texts[0]
+    assert cut == plain.texts[0][:plain.texts[0].index(stop)]
+
+
+def test_streaming_yields_each_step():
+    engine = engine_for("router")
+    steps = []
+    result = engine.generate(PROMPTS, 6, stop_token_ids=[engine.generate(PROMPTS, 6).tokens[1][2]],
+                             on_step=steps.append)
+    rebuilt = [[] for _ in PROMPTS]
+    for s in steps:
+        for row, t in zip(s.rows, s.tokens):
+            rebuilt[row].append(t)
+    assert [tuple(r) for r in rebuilt] == list(result.tokens)
+    assert len(steps[-1].rows) < len(PROMPTS)  # a finished row left the batch
+    stream = engine.stream(PROMPTS, 6)
+    assert len(list(stream)) == 6
+    assert stream.result.tokens == engine.generate(PROMPTS, 6).tokens
+
+
+def test_context_limit_refused_or_truncated():
+    engine = engine_for("router")
+    long = list(range(1, 41))  # 40 tokens, max_seq_len 48
+    with pytest.raises(GenerationError, match="exceed the context max_seq_len=48"):
+        engine.generate([long, [1, 2]], 10)
+    result = engine.generate([long, [1, 2]], 10, truncate=True)
+    assert result.finish_reasons == ("context", "length")
+    assert len(result.tokens[0]) == 8 and len(result.tokens[1]) == 10
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([[1, 2], []], "prompt 1 is empty"),
+    ([list(range(48))], "prompt 0 has 48 tokens but the model's context is max_seq_len=48"),
+    ([[1, 99]], r"token ids \[99\] outside the vocabulary 0..98"),
+    ([[-1, 3]], r"token ids \[-1\] outside the vocabulary"),
+    ([], "no prompts given"),
+    ([1, 2, 3], "prompt 0 is not a list of token ids"),
+])
+def test_bad_prompts_are_refused(prompts, match):
+    engine = engine_for("router")
+    with pytest.raises(GenerationError, match=match):
+        engine.generate(prompts, 2)
+    engine.generate([[1, 2]], 2)  # a good prompt goes through
+
+
+def test_bad_modes_and_options_are_refused():
+    with pytest.raises(GenerationError, match="unknown generation mode 'greedy'"):
+        Engine(make_model("router"), "greedy")
+    with pytest.raises(GenerationError, match="'topk' is not causal"):
+        Engine(make_model("router"), "topk")
+    with pytest.raises(GenerationError, match="aux_loss_weight=0"):
+        Engine(make_model("router", aux_loss_weight=0.0), "router")
+    with pytest.raises(GenerationError, match="no predictor"):
+        Engine(make_model("router", predictor=False), "predictor")
+    Engine(make_model("router", aux_loss_weight=0.0), "predictor")  # the other mode still works
+    engine = Engine(make_model("router"), "router")
+    for kwargs, match in [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+                          (dict(top_p=0.0), "top_p"), (dict(stop_strings=["x"]), "tokenizer")]:
+        with pytest.raises(GenerationError, match=match):
+            engine.generate(PROMPTS, 2, **kwargs)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        engine.generate(PROMPTS, 0)
+
+
+def test_routed_caches_grow_without_changing_results(monkeypatch):
+    engine = engine_for("router")
+    _, expected, _ = teacher_forced(engine, PROMPTS, n_steps=12)
+    monkeypatch.setattr("modlm.generate._ROUTED_HEADROOM", 0)
+    state, logits, full = teacher_forced(engine, PROMPTS, n_steps=12)
+    prefill_slots = engine.prefill(PROMPTS)[0].caches[1].slots
+    assert state.caches[1].slots > prefill_slots  # the cache had to grow during decode
+    for b in range(len(PROMPTS)):
+        torch.testing.assert_close(logits[b], expected[b], atol=1e-5, rtol=0)
