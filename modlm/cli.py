@@ -1,4 +1,4 @@
-"""The `modlm` command line: `presets`, `flops`, `demo`, `train`, `eval`.
+"""The `modlm` command line: `presets`, `flops`, `demo`, `train`, `eval`, `sample`.
 
 Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --set n_layers=10`).
 """
@@ -216,6 +216,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Stream a continuation of --prompt to the terminal, then the generation's statistics."""
+    from modlm.checkpoint import load_model, resolve_checkpoint
+    from modlm.generate import Engine
+    from modlm.runtime import resolve_device
+
+    model, loaded = load_model(resolve_checkpoint(args.run), device=resolve_device(args.device))
+    engine = Engine(model, mode=args.mode)
+    prompt = args.prompt.encode("utf-8").decode("unicode_escape") if args.escapes else args.prompt
+    stream = engine.stream_text(
+        loaded.tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop or (),
+        truncate=True)
+    sys.stdout.write(prompt)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    r = stream.result
+    routed = "  ".join(f"{layer}: {frac:.3f}" for layer, frac in r.routed_fraction.items())
+    speed = f"{r.decode_tokens_per_s:,.1f}" if r.decode_tokens_per_s else "-"
+    print(f"\n\n[{r.new_tokens} tokens, {speed} tokens/s decoding, "
+          f"finish: {r.finish_reasons[0]}; mode {args.mode}; routed per block: "
+          f"{routed or 'dense'}; KV cache {r.kv_cache_bytes:,d} bytes = "
+          f"{r.kv_cache_ratio:.2f} of a dense cache]", file=sys.stderr)
+    return 0
+
+
 def _data_config(run_cfg: dict):
     from modlm.data import DataConfig
     return DataConfig.from_dict(run_cfg["data"]) if "data" in run_cfg else DataConfig()
@@ -298,6 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window length (default: the run's; at most the model's max_seq_len)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="stream generated text from a saved model")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", default="router", choices=("router", "predictor"),
+                   help="causal routing rule (top-k is not causal and cannot generate)")
+    p.add_argument("--max-new-tokens", type=_positive, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=_positive, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable)")
+    p.add_argument("--escapes", action="store_true",
+                   help=r"interpret backslash escapes such as \n in --prompt")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 
@@ -306,9 +350,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     is a bug and keeps its traceback."""
     from modlm.checkpoint import CheckpointError
     from modlm.corpus import DataError
+    from modlm.generate import GenerationError
     from modlm.tokenizer import TokenizerError
     from modlm.train import TrainingError
-    return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError)
+    return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError,
+            GenerationError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -292,6 +292,21 @@ class GenerationStream:
         return self._result
 
 
+class TextStream:
+    """Iterate for pieces of text as they are generated; `result` once the iteration ended."""
+
+    def __init__(self, pieces: Iterator[str], steps: GenerationStream) -> None:
+        self._pieces = pieces
+        self._steps = steps
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._pieces
+
+    @property
+    def result(self) -> GenerationResult:
+        return self._steps.result
+
+
 # ---- the engine --------------------------------------------------------------------------------
 
 
@@ -568,16 +583,21 @@ class Engine:
         return TextGeneration(tuple(out), result)
 
     def stream_text(self, tokenizer: _TextTokenizer, prompt: str, max_new_tokens: int,
-                    **kwargs: Any) -> Iterator[str]:
+                    **kwargs: Any) -> TextStream:
         """Yield the continuation of one text prompt piece by piece as it is generated (what a
         terminal prints). Text ending in U+FFFD (a multi-byte character cut short) or in the start
         of a stop string is held back until later tokens settle it; a final stop token and stop
         strings are not printed.
-        Keyword arguments are `generate`'s."""
+        Keyword arguments are `generate`'s; the returned stream's `result` has the statistics."""
         stops = set(kwargs.get("stop_token_ids", ()))
         stop_strings = list(kwargs.get("stop_strings", ()))
         stream = self.stream([tokenizer.encode(prompt)], max_new_tokens, tokenizer=tokenizer,
                              **kwargs)
+        return TextStream(self._text_pieces(stream, tokenizer, stops, stop_strings), stream)
+
+    @staticmethod
+    def _text_pieces(stream: GenerationStream, tokenizer: _TextTokenizer, stops: set[int],
+                     stop_strings: list[str]) -> Iterator[str]:
         toks: list[int] = []
         shown = 0
         for step in stream:

@@ -121,3 +121,30 @@ def test_benchmark_script_runs_and_reports(tmp_path):
     assert 0 < data["flop_ratio"] < 1
     assert all(v["peak_rss_mib"] > 0 for v in data["peak_memory"].values())
     assert "time ratio MoD/dense" in result.stdout
+
+
+def test_sample_streams_text_and_reports(tmp_path, capsys):
+    from modlm.config import ModelConfig, RoutingConfig
+    from modlm.data import DataConfig
+    from modlm.train import TrainConfig, train
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the router picks tokens and the blocks skip the others\n" * 60)
+    cfg = TrainConfig(
+        model=ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, d_mlp=37,
+                          max_seq_len=32, routing=RoutingConfig(predictor=False)),
+        data=DataConfig(corpus=str(corpus), seq_len=32, cache_dir=str(tmp_path / "cache")),
+        steps=2, batch_size=2, eval_every=2, eval_batches=1, checkpoint_every=2, device="cpu",
+        out_dir=str(tmp_path / "runs"), run_name="r")
+    run = train(cfg).run_dir
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "the ", "--max-new-tokens", "6",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the ") and len(captured.out) > len("the ")
+    report = captured.err
+    assert "6 tokens" in report and "tokens/s decoding" in report and "mode router" in report
+    assert "routed per block: 1: " in report and "of a dense cache" in report
+    # this model was trained without a predictor: the predictor mode is refused, clearly
+    assert main(["sample", str(run), "--prompt", "the ", "--mode", "predictor",
+                 "--device", "cpu"]) == 2
+    assert "predictor" in capsys.readouterr().err
