@@ -92,13 +92,14 @@ def main() -> None:
         results[B] = {
             "decode_tokens_per_s": med, "all": speeds, "ratio": med["mod"] / med["dense"],
             "routed_fraction": last["mod"].routed_fraction,
+            "decode_routed_fraction": last["mod"].decode_routed_fraction,
             "kv_cache_bytes": {n: last[n].kv_cache_bytes for n in last},
             "kv_cache_ratio": last["mod"].kv_cache_ratio,
         }
-        rf = "  ".join(f"{k}: {v:.3f}" for k, v in last["mod"].routed_fraction.items())
+        rf = "  ".join(f"{k}: {v:.3f}" for k, v in last["mod"].decode_routed_fraction.items())
         print(f"batch {B}: decode tokens/s dense {med['dense']:.1f}, MoD {med['mod']:.1f}, "
-              f"ratio {med['mod'] / med['dense']:.2f}; routed per block {rf}; KV cache "
-              f"{last['mod'].kv_cache_ratio:.2f} of dense")
+              f"ratio {med['mod'] / med['dense']:.2f}; routed per block while decoding {rf}; "
+              f"KV cache {last['mod'].kv_cache_ratio:.2f} of dense")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "args": vars(args), "torch": torch.__version__,

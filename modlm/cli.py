@@ -224,7 +224,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     model, loaded = load_model(resolve_checkpoint(args.run), device=resolve_device(args.device))
     engine = Engine(model, mode=args.mode)
-    prompt = args.prompt.encode("utf-8").decode("unicode_escape") if args.escapes else args.prompt
+    prompt = args.prompt
+    if args.escapes:  # backslash escapes only; other characters (é, 日本) pass through intact
+        prompt = prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
     stream = engine.stream_text(
         loaded.tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop or (),
@@ -235,11 +237,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     r = stream.result
     routed = "  ".join(f"{layer}: {frac:.3f}" for layer, frac in r.routed_fraction.items())
+    decode = "  ".join(f"{layer}: {frac:.3f}"
+                       for layer, frac in r.decode_routed_fraction.items())
     speed = f"{r.decode_tokens_per_s:,.1f}" if r.decode_tokens_per_s else "-"
     print(f"\n\n[{r.new_tokens} tokens, {speed} tokens/s decoding, "
           f"finish: {r.finish_reasons[0]}; mode {args.mode}; routed per block: "
-          f"{routed or 'dense'}; KV cache {r.kv_cache_bytes:,d} bytes = "
-          f"{r.kv_cache_ratio:.2f} of a dense cache]", file=sys.stderr)
+          f"{routed or 'dense'}" + (f" (decode steps only: {decode})" if decode else "")
+          + f"; KV cache {r.kv_cache_bytes:,d} bytes = {r.kv_cache_ratio:.2f} of a dense cache, "
+          f"{r.kv_cache_allocated_bytes:,d} allocated]", file=sys.stderr)
     return 0
 
 

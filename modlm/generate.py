@@ -183,13 +183,17 @@ class DecodeState:
 
 def sample_next(logits_NV: Tensor, *, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
     """One token id per row: argmax when temperature is 0, else a draw from the softmax of
     logits / temperature restricted to the top_k largest and to the smallest set of tokens whose
-    probability reaches top_p (both applied when both are given, top-k first)."""
+    probability reaches top_p (both applied when both are given, top-k first). `generator` may be
+    one generator for the batch or one per row (each row then draws from its own stream, so a row
+    samples the same tokens whatever else is in the batch)."""
     if temperature == 0.0:
         return logits_NV.argmax(dim=-1)
-    logits_NV = logits_NV.float() / temperature
+    logits_NV = logits_NV.float()
+    # Shift before dividing so a tiny temperature gives large finite logits, not inf - inf.
+    logits_NV = (logits_NV - logits_NV.max(dim=-1, keepdim=True).values) / temperature
     V = logits_NV.shape[-1]
     if top_k is not None and top_k < V:
         kth_N1 = torch.topk(logits_NV, top_k, dim=-1).values[:, -1:]
@@ -201,7 +205,10 @@ def sample_next(logits_NV: Tensor, *, temperature: float = 0.0, top_k: int | Non
         drop_NV = probs_NV.cumsum(dim=-1) - probs_NV >= top_p
         logits_NV = logits_NV.scatter(-1, order_NV, sorted_NV.masked_fill(drop_NV, -math.inf))
     probs_NV = torch.softmax(logits_NV, dim=-1)
-    return torch.multinomial(probs_NV, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs_NV, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(p_V, 1, generator=g)
+                      for p_V, g in zip(probs_NV, generator, strict=True)])
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -238,9 +245,11 @@ class GenerationResult:
     decode steps / decode time (None when no decode step ran).
     routed_fraction: per routed block index, tokens routed into it / tokens that reached it, over
     prefill and decode (every token fed through the model; the last sampled token of a row is
-    never fed). kv_cache_bytes: bytes of keys and values the caches held at the end (rows that
+    never fed); decode_routed_fraction: the same over decode steps only (what decode speed
+    depends on). kv_cache_bytes: bytes of keys and values the caches held at the end (rows that
     finished early counted at their final size); dense_kv_cache_bytes: what a cache holding every
-    fed token in every block would need.
+    fed token in every block would need; kv_cache_allocated_bytes: what the live rows' caches
+    occupy, padding slots and growth headroom included.
     """
 
     mode: str
@@ -253,7 +262,9 @@ class GenerationResult:
     tokens_per_s: float
     decode_tokens_per_s: float | None
     routed_fraction: dict[int, float]
+    decode_routed_fraction: dict[int, float]
     kv_cache_bytes: int
+    kv_cache_allocated_bytes: int
     dense_kv_cache_bytes: int
 
     @property
@@ -334,16 +345,20 @@ class Engine:
                     f"has routing.router={cfg.routing.router!r} and "
                     f"routing.aux_loss_weight={cfg.routing.aux_loss_weight}. Use "
                     "mode='predictor' if it has a predictor, or train with aux_loss_weight > 0")
-            if mode == "predictor" and not cfg.routing.predictor:
+            if mode == "predictor" and not (cfg.routing.predictor
+                                            and cfg.routing.predictor_loss_weight > 0):
                 raise GenerationError(
-                    "mode 'predictor' needs a model trained with routing.predictor=true; this "
-                    "model has no predictor. Use mode='router' (needs the auxiliary loss)")
+                    "mode 'predictor' needs a model trained with routing.predictor=true and "
+                    "routing.predictor_loss_weight > 0; this model's predictor is absent or "
+                    "untrained. Use mode='router' (needs the auxiliary loss)")
         self.model = model
         self.mode = mode
         self.cfg = cfg
         # Caches take the dtype of the projections that write them.
         self.device = model.embed.weight.device
-        self.dtype = model.blocks[0].attn.qkv.weight.dtype
+        first = model.blocks[0]
+        first = first.block if isinstance(first, RoutedBlock) else first
+        self.dtype = first.attn.qkv.weight.dtype
 
     @classmethod
     def from_checkpoint(cls, path: Any, mode: str = "router",
@@ -532,7 +547,7 @@ class Engine:
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, stop_token_ids: Sequence[int] = (),
+               seed: int | Sequence[int] | None = None, stop_token_ids: Sequence[int] = (),
                stop_strings: Sequence[str] = (), tokenizer: _Decoder | None = None,
                truncate: bool = False) -> GenerationStream:
         """Like `generate`, but iterate for the tokens of each step as they come."""
@@ -542,7 +557,7 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop_token_ids: Sequence[int] = (),
+                 seed: int | Sequence[int] | None = None, stop_token_ids: Sequence[int] = (),
                  stop_strings: Sequence[str] = (), tokenizer: _Decoder | None = None,
                  truncate: bool = False,
                  on_step: Callable[[StepTokens], None] | None = None) -> GenerationResult:
@@ -621,7 +636,7 @@ class Engine:
                 shown = len(text)
 
     def _run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-             top_k: int | None, top_p: float | None, seed: int | None,
+             top_k: int | None, top_p: float | None, seed: int | Sequence[int] | None,
              stop_token_ids: Sequence[int], stop_strings: Sequence[str],
              tokenizer: _Decoder | None,
              truncate: bool) -> Iterator[StepTokens | GenerationResult]:
@@ -632,7 +647,13 @@ class Engine:
                 or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, "
                                   f"got {max_new_tokens!r}")
+        if seed is not None and not isinstance(seed, int) and len(seed) != len(ids):
+            raise GenerationError(f"seed lists one seed per prompt: got {len(seed)} seeds for "
+                                  f"{len(ids)} prompts")
         stop_ids = {operator.index(t) for t in stop_token_ids}
+        V = self.cfg.vocab_size
+        if any(not 0 <= t < V for t in stop_ids):
+            raise GenerationError(f"stop token ids must be in 0..{V - 1}, got {sorted(stop_ids)}")
         stop_strings = [s for s in stop_strings]
         if stop_strings and tokenizer is None:
             raise GenerationError("stop_strings need a tokenizer to decode the generated tokens; "
@@ -654,25 +675,39 @@ class Engine:
                           stop_ids, stop_strings, tokenizer)
 
     def _loop(self, ids: list[list[int]], budgets: list[int], max_new_tokens: int,
-              temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
-              stop_ids: set[int], stop_strings: list[str],
+              temperature: float, top_k: int | None, top_p: float | None,
+              seed: int | Sequence[int] | None, stop_ids: set[int], stop_strings: list[str],
               tokenizer: _Decoder | None) -> Iterator[StepTokens | GenerationResult]:
-        generator = None
+        # One random stream per prompt, so a row's samples do not depend on the rest of the batch:
+        # seed=[s0, s1, ...] gives row b the stream of s_b (the same as generating it alone with
+        # seed=[s_b]); one int seeds row b with (seed, b).
+        gens = None
         if seed is not None and temperature > 0:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            row_seeds = ([seed * 1_000_003 + row for row in range(len(ids))]
+                         if isinstance(seed, int) else list(seed))
+            gens = [torch.Generator(device=self.device).manual_seed(s) for s in row_seeds]
+
+        def sample(logits_BV: Tensor) -> Tensor:
+            live = None if gens is None else [gens[r] for r in state.rows]
+            return sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=live)
+
         # The last sampled token of a row is never fed back, hence the -1.
         capacity = max(len(p) + n - 1 for p, n in zip(ids, budgets))
+        # Timed: the engine's own work (prefill or decode step, and sampling up to the host
+        # reading the tokens), never the time a consumer spends on a yielded step.
         t0 = time.perf_counter()
         state, logits_BV = self.prefill(ids, capacity=max(capacity, max(map(len, ids))))
-        t1 = time.perf_counter()
+        next_B = sample(logits_BV)
+        tokens = next_B.tolist()
+        prefill_s = time.perf_counter() - t0
+        after_prefill = (list(state.routed_tokens), list(state.seen_tokens))
         out: list[list[int]] = [[] for _ in ids]
         reasons: list[str] = [""] * len(ids)
         step = 0
         decode_tokens = 0
+        decode_s = 0.0
         while True:
-            next_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=generator)
-            tokens = next_B.tolist()
             keep, finished = [], []
             for i, (row, tok) in enumerate(zip(state.rows, tokens)):
                 out[row].append(tok)
@@ -683,16 +718,19 @@ class Engine:
                     finished.append(row)
                 else:
                     keep.append(i)
-            if step > 0:
-                decode_tokens += len(tokens)
             yield StepTokens(step, tuple(state.rows), tuple(tokens), tuple(finished))
             step += 1
             if not keep:
                 break
+            t0 = time.perf_counter()
             state.keep(keep)
             logits_BV = self.decode_step(state, next_B[keep])
-        t2 = time.perf_counter()
-        yield self._result(ids, out, reasons, state, t1 - t0, t2 - t1, decode_tokens)
+            next_B = sample(logits_BV)
+            tokens = next_B.tolist()
+            decode_s += time.perf_counter() - t0
+            decode_tokens += len(tokens)
+        yield self._result(ids, out, reasons, state, prefill_s, decode_s, decode_tokens,
+                           after_prefill)
 
     @staticmethod
     def _finish_reason(out: list[int], budget: int, max_new_tokens: int, stop_ids: set[int],
@@ -700,7 +738,10 @@ class Engine:
         if out[-1] in stop_ids:
             return "stop_token"
         if stop_strings:
-            text = tokenizer.decode(out)  # type: ignore[union-attr]
+            # A stop string that appears now ends in the newest token: decoding a tail long
+            # enough for the longest one (a character takes at most 4 byte tokens) suffices.
+            tail = 4 * max(map(len, stop_strings)) + 4
+            text = tokenizer.decode(out[-tail:])  # type: ignore[union-attr]
             if any(s in text for s in stop_strings):
                 return "stop_string"
         if len(out) >= budget:
@@ -708,14 +749,19 @@ class Engine:
         return ""
 
     def _result(self, ids: list[list[int]], out: list[list[int]], reasons: list[str],
-                state: DecodeState, prefill_s: float, decode_s: float,
-                decode_tokens: int) -> GenerationResult:
+                state: DecodeState, prefill_s: float, decode_s: float, decode_tokens: int,
+                after_prefill: tuple[list[int], list[int]]) -> GenerationResult:
         entry_bytes = 2 * self.cfg.n_heads * self.cfg.head_dim * self.dtype.itemsize
         fed = sum(len(p) + len(o) - 1 for p, o in zip(ids, out))
         new = sum(map(len, out))
-        fractions = {block.layer: state.routed_tokens[i] / state.seen_tokens[i]
-                     for i, block in enumerate(self.model.blocks)
-                     if isinstance(block, RoutedBlock)}
+        routed_blocks = [(i, b.layer) for i, b in enumerate(self.model.blocks)
+                         if isinstance(b, RoutedBlock)]
+        fractions = {layer: state.routed_tokens[i] / state.seen_tokens[i]
+                     for i, layer in routed_blocks}
+        routed0, seen0 = after_prefill
+        decode_fractions = {layer: (state.routed_tokens[i] - routed0[i])
+                            / (state.seen_tokens[i] - seen0[i])
+                            for i, layer in routed_blocks if state.seen_tokens[i] > seen0[i]}
         total_s = prefill_s + decode_s
         return GenerationResult(
             mode=self.mode, tokens=tuple(tuple(o) for o in out), finish_reasons=tuple(reasons),
@@ -723,8 +769,10 @@ class Engine:
             decode_s=decode_s, tokens_per_s=new / total_s if total_s > 0 else math.inf,
             decode_tokens_per_s=(decode_tokens / decode_s if decode_tokens and decode_s > 0
                                  else None),
-            routed_fraction=fractions,
+            routed_fraction=fractions, decode_routed_fraction=decode_fractions,
             kv_cache_bytes=sum(state.cache_entries()) * entry_bytes,
+            kv_cache_allocated_bytes=sum(c.k_BHCd.nbytes + c.v_BHCd.nbytes
+                                         for c in state.caches),
             dense_kv_cache_bytes=fed * len(self.model.blocks) * entry_bytes)
 
 

@@ -42,14 +42,15 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles_TR = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        # Real (cos, sin) pairs, not a complex buffer, so module.to(dtype) leaves them float32;
+        # Real (cos, sin) pairs rather than a complex buffer, which module.to(dtype) would refuse;
         # non-persistent: derived from the config, checkpoints need not carry them.
         self.register_buffer("cos_sin_TR2", torch.stack((angles_TR.cos(), angles_TR.sin()), -1)
                              .float(), persistent=False)
 
     def forward(self, positions: Tensor) -> Tensor:
         """positions (T,) or (B, K) -> complex rotations (T, R) or (B, K, R), R = Dh / 2."""
-        return torch.view_as_complex(self.cos_sin_TR2[positions])
+        # .float(): a model cast to bfloat16 casts this table too, and complex needs float32.
+        return torch.view_as_complex(self.cos_sin_TR2[positions].float())
 
 
 def apply_rotary(x_BKNHd: Tensor, rot_BKR: Tensor) -> Tensor:
