@@ -6,8 +6,15 @@ the dense twin's speed does not depend on its weights. Both then generate greedi
 of held-out text, interleaved, and the median decode tokens/s, the routed fraction per routed
 block and the KV-cache size are printed.
 
+Sampling is at temperature 1 (seeded) by default, so the generated text follows the model's
+distribution: greedy decoding from a briefly trained model falls into repetitive text on which
+some routers route almost nothing, which would flatter MoD's speed (`--temperature 0` shows it).
+
     python benchmarks/decode.py --json benchmarks/results/decode.json
     python benchmarks/decode.py --run runs/my-mod-run      # reuse a trained MoD run instead
+    python benchmarks/decode.py --hf ...                   # also Hugging Face `generate` on a
+                                                           # same-shape Llama, interleaved
+                                                           # (pip install 'modlm[hf]')
 """
 
 from __future__ import annotations
@@ -52,6 +59,35 @@ def trained_mod(args: argparse.Namespace) -> MoDLM:
     return model
 
 
+class HFLlama:
+    """Hugging Face `generate` on a random LlamaForCausalLM of the dense twin's shape (SwiGLU,
+    rotary, RMSNorm, no biases, tied embeddings, sdpa attention). Decode tokens/s exclude the
+    prefill: (time(n new) - time(1 new)) / (n - 1) steps."""
+
+    def __init__(self, cfg: ModelConfig, sample: bool) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        self.sample = sample
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
+            tie_word_embeddings=True, attn_implementation="sdpa")).eval()
+
+    def _time(self, ids: torch.Tensor, n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=self.sample, pad_token_id=0,
+                                **({"temperature": 1.0, "top_k": 0} if self.sample else {}))
+        return time.perf_counter() - t0
+
+    def decode_tokens_per_s(self, prompts: list[list[int]], new_tokens: int) -> float:
+        ids = torch.tensor(prompts)
+        full, one = self._time(ids, new_tokens), self._time(ids, 1)
+        return len(prompts) * (new_tokens - 1) / (full - one)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--d-model", type=int, default=512)
@@ -61,12 +97,16 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--mode", default="router", choices=("router", "predictor"))
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-seq-len", type=int, default=256)
     p.add_argument("--run", default=None, help="a trained MoD run (skips the training)")
+    p.add_argument("--hf", action="store_true",
+                   help="also time Hugging Face generate on a same-shape Llama")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,19 +115,25 @@ def main() -> None:
     torch.manual_seed(0)
     twin = MoDLM(dense(mod.cfg)).eval()
     engines = {"dense": Engine(twin, mode=args.mode), "mod": Engine(mod, mode=args.mode)}
+    hf = HFLlama(twin.cfg, sample=args.temperature > 0) if args.hf else None
     val = load_builtin_corpus().val.encode("utf-8")
     results = {}
     for B in args.batches:
         stride = len(val) // (B + 1)
         prompts = [list(val[i * stride: i * stride + args.prompt_len]) for i in range(B)]
-        speeds: dict[str, list[float]] = {name: [] for name in engines}
+        names = list(engines) + (["hf"] if hf else [])
+        speeds: dict[str, list[float]] = {name: [] for name in names}
         last = {}
         for r in range(args.repeats + 1):  # the first round warms up
-            for name in (engines if r % 2 == 0 else reversed(list(engines))):
-                res = engines[name].generate(prompts, args.new_tokens, temperature=0.0)
-                last[name] = res
+            for name in (names if r % 2 == 0 else names[::-1]):
+                if name == "hf":
+                    speed = hf.decode_tokens_per_s(prompts, args.new_tokens)
+                else:
+                    last[name] = engines[name].generate(
+                        prompts, args.new_tokens, temperature=args.temperature, seed=args.seed)
+                    speed = last[name].decode_tokens_per_s
                 if r > 0:
-                    speeds[name].append(res.decode_tokens_per_s)
+                    speeds[name].append(speed)
         med = {name: statistics.median(v) for name, v in speeds.items()}
         results[B] = {
             "decode_tokens_per_s": med, "all": speeds, "ratio": med["mod"] / med["dense"],
@@ -97,8 +143,13 @@ def main() -> None:
             "kv_cache_ratio": last["mod"].kv_cache_ratio,
         }
         rf = "  ".join(f"{k}: {v:.3f}" for k, v in last["mod"].decode_routed_fraction.items())
-        print(f"batch {B}: decode tokens/s dense {med['dense']:.1f}, MoD {med['mod']:.1f}, "
+        results[B]["decode_routed_mean"] = statistics.mean(
+            last["mod"].decode_routed_fraction.values())
+        hf_part = f", Hugging Face {med['hf']:.1f}" if hf else ""
+        print(f"batch {B}: decode tokens/s dense {med['dense']:.1f}, MoD {med['mod']:.1f}"
+              f"{hf_part}, "
               f"ratio {med['mod'] / med['dense']:.2f}; routed per block while decoding {rf}; "
+              f"(mean {results[B]['decode_routed_mean']:.3f}); "
               f"KV cache {last['mod'].kv_cache_ratio:.2f} of dense")
     if args.json:
         with open(args.json, "w") as f:
