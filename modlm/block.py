@@ -9,6 +9,9 @@ to every token, the routed block only to the tokens its router selects:
 
 with f computed on the gathered tokens alone (queries, keys and values from X~, rotary and causal
 mask by original position). Nothing is computed for unselected tokens and then masked away.
+
+A block's MLP may be a mixture of experts (modlm/moe.py); an MoD-routed block with an MoE MLP is
+the paper's staged MoDE (Sec 4.3). Blocks return the MoE layer's statistics explicitly.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from modlm import routing
 from modlm.config import ModelConfig
 from modlm.layers import MLP, Attention, RMSNorm, Rotary
+from modlm.moe import MoE, MoERouting
 from modlm.router import LinearRouter, Predictor, RandomRouter
 
 RoutingMode = Literal["topk", "router", "predictor"]
@@ -32,25 +36,38 @@ ROUTING_MODES = ("topk", "router", "predictor")
 class Block(nn.Module):
     """Pre-norm block. `update` is f of Eq. 1: the residual update, never the residual itself."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: nn.Module = MoE(cfg, layer) if layer in cfg.moe_layers else MLP(cfg)
 
-    def update(self, x_BKD: Tensor, rot: Tensor) -> Tensor:
-        """f(x) for the given tokens; `rot` is the rotary table at their true positions."""
-        return self.finish(x_BKD, self.attn(self.attn_norm(x_BKD), rot))
+    def update(self, x_BKD: Tensor, rot: Tensor, valid_BK: Tensor | None = None,
+               enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+        """f(x) for the given tokens; `rot` is the rotary table at their true positions.
 
-    def finish(self, x_BKD: Tensor, attn_BKD: Tensor) -> Tensor:
+        valid_BK marks real tokens when rows are padded (an MoE MLP ignores the others);
+        enforce_capacity applies an MoE MLP's expert capacity (training, `topk` mode).
+        """
+        return self.finish(x_BKD, self.attn(self.attn_norm(x_BKD), rot), valid_BK,
+                           enforce_capacity)
+
+    def finish(self, x_BKD: Tensor, attn_BKD: Tensor, valid_BK: Tensor | None = None,
+               enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
         """f(x) given the attention output: attn + mlp(norm(x + attn)). The generation engine,
         which attends over a KV cache itself, shares this half."""
-        return attn_BKD + self.mlp(self.mlp_norm(x_BKD + attn_BKD))
+        h_BKD = self.mlp_norm(x_BKD + attn_BKD)
+        if isinstance(self.mlp, MoE):
+            mlp_BKD, stats = self.mlp(h_BKD, valid_BK, enforce_capacity)
+            return attn_BKD + mlp_BKD, stats
+        return attn_BKD + self.mlp(h_BKD), None
 
-    def forward(self, x_BTD: Tensor, rotary: Rotary) -> Tensor:
+    def forward(self, x_BTD: Tensor, rotary: Rotary,
+                mode: RoutingMode = "topk") -> tuple[Tensor, MoERouting | None]:
         rot_TR = rotary(torch.arange(x_BTD.shape[1], device=x_BTD.device))
-        return x_BTD + self.update(x_BTD, rot_TR)
+        delta_BTD, moe = self.update(x_BTD, rot_TR, enforce_capacity=mode == "topk")
+        return x_BTD + delta_BTD, moe
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class LayerRouting:
     predictor_loss: Tensor | None
     router_accuracy: Tensor | None
     predictor_accuracy: Tensor | None
+    moe: MoERouting | None = None    # the block's MoE MLP on the routed tokens (staged MoDE)
 
 
 class RoutedBlock(nn.Module):
@@ -83,7 +101,7 @@ class RoutedBlock(nn.Module):
         self.layer = layer
         self.capacity = cfg.routing.capacity
         self.weighting = "constant" if cfg.routing.router == "random" else cfg.routing.router_weight
-        self.block = Block(cfg)
+        self.block = Block(cfg, layer)
         self.router: nn.Module = (RandomRouter() if cfg.routing.router == "random"
                                   else LinearRouter(cfg.d_model))
         self.learned = cfg.routing.router == "learned"
@@ -118,10 +136,11 @@ class RoutedBlock(nn.Module):
                 mask_BT = pred_logits_BT.detach() > 0.0  # predicted top-k membership
             idx_BK, valid_BK = routing.indices_from_mask(mask_BT)
 
-        out_BTD = x_BTD
+        out_BTD, moe = x_BTD, None
         if idx_BK.shape[1] > 0:  # in the causal modes a whole batch may route no token
             x_BKD = routing.gather_tokens(x_BTD, idx_BK)
-            delta_BKD = self.block.update(x_BKD, rotary(idx_BK))           # true positions
+            delta_BKD, moe = self.block.update(x_BKD, rotary(idx_BK),     # true positions
+                                               valid_BK, enforce_capacity=mode == "topk")
             w_BK = self.router_weights(torch.gather(logits_BT, 1, idx_BK))
             # Paper Sec 3.4, Eq. 1: x_i' = x_i + r_i * f_i(X~) for selected tokens, x_i otherwise.
             out_BTD = routing.scatter_add_tokens(
@@ -141,5 +160,5 @@ class RoutedBlock(nn.Module):
             layer=self.layer, k=k, mask_BT=mask_BT,
             weights_BT=self.router_weights(logits_BT.detach()),
             fraction=mask_BT.float().mean(), router_aux_loss=aux, predictor_loss=pred_loss,
-            router_accuracy=router_acc, predictor_accuracy=pred_acc)
+            router_accuracy=router_acc, predictor_accuracy=pred_acc, moe=moe)
         return out_BTD, stats

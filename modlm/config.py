@@ -24,11 +24,13 @@ RouterKind = Literal["learned", "random", "none"]
 RouterWeight = Literal["sigmoid", "raw", "constant"]
 RoutedLayers = Union[Literal["every_other", "all", "none"], tuple[int, ...]]
 MlpKind = Literal["swiglu", "gelu"]
+MoELayers = Union[Literal["all", "every_other", "routed", "none"], tuple[int, ...]]
 
 ROUTER_KINDS = ("learned", "random", "none")
 ROUTER_WEIGHTS = ("sigmoid", "raw", "constant")
 LAYER_PATTERNS = ("every_other", "all", "none")
 MLP_KINDS = ("swiglu", "gelu")
+MOE_LAYER_PATTERNS = ("all", "every_other", "routed", "none")
 
 
 class ConfigError(ValueError):
@@ -120,6 +122,74 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs, and the two MoDE variants of paper Sec 4.3 (modlm/moe.py).
+
+    experts:       real experts per MoE layer (SwiGLU or GELU like the dense MLP); 0 = no MoE.
+    noop_experts:  extra router choices whose update is zero (integrated MoDE): about
+                   experts / (experts + noop_experts) of the MLP compute is spent.
+    top_k:         token-choice routing to 1 or 2 choices.
+    capacity_factor: per-sequence slots per real expert = ceil(factor * tokens * top_k / choices);
+                   overflow tokens get a zero MLP update. Below 1 it is the paper's foil
+                   (reduced-capacity MoE, dropping tokens); null means no limit.
+    layers:        which blocks get an MoE MLP: "all", "every_other" (blocks 1, 3, ...), "routed"
+                   (the MoD-routed blocks), "none", or a list of block indices.
+    d_expert:      each expert's hidden width; null means the dense MLP's width.
+    balance_loss_weight: weight of the Switch load-balancing loss.
+    z_loss_weight: weight of the ST-MoE router z-loss.
+    """
+
+    experts: int = 0
+    noop_experts: int = 0
+    top_k: int = 1
+    capacity_factor: float | None = 1.25
+    layers: MoELayers = "all"
+    d_expert: int | None = None
+    # Deviation: the paper states no MoE hyper-parameters (Sec 4.3); these are Switch
+    # Transformer's (balance 0.01, capacity 1.25) and ST-MoE's z-loss weight (0.001).
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        check(isinstance(self.experts, int) and not isinstance(self.experts, bool)
+              and self.experts >= 0, f"moe.experts must be an integer >= 0, got {self.experts!r}")
+        check(isinstance(self.noop_experts, int) and not isinstance(self.noop_experts, bool)
+              and self.noop_experts >= 0,
+              f"moe.noop_experts must be an integer >= 0, got {self.noop_experts!r}")
+        check(self.noop_experts == 0 or self.experts >= 1,
+              "moe.noop_experts needs moe.experts >= 1 (no-op choices sit beside real experts)")
+        check(self.top_k in (1, 2), f"moe.top_k must be 1 or 2, got {self.top_k!r}")
+        if self.experts:
+            check(self.top_k <= self.experts + self.noop_experts,
+                  f"moe.top_k={self.top_k} exceeds the {self.experts + self.noop_experts} "
+                  f"router choices")
+        check(self.capacity_factor is None
+              or (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0),
+              f"moe.capacity_factor must be > 0 or null (no limit), got {self.capacity_factor!r}")
+        if isinstance(self.layers, str):
+            check(self.layers in MOE_LAYER_PATTERNS,
+                  f"moe.layers must be one of {MOE_LAYER_PATTERNS} or a list of block indices, "
+                  f"got {self.layers!r}")
+        else:
+            check(isinstance(self.layers, tuple)
+                  and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+                  and len(set(self.layers)) == len(self.layers),
+                  f"moe.layers must be one of {MOE_LAYER_PATTERNS} or a list of distinct block "
+                  f"indices, got {self.layers!r}")
+        check(self.d_expert is None or is_positive_int(self.d_expert),
+              f"moe.d_expert must be a positive integer or null, got {self.d_expert!r}")
+        check(self.balance_loss_weight >= 0,
+              f"moe.balance_loss_weight must be >= 0, got {self.balance_loss_weight}")
+        check(self.z_loss_weight >= 0, f"moe.z_loss_weight must be >= 0, got {self.z_loss_weight}")
+
+    @property
+    def choices(self) -> int:
+        return self.experts + self.noop_experts
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only pre-norm transformer (RMSNorm, rotary positions, SwiGLU/GELU MLP, no biases).
 
@@ -140,10 +210,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.routing, Mapping):
             object.__setattr__(self, "routing", RoutingConfig(**self.routing))
+        if isinstance(self.moe, Mapping):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             check(is_positive_int(value),
@@ -167,6 +240,9 @@ class ModelConfig:
             check(not (self.routing.first_layer_dense and 0 in layers),
                    "routing.layers includes block 0 but routing.first_layer_dense is true; "
                    "remove 0 from the list or set routing.first_layer_dense=false")
+        if isinstance(self.moe.layers, tuple):
+            bad = [i for i in self.moe.layers if not 0 <= i < self.n_layers]
+            check(not bad, f"moe.layers has block indices {bad} outside 0..{self.n_layers - 1}")
 
     @property
     def head_dim(self) -> int:
@@ -199,14 +275,33 @@ class ModelConfig:
 
     @property
     def is_dense(self) -> bool:
+        """No MoD-routed block (an MoE model may still be 'dense' in this sense)."""
         return not self.routed_layers
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the blocks whose MLP is a mixture of experts (modlm/moe.py)."""
+        m = self.moe
+        if m.experts == 0 or m.layers == "none":
+            return ()
+        if isinstance(m.layers, tuple):
+            return tuple(sorted(m.layers))
+        if m.layers == "routed":
+            return self.routed_layers
+        return tuple(range(1 if m.layers == "every_other" else 0, self.n_layers,
+                           2 if m.layers == "every_other" else 1))
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe.d_expert if self.moe.d_expert is not None else self.mlp_hidden
 
     # ---- serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if isinstance(self.routing.layers, tuple):
-            d["routing"]["layers"] = list(self.routing.layers)
+        for group in ("routing", "moe"):
+            if isinstance(d[group]["layers"], tuple):
+                d[group]["layers"] = list(d[group]["layers"])
         return d
 
     def to_json(self) -> str:
@@ -219,6 +314,9 @@ class ModelConfig:
         if "routing" in d:
             reject_unknown_keys(RoutingConfig, d["routing"], "routing.")
             d["routing"] = RoutingConfig(**d["routing"])
+        if "moe" in d:
+            reject_unknown_keys(MoEConfig, d["moe"], "moe.")
+            d["moe"] = MoEConfig(**d["moe"])
         return cls(**d)
 
 

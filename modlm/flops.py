@@ -17,6 +17,12 @@ Convention (the same as `torch.utils.flop_counter.FlopCounterMode`, which a test
   whose loss weight is 0 and a router that no loss reaches (router_weight "constant" with aux
   weight 0) run forward only.
 - The embedding lookup is free; the LM head is a D x V matmul on every token.
+- An MoE MLP (modlm/moe.py) costs its router (2 D A FLOPs per token, A = experts + no-op
+  experts) plus the expert matmuls of the choice slots a real expert computes. That count depends
+  on where tokens go, so the FLOP module gives the expectation under balanced routing (what the
+  load-balancing loss aims for): each of the A choices receives tokens * top_k / A slots, a real
+  expert computes min(that, its capacity), no-op choices compute nothing. `moe_mlp_flops` gives
+  the exact number for measured per-expert counts.
 
 Helpers size a MoD model to a dense model's forward FLOPs (the paper's isoFLOP rule, Sec 4.1:
 the best MoD uses as many FLOPs per forward pass as the best dense model, with more parameters)
@@ -31,9 +37,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from modlm.config import ModelConfig, RoutingConfig
+from modlm.moe import expert_capacity
 from modlm.routing import capacity_k
 
-COMPONENTS = ("attention_projections", "attention_scores", "mlp", "router", "predictor", "lm_head")
+COMPONENTS = ("attention_projections", "attention_scores", "mlp", "router", "predictor",
+              "moe_router", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class FlopBreakdown:
     mlp: float
     router: float
     predictor: float
+    moe_router: float
     lm_head: float
 
     @property
@@ -67,22 +76,41 @@ def tokens_per_block(cfg: ModelConfig, seq_len: int) -> list[int]:
     return [k if i in routed else seq_len for i in range(cfg.n_layers)]
 
 
+def expected_expert_tokens(cfg: ModelConfig, tokens: int) -> float:
+    """Choice slots the real experts of one MoE layer compute for a group of `tokens` tokens,
+    under balanced routing: experts * min(tokens * top_k / choices, capacity)."""
+    m = cfg.moe
+    share = tokens * m.top_k / m.choices
+    cap = expert_capacity(tokens, m.top_k, m.choices, m.capacity_factor)
+    return m.experts * min(share, cap)
+
+
+def moe_mlp_flops(cfg: ModelConfig, expert_tokens: float) -> float:
+    """Expert matmul FLOPs for `expert_tokens` computed choice slots."""
+    return 2 * expert_tokens * (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.expert_hidden
+
+
 def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown:
     """Forward FLOPs for one sequence (default length: cfg.max_seq_len)."""
     T = cfg.max_seq_len if seq_len is None else seq_len
     D, F, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
     mlp_mats = 3 if cfg.mlp == "swiglu" else 2
-    proj = scores = mlp = 0.0
-    for n in tokens_per_block(cfg, T):
+    moe_layers = set(cfg.moe_layers)
+    proj = scores = mlp = moe_router = 0.0
+    for i, n in enumerate(tokens_per_block(cfg, T)):
         proj += 2 * n * 4 * D * D                 # q, k, v and output projections
         scores += 2 * 2 * n * n * D               # Q K^T and P V over all heads
-        mlp += 2 * n * mlp_mats * D * F
+        if i in moe_layers:
+            moe_router += 2 * n * D * cfg.moe.choices
+            mlp += moe_mlp_flops(cfg, expected_expert_tokens(cfg, n))
+        else:
+            mlp += 2 * n * mlp_mats * D * F
     n_routed = len(cfg.routed_layers)
     learned = cfg.routing.router == "learned"
     router = 2 * T * D * n_routed if learned else 0.0
     P = cfg.predictor_hidden
     predictor = 2 * T * (D * P + P) * n_routed if cfg.routing.predictor and n_routed else 0.0
-    return FlopBreakdown(T, proj, scores, mlp, router, predictor, 2 * T * D * V)
+    return FlopBreakdown(T, proj, scores, mlp, router, predictor, moe_router, 2 * T * D * V)
 
 
 def training_flops(cfg: ModelConfig, seq_len: int | None = None) -> float:
@@ -114,7 +142,10 @@ def param_count(cfg: ModelConfig) -> ParamCount:
     router = D if cfg.routing.router == "learned" else 0
     P = cfg.predictor_hidden
     predictor = D * P + P if cfg.routing.predictor else 0
-    non_embedding = cfg.n_layers * block + n_routed * (router + predictor) + D
+    m = cfg.moe
+    moe_extra = m.experts * mlp_mats * D * cfg.expert_hidden + D * m.choices - mlp_mats * D * F
+    non_embedding = (cfg.n_layers * block + n_routed * (router + predictor) + D
+                     + len(cfg.moe_layers) * moe_extra)
     embedding = V * D * (1 if cfg.tie_embeddings else 2)
     return ParamCount(non_embedding + embedding, embedding, non_embedding)
 

@@ -443,7 +443,7 @@ class Engine:
                 q, k, v = _qkv(block, x_BTD, rot_TR)
                 y_BHTd = F.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-                x_BTD = x_BTD + _finish(block, x_BTD, y_BHTd)
+                x_BTD = x_BTD + _finish(block, x_BTD, y_BHTd, valid_BT)
                 # Padding slots are written too but lie past n_B, so attention never sees them.
                 cache.fill(k, v, pos_T.expand(B, T), len_B)
                 n_routed = sum(lengths)
@@ -486,7 +486,7 @@ class Engine:
             # original position and never lets a routed token see padding.
             y_BHKd = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-            delta_BKD = _finish(block.block, x_BKD, y_BHKd)
+            delta_BKD = _finish(block.block, x_BKD, y_BHKd, valid_BK)
             w_BK = block.router_weights(torch.gather(logits_BT, 1, idx_BK))
             # Paper Sec 3.4, Eq. 1: x + w * f(x) for routed tokens, x bit for bit otherwise.
             x_BTD = routing.scatter_add_tokens(
@@ -784,9 +784,14 @@ def _qkv(block: Block, x_BKD: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tens
     return block.attn.project(block.attn_norm(x_BKD), rot)
 
 
-def _finish(block: Block, x_BKD: Tensor, y_BHKd: Tensor) -> Tensor:
-    """f(x) of Eq. 1 from the attention heads' output: out projection, then the MLP."""
-    return block.finish(x_BKD, block.attn.merge(y_BHKd))
+def _finish(block: Block, x_BKD: Tensor, y_BHKd: Tensor,
+            valid_BK: Tensor | None = None) -> Tensor:
+    """f(x) of Eq. 1 from the attention heads' output: out projection, then the MLP.
+
+    An MoE MLP runs without expert capacity, as in the causal modes of a full forward (capacity
+    per sequence is a training-time limit); padding rows (valid_BK False) reach no expert.
+    """
+    return block.finish(x_BKD, block.attn.merge(y_BHKd), valid_BK, enforce_capacity=False)[0]
 
 
 def _length_mask(n_N: Tensor) -> Tensor | None:

@@ -4,7 +4,9 @@ Legend: B batch, T time, D model width, V vocabulary.
 
 One code path for dense and MoD models: a dense model is one whose config routes no block.
 `forward` returns a `ModelOutput` with the logits, the LM loss, the two auxiliary losses of
-paper Sec 3.5 (kept separate and weighted into `loss`), and one `LayerRouting` per routed block.
+paper Sec 3.5 (kept separate and weighted into `loss`), one `LayerRouting` per routed block, and
+for mixture-of-experts models (MoE, staged and integrated MoDE, Sec 4.3) one `MoERouting` per MoE
+layer with its load-balancing and z-losses.
 
 Routing modes for a full-sequence forward:
 - "topk" (training, the paper's forward): exact top-k per sequence. NOT causal: whether token t is
@@ -12,6 +14,8 @@ Routing modes for a full-sequence forward:
   changes (a test demonstrates it). Use it for training and for the paper's top-k evaluation only.
 - "router": causal; token routed iff sigmoid(r) > 0.5 (trained by the auxiliary BCE loss).
 - "predictor": causal; token routed iff the stop-gradient predictor says it is in the top-k.
+MoE layers route token by token (causal in every mode); their expert capacity applies in "topk"
+(the training forward) and not in the causal modes, which is what a sampler computes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 from modlm.block import ROUTING_MODES, Block, LayerRouting, RoutedBlock, RoutingMode
 from modlm.config import ModelConfig
 from modlm.layers import RMSNorm, Rotary
+from modlm.moe import MoERouting
 from modlm.router import LinearRouter
 
 
@@ -39,6 +44,9 @@ class ModelOutput:
     router_aux_loss: Tensor | None   # mean over routed layers of the router BCE (Sec 3.5, fix 1)
     predictor_loss: Tensor | None    # mean over routed layers of the predictor BCE (fix 2)
     routing: tuple[LayerRouting, ...]
+    moe: tuple[MoERouting, ...] = ()   # one per MoE layer, in block order
+    moe_balance_loss: Tensor | None = None  # mean over MoE layers of the load-balancing loss
+    moe_z_loss: Tensor | None = None        # mean over MoE layers of the router z-loss
 
 
 class MoDLM(nn.Module):
@@ -48,7 +56,7 @@ class MoDLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         routed = set(cfg.routed_layers)
         self.blocks = nn.ModuleList(
-            RoutedBlock(cfg, i) if i in routed else Block(cfg) for i in range(cfg.n_layers))
+            RoutedBlock(cfg, i) if i in routed else Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -62,9 +70,11 @@ class MoDLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
-            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
+            elif name.endswith(("attn.out.weight", "mlp.down.weight", "mlp.down")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
+                # MoE routers included: N(0, init_std) keeps their logits small, so every choice
+                # starts near uniform (Switch Transformer's scaled-down router init).
                 nn.init.normal_(p, 0.0, std)
         for m in self.modules():
             if isinstance(m, LinearRouter):  # Deviation: the paper gives no router init.
@@ -79,15 +89,22 @@ class MoDLM(nn.Module):
         self._check_inputs(idx_BT, targets_BT, mode)
         x_BTD = self.embed(idx_BT)
         stats: list[LayerRouting] = []
+        moe: list[MoERouting] = []
         for block in self.blocks:
             if isinstance(block, RoutedBlock):
                 x_BTD, layer_stats = block(x_BTD, self.rotary, mode, generator)
                 stats.append(layer_stats)
+                layer_moe = layer_stats.moe
             else:
-                x_BTD = block(x_BTD, self.rotary)
+                x_BTD, layer_moe = block(x_BTD, self.rotary, mode)
+            if layer_moe is not None:
+                moe.append(layer_moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
+        balance = _mean([m.balance_loss for m in moe])
+        z = _mean([m.z_loss for m in moe])
         if targets_BT is None:
-            return ModelOutput(logits_BTV, None, None, None, None, tuple(stats))
+            return ModelOutput(logits_BTV, None, None, None, None, tuple(stats), tuple(moe),
+                               balance, z)
 
         lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(),
                                   ignore_index=-1)
@@ -99,7 +116,13 @@ class MoDLM(nn.Module):
             loss = loss + r.aux_loss_weight * aux
         if pred is not None and r.predictor_loss_weight > 0:
             loss = loss + r.predictor_loss_weight * pred
-        return ModelOutput(logits_BTV, loss, lm_loss, aux, pred, tuple(stats))
+        m = self.cfg.moe
+        if balance is not None and m.balance_loss_weight > 0:
+            loss = loss + m.balance_loss_weight * balance
+        if z is not None and m.z_loss_weight > 0:
+            loss = loss + m.z_loss_weight * z
+        return ModelOutput(logits_BTV, loss, lm_loss, aux, pred, tuple(stats), tuple(moe),
+                           balance, z)
 
     def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str) -> None:
         if mode not in ROUTING_MODES:

@@ -7,6 +7,15 @@ first block dense; Sec 4.1); the `-dense` twin of each is the same shape with no
 - small:      a CPU-friendly model: d 256, 6 layers, T 256, byte vocabulary.
 - bench:      the benchmark shape of the speed targets: d 512, 8 layers, T 1024, bytes.
 - gpt2-small: GPT-2-small-sized: d 768, 12 layers, 12 heads, T 1024, GPT-2 BPE vocabulary.
+
+Mixture-of-experts variants of `tiny` and `small` (paper Sec 4.3, Fig 7; modlm/moe.py), each the
+base shape with 4 top-1 SwiGLU experts of the dense MLP's width in every block:
+- `-moe`:             MoE, no MoD routing, capacity factor 1.25.
+- `-mode-staged`:     MoD routing (12.5%, every other block) in front of the MoE blocks.
+- `-mode-integrated`: no MoD routing; 4 no-op experts beside the 4 real ones (about half the
+                      MLP compute is spent; attention is unchanged).
+- `-moe-reduced`:     the paper's foil: MoE whose capacity factor is cut to 0.5 so it spends the
+                      same MLP compute as integrated MoDE by dropping overflow tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from modlm.config import ConfigError, ModelConfig, RoutingConfig
+from modlm.config import ConfigError, ModelConfig, MoEConfig, RoutingConfig
 
 
 def tiny() -> ModelConfig:
@@ -39,11 +48,43 @@ def dense(cfg: ModelConfig) -> ModelConfig:
         router="none", layers="none", predictor=False, aux_loss_weight=0.0))
 
 
+# Deviation: the paper states no expert count or capacities for MoDE (Sec 4.3); 4 experts, top-1
+# and Switch Transformer's capacity factor 1.25 are our choices.
+EXPERTS = 4
+
+
+def moe(cfg: ModelConfig) -> ModelConfig:
+    """The dense shape with an MoE MLP in every block (the mixture-of-experts baseline)."""
+    return dataclasses.replace(dense(cfg), moe=MoEConfig(experts=EXPERTS))
+
+
+def mode_staged(cfg: ModelConfig) -> ModelConfig:
+    """Staged MoDE: the MoD routing of `cfg`, then MoE MLPs for the processed tokens."""
+    return dataclasses.replace(cfg, moe=MoEConfig(experts=EXPERTS))
+
+
+def mode_integrated(cfg: ModelConfig) -> ModelConfig:
+    """Integrated MoDE: one router over real and no-op experts; no MoD routing."""
+    return dataclasses.replace(dense(cfg), moe=MoEConfig(experts=EXPERTS, noop_experts=EXPERTS))
+
+
+def moe_reduced(cfg: ModelConfig) -> ModelConfig:
+    """The foil: MoE with capacity cut to integrated MoDE's expected MLP share (4 of 8 choices)."""
+    return dataclasses.replace(dense(cfg), moe=MoEConfig(experts=EXPERTS, capacity_factor=0.5))
+
+
 _BASE: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny, "small": small, "bench": bench, "gpt2-small": gpt2_small}
+_VARIANTS: dict[str, Callable[[ModelConfig], ModelConfig]] = {
+    "dense": dense, "moe": moe, "mode-staged": mode_staged, "mode-integrated": mode_integrated,
+    "moe-reduced": moe_reduced}
+_MOE_BASES = ("tiny", "small")
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
-    **_BASE, **{f"{name}-dense": (lambda f=f: dense(f())) for name, f in _BASE.items()}}
+    **_BASE,
+    **{f"{name}-{variant}": (lambda f=f, v=v: v(f()))
+       for name, f in _BASE.items() for variant, v in _VARIANTS.items()
+       if variant == "dense" or name in _MOE_BASES}}
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -51,3 +92,11 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]()
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def base_preset(name: str) -> str:
+    """The shape a preset name builds on: 'small-mode-staged' -> 'small'."""
+    for variant in _VARIANTS:
+        if name.endswith(f"-{variant}") and name[:-len(variant) - 1] in _BASE:
+            return name[:-len(variant) - 1]
+    return name

@@ -50,7 +50,7 @@ from modlm.data import DataConfig, PreparedData, TrainSampler, prepare_data, spl
 from modlm.evaluate import evaluate
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
-from modlm.presets import get_preset
+from modlm.presets import base_preset, get_preset
 
 
 class TrainingError(RuntimeError):
@@ -161,7 +161,7 @@ class TrainConfig:
 def train_preset(name: str) -> TrainConfig:
     """A model preset with training defaults sized for it (the CLI's `--preset`)."""
     model = get_preset(name)
-    base = name.removesuffix("-dense")
+    base = base_preset(name)
     length = {"tiny": dict(steps=60, batch_size=8, eval_every=30, checkpoint_every=30,
                            warmup_steps=10, log_every=5, eval_batches=4),
               "small": dict(steps=300, batch_size=16, eval_every=100, checkpoint_every=100,
@@ -467,8 +467,9 @@ def _parallelize(model: MoDLM, cfg: TrainConfig, d: runtime.Dist,
     if not d.enabled:
         return model
     r = cfg.model.routing
+    # An expert that receives no token in a step gets no gradient: DDP must be told.
     unused = (r.router_weight == "constant" and r.aux_loss_weight == 0) or (
-        r.predictor and r.predictor_loss_weight == 0)
+        r.predictor and r.predictor_loss_weight == 0) or bool(cfg.model.moe_layers)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=unused)

@@ -35,7 +35,7 @@ def randomize_(module, std=0.2):
 def update_at(core, x_BKD, rotary, positions):
     """The dense block's f on the given tokens, with modlm's rotary table at `positions`."""
     rot = rotary(positions)
-    return core.update(x_BKD, *(rot if isinstance(rot, tuple) else (rot,)))
+    return core.update(x_BKD, *(rot if isinstance(rot, tuple) else (rot,)))[0]
 
 
 def own_rotate(x_THd, positions_T, theta):
@@ -98,7 +98,7 @@ def test_zero_update_dense_block_returns_input_exactly(make_cfg):
         block.attn.out.weight.zero_()
         block.mlp.down.weight.zero_()
     x_BTD = torch.randn(2, 16, cfg.d_model)
-    assert torch.equal(block(x_BTD, rotary_for(cfg)), x_BTD)
+    assert torch.equal(block(x_BTD, rotary_for(cfg))[0], x_BTD)
 
 
 @pytest.mark.parametrize("mode", ["topk", "router", "predictor"])
@@ -127,7 +127,7 @@ def test_capacity_one_constant_weight_equals_dense_block(make_cfg):
     rotary = rotary_for(cfg)
     out_routed, stats = routed(x_BTD, rotary, "topk")
     assert stats.mask_BT.all()
-    out_dense = dense(x_BTD, rotary)
+    out_dense, _ = dense(x_BTD, rotary)
     torch.testing.assert_close(out_routed, out_dense, rtol=0, atol=1e-6)
     assert not torch.allclose(out_dense, x_BTD)
     # With the default sigmoid weight the same weights give a different output.

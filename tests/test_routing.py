@@ -205,7 +205,7 @@ def test_fixed_router_selects_known_tokens(make_cfg):
     assert torch.equal(out[~expected_mask], x_BTD[~expected_mask])
     x_BKD = torch.stack([x_BTD[0, [2, 5]], x_BTD[1, [0, 7]]])
     rot = model.rotary(expected_idx)  # true positions
-    delta_BKD = block.block.update(x_BKD, *(rot if isinstance(rot, tuple) else (rot,)))
+    delta_BKD, _ = block.block.update(x_BKD, *(rot if isinstance(rot, tuple) else (rot,)))
     w_BK = torch.sigmoid(torch.tensor([[2.0, 1.5], [5.0, 6.0]]))
     got_BKD = torch.stack([out[0, [2, 5]], out[1, [0, 7]]])
     torch.testing.assert_close(got_BKD, x_BKD + w_BK[..., None] * delta_BKD, rtol=0, atol=1e-6)
