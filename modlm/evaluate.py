@@ -28,9 +28,13 @@ from modlm.runtime import Dist, autocast
 
 
 def available_modes(cfg: ModelConfig) -> tuple[str, ...]:
-    """Routing modes worth evaluating: a dense model has one; MoD models have their causal ones."""
+    """Routing modes worth evaluating: a dense model has one; MoD models have their causal ones.
+
+    An MoE model without MoD routing also gets "router": the inference forward, in which experts
+    have no capacity limit (modlm/moe.py), as opposed to the training forward's capacity.
+    """
     if cfg.is_dense:
-        return ("topk",)
+        return ("topk", "router") if cfg.moe_layers and cfg.moe.capacity_factor else ("topk",)
     modes = ["topk", "router"]
     if cfg.routing.predictor:
         modes.append("predictor")
@@ -46,16 +50,28 @@ class LayerSummary:
 
 
 @dataclass(frozen=True)
+class MoESummary:
+    """An MoE layer's shares of choice slots: computed by an expert, dropped, sent to a no-op."""
+
+    layer: int
+    computed: float
+    dropped: float
+    noop: float
+
+
+@dataclass(frozen=True)
 class ModeResult:
     mode: str
     loss: float
     bits_per_byte: float
     tokens: int
     layers: tuple[LayerSummary, ...]
+    moe: tuple[MoESummary, ...] = ()
 
     def as_dict(self) -> dict:
         return {"loss": self.loss, "bpb": self.bits_per_byte, "tokens": self.tokens,
-                "layers": [vars(l) for l in self.layers]}
+                "layers": [vars(l) for l in self.layers],
+                **({"moe": [vars(m) for m in self.moe]} if self.moe else {})}
 
 
 @torch.no_grad()
@@ -71,10 +87,12 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
     was_training = model.training
     model.eval()
     n_routed = len(cfg.routed_layers)
+    n_moe = len(cfg.moe_layers)
     results = {}
     for mode in modes:
-        # sums: nll, tokens, then per routed layer: routed, router correct, predictor correct
-        sums = torch.zeros(2 + 3 * n_routed, dtype=torch.float64)
+        # sums: nll, tokens, per routed layer: routed, router correct, predictor correct; then
+        # per MoE layer: computed, dropped and no-op shares (token-weighted)
+        sums = torch.zeros(2 + 3 * n_routed + 3 * n_moe, dtype=torch.float64)
         for windows in eval_batches(ids, batch_size=batch_size, seq_len=seq_len,
                                     max_batches=max_batches, rank=d.rank,
                                     world_size=d.world_size):
@@ -102,6 +120,10 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
                     sums[3 + 3 * j] += float(s.router_accuracy) * n
                 if s.predictor_accuracy is not None:
                     sums[4 + 3 * j] += float(s.predictor_accuracy) * n
+            for m in out.moe:  # a routed block that routed no token has no MoE entry
+                base = 2 + 3 * n_routed + 3 * cfg.moe_layers.index(m.layer)
+                sums[base:base + 3] += torch.tensor(
+                    [float(m.computed), float(m.dropped), float(m.noop)], dtype=torch.float64) * n
         if d.enabled:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         tokens = int(sums[1])
@@ -119,7 +141,10 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
                 predictor_accuracy=(float(sums[4 + 3 * j]) / tokens
                                     if cfg.routing.predictor else None))
             for j, layer in enumerate(cfg.routed_layers))
+        moe = tuple(MoESummary(layer, *(float(v) / tokens for v in
+                                        sums[2 + 3 * n_routed + 3 * j:][:3]))
+                    for j, layer in enumerate(cfg.moe_layers))
         results[mode] = ModeResult(mode, loss, loss / math.log(2) / bytes_per_token, tokens,
-                                   layers)
+                                   layers, moe)
     model.train(was_training)
     return results

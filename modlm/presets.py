@@ -43,8 +43,9 @@ def gpt2_small() -> ModelConfig:
 
 
 def dense(cfg: ModelConfig) -> ModelConfig:
-    """The same shape with no routed block (no router, no predictor, no aux loss)."""
-    return dataclasses.replace(cfg, routing=RoutingConfig(
+    """The same shape with no routed block (no router, no predictor, no aux loss) and plain
+    MLPs (no experts)."""
+    return dataclasses.replace(cfg, moe=MoEConfig(), routing=RoutingConfig(
         router="none", layers="none", predictor=False, aux_loss_weight=0.0))
 
 

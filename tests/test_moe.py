@@ -372,3 +372,18 @@ def test_mode_presets_train_through_the_pipeline(tmp_path, preset):
               if "lm_loss" in json.loads(l)]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_evaluation_reports_moe_shares_in_both_forwards(make_cfg):
+    import numpy as np
+
+    from modlm.evaluate import available_modes, evaluate
+    model = model_for(make_cfg, "reduced")
+    assert available_modes(model.cfg) == ("topk", "router")
+    ids = np.random.default_rng(0).integers(0, 99, 400).astype(np.uint16)
+    res = evaluate(model, ids, n_bytes=400, seq_len=24, batch_size=4, max_batches=2)
+    train_fwd, infer_fwd = res["topk"].moe, res["router"].moe
+    assert [m.layer for m in train_fwd] == list(model.cfg.moe_layers)
+    assert all(m.dropped > 0 for m in train_fwd)           # capacity applies when training
+    assert all(m.dropped == 0 and m.computed == 1 for m in infer_fwd)  # not at inference
+    assert res["topk"].loss != res["router"].loss
