@@ -62,6 +62,7 @@ class Predictor(nn.Module):
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         # Paper Sec 3.5: "stop-gradient" input, so the predictor cannot shape the trunk or router.
+        # Weights cast too: a model cast with .to(bfloat16) still predicts in float32.
         with torch.autocast(x_BTD.device.type, enabled=False):
-            h_BTP = F.silu(self.fc(x_BTD.detach().float()))
-            return self.head(h_BTP).squeeze(-1)
+            h_BTP = F.silu(F.linear(x_BTD.detach().float(), self.fc.weight.float()))
+            return F.linear(h_BTP, self.head.weight.float()).squeeze(-1)

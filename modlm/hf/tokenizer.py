@@ -1,0 +1,115 @@
+"""modlm tokenizers exported as Hugging Face tokenizers (`AutoTokenizer.from_pretrained(dir)`).
+
+Every kind becomes a transformers fast tokenizer (the `tokenizers` backend), saved with
+`save_pretrained` as `tokenizer.json` + `tokenizer_config.json`, which `AutoTokenizer` loads offline
+without modlm installed:
+
+- "bytes": a byte-level BPE with no merges over GPT-2's 256-symbol byte alphabet, symbol i at id i,
+  no regex split, so `encode(text)` is `list(text.encode("utf-8"))` and decoding replaces invalid
+  UTF-8 with U+FFFD exactly as `ByteTokenizer.decode` does.
+- "bpe": the run's trained `tokenizer.json` pipeline as is; `<|endoftext|>` (id 0) is the eos and
+  pad token.
+- "gpt2": GPT-2's vocabulary and merges; `<|endoftext|>` (50256) is the eos and pad token.
+
+Special tokens are encoded as plain text, as modlm's tokenizers do (a text that contains
+"<|endoftext|>" gets its characters, not the reserved id): the exported tokenizer sets
+`split_special_tokens=True`, which transformers saves and restores. So `encode` and `decode` of the
+exported tokenizer equal modlm's for every text (tests check all three kinds).
+
+Deviation: a byte vocabulary has no free id for padding; the "bytes" tokenizer names byte 0 (NUL)
+its pad token, so tokenizer-side padding (`padding=True`) works. Padding is always masked out by the
+attention mask, so what id it carries never reaches the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from modlm.tokenizer import (
+    END_OF_TEXT,
+    BPETokenizer,
+    ByteTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    TokenizerError,
+)
+
+
+def to_hf_tokenizer(tokenizer: Tokenizer, *, model_max_length: int | None = None) -> Any:
+    """A transformers fast tokenizer that encodes and decodes exactly like `tokenizer`.
+
+    model_max_length: the model's context (max_seq_len), recorded for transformers' truncation.
+    """
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, ByteTokenizer):
+        backend = _byte_backend(tokenizers)
+        alphabet = _bytes_to_unicode()
+        special = {"pad_token": alphabet[0]}
+    elif isinstance(tokenizer, (BPETokenizer, GPT2Tokenizer)):
+        # A copy through JSON: the exported tokenizer's settings never touch the run's tokenizer.
+        backend = tokenizers.Tokenizer.from_str(tokenizer._hf.to_str())
+        if backend.token_to_id(END_OF_TEXT) is None:
+            raise TokenizerError(f"the {tokenizer.name!r} tokenizer has no {END_OF_TEXT} token; "
+                                 f"it was not built by modlm")
+        special = {"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT}
+    else:
+        raise TokenizerError(f"cannot export a {type(tokenizer).__name__} as a Hugging Face "
+                             f"tokenizer; supported: bytes, bpe, gpt2")
+    kwargs: dict[str, Any] = {}
+    if model_max_length is not None:
+        kwargs["model_max_length"] = model_max_length
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                 split_special_tokens=True, **special, **kwargs)
+    if len(hf) != tokenizer.vocab_size:
+        raise TokenizerError(f"the exported tokenizer has {len(hf)} ids but modlm's has "
+                             f"{tokenizer.vocab_size}; please report this")
+    return hf
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike[str], *,
+                      model_max_length: int | None = None) -> Path:
+    """Export `tokenizer` into `directory` (created if needed) for `AutoTokenizer`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    to_hf_tokenizer(tokenizer, model_max_length=model_max_length).save_pretrained(directory)
+    return directory
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+    """The pad and eos ids the exported tokenizer declares (for the model's config)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"pad_token_id": 0, "eos_token_id": None}
+    if isinstance(tokenizer, (BPETokenizer, GPT2Tokenizer)):
+        eot = tokenizer._hf.token_to_id(END_OF_TEXT)
+        return {"pad_token_id": eot, "eos_token_id": eot}
+    raise TokenizerError(f"unknown tokenizer kind {type(tokenizer).__name__}")
+
+
+def _byte_backend(tokenizers: Any) -> Any:
+    """Bytes as tokens: GPT-2's byte-to-symbol map, symbol of byte i at id i, no merges."""
+    alphabet = _bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    # No regex split: every byte is its own pre-token symbol and no merge joins them.
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                use_regex=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    return backend
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which the ByteLevel pre-tokenizer and
+    decoder use: printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    out = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
