@@ -580,11 +580,18 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                expected_tokenizer_identity: str | None = None
                ) -> tuple[MoDLM, LoadedCheckpoint]:
     """A MoDLM built from a checkpoint's config with its weights (strict), on `device`, in eval
-    mode, for inference: the optimizer and trainer state are not loaded."""
+    mode, for inference: the optimizer and trainer state are not loaded. A run trained from a
+    retrofitted Hugging Face decoder (its config records `retrofit.hf_config`) gives a
+    `modlm.hf.retrofit.RetrofitLM` with the same forward contract."""
     loaded = load_checkpoint(path, expected_model_cfg=expected_model_cfg,
                              expected_tokenizer_identity=expected_tokenizer_identity,
                              load_state=False)
-    model = MoDLM(loaded.model_cfg)
+    retrofit = loaded.run_config.get("retrofit") or {}
+    if retrofit.get("hf_config") is not None:
+        from modlm.hf.retrofit import model_from_run_config
+        model = model_from_run_config(loaded.model_cfg, retrofit)
+    else:
+        model = MoDLM(loaded.model_cfg)
     try:
         model.load_state_dict(loaded.model_state, strict=True)
     except RuntimeError as e:

@@ -328,6 +328,11 @@ class Engine:
     """
 
     def __init__(self, model: MoDLM, mode: str = "router") -> None:
+        if not hasattr(model, "blocks"):
+            raise GenerationError(
+                f"the generation engine runs modlm's own models; got a {type(model).__name__}. "
+                f"A retrofitted Hugging Face model samples with RetrofitLM.generate "
+                f"(modlm.hf.retrofit: causal routing, no KV cache)")
         cfg = model.cfg
         if mode == "topk":
             raise GenerationError("mode 'topk' is not causal (whether a token is routed depends on "

@@ -48,6 +48,7 @@ from modlm.config import (
 )
 from modlm.data import DataConfig, PreparedData, TrainSampler, prepare_data, split_windows
 from modlm.evaluate import evaluate
+from modlm.hf.retrofit import RetrofitConfig
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
 from modlm.presets import base_preset, get_preset
@@ -67,6 +68,9 @@ class TrainConfig:
     (`fully_shard` per block, then the whole model) instead of replicating them with DDP.
     `batch_size` is per process and per micro-step; the global batch is
     batch_size * grad_accum * world_size sequences of data.seq_len tokens.
+    `retrofit.source`: start from a local Hugging Face decoder retrofitted with routers
+    (modlm.hf.retrofit) instead of a fresh MoDLM; its config then decides `model`'s shape and
+    `model.routing` says where and how it routes.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -99,12 +103,16 @@ class TrainConfig:
     run_name: str | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
     tensorboard: bool = False
+    retrofit: RetrofitConfig = field(default_factory=RetrofitConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
             object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
         if isinstance(self.data, Mapping):
             object.__setattr__(self, "data", DataConfig.from_dict(self.data))
+        if isinstance(self.retrofit, Mapping):
+            reject_unknown_keys(RetrofitConfig, self.retrofit, "retrofit.")
+            object.__setattr__(self, "retrofit", RetrofitConfig(**self.retrofit))
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
         lengths = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
@@ -142,13 +150,18 @@ class TrainConfig:
                f"device must be auto, cpu or cuda, got {self.device!r}")
         check(self.on_nonfinite in ("stop", "skip"),
                f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        check(self.data.seq_len <= self.model.max_seq_len,
+        check(not (self.retrofit.enabled and self.fsdp),
+               "fsdp=true shards modlm's own blocks; train a retrofitted Hugging Face model with "
+               "one process or DDP (fsdp=false)")
+        # A retrofitted model's length limit comes from its Hugging Face config (checked there).
+        check(self.retrofit.enabled or self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                f"({self.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["model"], d["data"] = self.model.to_dict(), self.data.to_dict()
+        d["retrofit"] = self.retrofit.to_dict()
         d["betas"] = list(self.betas)
         return d
 
@@ -396,7 +409,7 @@ def _start(cfg: TrainConfig, d: runtime.Dist,
 
     with runtime.rank_zero_first(d):
         data = prepare_data(cfg.data, tokenizer=loaded.tokenizer if loaded else None)
-    if cfg.model.vocab_size != data.tokenizer.vocab_size:
+    if not cfg.retrofit.enabled and cfg.model.vocab_size != data.tokenizer.vocab_size:
         if loaded is not None:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) differs from the run's "
                               f"tokenizer ({data.tokenizer.vocab_size} ids)")
@@ -409,7 +422,14 @@ def _start(cfg: TrainConfig, d: runtime.Dist,
                   f"{cfg.data.tokenizer} tokenizer", flush=True)
 
     torch.manual_seed(cfg.seed)
-    model = MoDLM(cfg.model).to(device)
+    if cfg.retrofit.enabled:
+        # The Hugging Face config decides the model section (recorded in config.json like any
+        # resolved value); a new run loads the pretrained weights, a resumed one its checkpoint's.
+        from modlm.hf.retrofit import build_for_training
+        cfg, model = build_for_training(cfg, data.tokenizer, pretrained=loaded is None)
+    else:
+        model = MoDLM(cfg.model)
+    model = model.to(device)
     # Routing randomness (the random-routing control) differs per rank, like the rows it scores.
     routing_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1_000_003 * d.rank)
     sampler = TrainSampler(data.train, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len,
@@ -495,6 +515,8 @@ def _step_record(s: _Session, state: TrainState, st: _StepStats, lr: float,
             "predictor_accuracy": st.predictor_accuracy or None,
             "router_accuracy": st.router_accuracy or None, "lr": lr,
             "grad_norm": st.grad_norm, "tokens_per_s": tok_s,
+            **({"moe_balance_loss": st.moe_balance_loss, "moe_noop": list(st.moe_noop),
+                "moe_dropped": list(st.moe_dropped)} if st.moe_noop else {}),
             **({} if st.finite else {"skipped": True})}
 
 
@@ -540,6 +562,9 @@ class _StepStats:
     router_accuracy: list[float]
     predictor_accuracy: list[float]
     grad_norm: float
+    moe_balance_loss: float | None = None   # MoE layers (modlm/moe.py): mean balance loss,
+    moe_noop: tuple[float, ...] = ()        # and per layer the no-op and dropped shares
+    moe_dropped: tuple[float, ...] = ()
 
     @property
     def finite(self) -> bool:
@@ -578,7 +603,10 @@ def _forward_backward(s: _Session) -> _StepStats:
                          if s.router_accuracy is not None],
         predictor_accuracy=[_f(s.predictor_accuracy) for s in out.routing
                             if s.predictor_accuracy is not None],
-        grad_norm=grad_norm)
+        grad_norm=grad_norm,
+        moe_balance_loss=_f(out.moe_balance_loss) if out.moe else None,
+        moe_noop=tuple(_f(m.noop) for m in out.moe),
+        moe_dropped=tuple(_f(m.dropped) for m in out.moe))
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

@@ -1,0 +1,748 @@
+"""Retrofit a Hugging Face decoder (Llama family, GPT-2) into a Mixture-of-Depths model.
+
+Legend: B batch, T time, K routed tokens per sequence, D model width, V vocabulary,
+Dh head width.
+
+`retrofit(hf_model, routing)` patches a loaded `transformers` causal LM in place: every layer that
+`routing` routes (every other one by default, paper Sec 4.1) is replaced in the model's
+`ModuleList` by a `MoDLayer` that holds the original layer (its pretrained weights untouched, its
+parameters under the `layer.` prefix), a router and a predictor. It returns a `RetrofitLM`, an
+`nn.Module` with `MoDLM`'s forward contract, so modlm's trainer, evaluation, checkpoints and resume
+work on it unchanged (`TrainConfig.retrofit`, or `modlm train --set retrofit.source=HF_FOLDER`).
+
+`RetrofitLM` drives the Hugging Face backbone layer by layer with Hugging Face's own modules
+(embeddings, rotary table, decoder layers, final norm, LM head) and mask utilities. A routed layer
+does what modlm's `RoutedBlock` does (paper Sec 3.4, Eq. 1): score every token, take each
+sequence's top-k (or, in the causal modes of Sec 3.5, each token's own decision), gather only the
+chosen tokens in time order, run the original decoder layer on them alone with a causal mask over
+the gathered axis and their true positions (Llama's cos/sin are gathered at the chosen positions;
+GPT-2 adds its positions before the first layer), weight the layer's update (output - input) and
+scatter-add it back. Unchosen tokens pass through bit for bit; nothing is computed for them.
+
+Starting close to the original (our choice; the paper trains from scratch): by default the weight
+on a routed update is `2 * sigmoid(g * r)` with a learned gain g per routed layer that starts at 0
+(`identity_init`), so every routed token's update has weight exactly 1 at the start. At capacity
+1.0 the retrofitted model then computes the original model's logits up to float rounding (a test
+checks it); below 1.0 the skipped tokens and the smaller attention context move the outputs
+(measured in docs/design.md). The router vector gets no LM-loss gradient until g leaves 0, but it
+learns from the auxiliary BCE loss from the first step, and g from the LM loss.
+
+Padding: `forward(..., attention_mask_BT=...)` takes a 2-D padding mask (1 = real token, left or
+right padding). Positions count real tokens only, padding is never routed, and each row's top-k is
+taken over its real tokens, so a padded batch computes what its rows compute alone.
+
+Not supported: Hugging Face's own `forward` / `generate` on a patched model (a routed layer needs
+the routing inputs only `RetrofitLM` provides, and a KV cache holding only routed tokens is not
+written): a patched layer called by Hugging Face raises `RetrofitError`. `RetrofitLM.generate`
+samples causally by recomputing the full forward per token (no cache). Attention implementations:
+"sdpa" and "eager" (what Hugging Face offers on CPU); sliding-window models only for sequences
+within their window.
+
+Importing this module loads nothing from `transformers`; building or loading a model does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modlm import routing
+from modlm.block import ROUTING_MODES, LayerRouting, RoutingMode
+from modlm.config import ConfigError, ModelConfig, RoutingConfig, check
+from modlm.model import ModelOutput
+from modlm.router import LinearRouter, Predictor, RandomRouter
+
+AttnImplementation = Literal["sdpa", "eager"]
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ROTARY_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = (*ROTARY_FAMILY, "gpt2")
+
+
+class RetrofitError(ConfigError):
+    """A model cannot be retrofitted or run as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RetrofitConfig:
+    """Train a retrofitted Hugging Face decoder instead of a fresh `MoDLM` (TrainConfig.retrofit).
+
+    source:        a local folder holding a Hugging Face causal LM (config.json and weights, as
+                   `save_pretrained` writes them); null trains a modlm model as usual. Nothing is
+                   ever downloaded. Routing options come from `model.routing` (capacity, layers,
+                   router weight, aux loss, predictor); the model's shape comes from the folder.
+    attn_implementation: "sdpa" or "eager".
+    identity_init: routed updates start with weight exactly 1 (`2 * sigmoid(g * r)`, or
+                   `1 + g * r` for router_weight "raw", with a learned gain g = 0 at the start);
+                   false uses modlm's plain weights (sigmoid(r) halves every routed update).
+    hf_config:     the Hugging Face config as a dict, recorded by the trainer when a run starts so
+                   that resuming and loading its checkpoints need no source folder. Leave unset.
+    """
+
+    source: str | None = None
+    attn_implementation: AttnImplementation = "sdpa"
+    identity_init: bool = True
+    hf_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, os.PathLike):
+            object.__setattr__(self, "source", os.fspath(self.source))
+        check(self.source is None or (isinstance(self.source, str) and self.source != ""),
+              f"retrofit.source must be a local folder or null, got {self.source!r}")
+        check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
+              f"retrofit.attn_implementation must be one of {ATTN_IMPLEMENTATIONS} (the "
+              f"implementations Hugging Face offers on CPU), got {self.attn_implementation!r}")
+        check(isinstance(self.identity_init, bool),
+              f"retrofit.identity_init must be true or false, got {self.identity_init!r}")
+        check(self.hf_config is None or (isinstance(self.hf_config, Mapping)
+                                         and "model_type" in self.hf_config),
+              "retrofit.hf_config must be a Hugging Face config dict with a model_type (the "
+              "trainer records it; leave it unset)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.source is not None or self.hf_config is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- model families: how to drive each Hugging Face backbone ------------------------------------
+
+class _Family:
+    """Where a backbone keeps its modules and how its decoder layers are called."""
+
+    def layers(self, hf: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def embed(self, hf: nn.Module, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def positions(self, hf: nn.Module, x_BTD: Tensor, pos_BT: Tensor) -> Any:
+        """What a layer needs about positions besides the hidden states (None for GPT-2)."""
+        return None
+
+    def gather_positions(self, pe: Any, idx_BK: Tensor) -> Any:
+        return None
+
+    def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
+             pe: Any) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class _RotaryFamily(_Family):
+    """Llama and the models that share its layout (Mistral, Qwen2, Qwen3): `model.embed_tokens`,
+    `model.layers`, `model.norm`, `model.rotary_emb`, `lm_head`; each layer takes the rotary
+    (cos, sin) of its tokens' positions as `position_embeddings`."""
+
+    def layers(self, hf: nn.Module) -> nn.ModuleList:
+        return hf.model.layers
+
+    def embed(self, hf: nn.Module, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
+        return hf.model.embed_tokens(idx_BT)
+
+    def positions(self, hf: nn.Module, x_BTD: Tensor, pos_BT: Tensor) -> tuple[Tensor, Tensor]:
+        return hf.model.rotary_emb(x_BTD, position_ids=pos_BT)     # cos, sin: (B, T, Dh)
+
+    def gather_positions(self, pe: tuple[Tensor, Tensor], idx_BK: Tensor) -> tuple[Tensor, Tensor]:
+        # Paper Sec 3.4 / paper.md: routed tokens keep their true positions.
+        return routing.gather_tokens(pe[0], idx_BK), routing.gather_tokens(pe[1], idx_BK)
+
+    def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
+             pe: tuple[Tensor, Tensor]) -> Tensor:
+        return _hidden(layer(x_BKD, attention_mask=mask, position_ids=pos_BK,
+                             position_embeddings=pe))
+
+    def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
+        return hf.lm_head(hf.model.norm(x_BTD))
+
+
+class _GPT2Family(_Family):
+    """GPT-2: learned positions added to the token embeddings before the first layer, so a routed
+    layer's gathered hidden states already carry their true positions."""
+
+    def layers(self, hf: nn.Module) -> nn.ModuleList:
+        return hf.transformer.h
+
+    def embed(self, hf: nn.Module, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
+        t = hf.transformer
+        return t.drop(t.wte(idx_BT) + t.wpe(pos_BT))
+
+    def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
+             pe: Any) -> Tensor:
+        return _hidden(layer(x_BKD, attention_mask=mask))
+
+    def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
+        return hf.lm_head(hf.transformer.ln_f(x_BTD))
+
+
+def _hidden(out: Any) -> Tensor:
+    """A decoder layer's hidden states (older transformers versions return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _family(hf_config: Any) -> _Family:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in ROTARY_FAMILY:
+        return _RotaryFamily()
+    if model_type == "gpt2":
+        if getattr(hf_config, "add_cross_attention", False):
+            raise RetrofitError("GPT-2 models with cross-attention are not supported; retrofit a "
+                                "decoder-only GPT-2 (add_cross_attention=false)")
+        return _GPT2Family()
+    raise RetrofitError(f"cannot retrofit a Hugging Face model of type {model_type!r}: supported "
+                        f"are {SUPPORTED_MODEL_TYPES} (decoder layers with the Llama or GPT-2 "
+                        f"layout)")
+
+
+def _causal_mask(hf_config: Any, x_BKD: Tensor, padding_BK: Tensor | None) -> Tensor | None:
+    """The attention mask Hugging Face builds for a causal forward over these tokens, in the form
+    the configured implementation takes (None: sdpa's is_causal; a 4-D float mask for eager).
+    No position ids are passed: gathered positions have gaps that Hugging Face would read as
+    packed sequences."""
+    from transformers.masking_utils import create_causal_mask
+    return create_causal_mask(config=hf_config, inputs_embeds=x_BKD, attention_mask=padding_BK,
+                              cache=None)
+
+
+def _sliding_window(hf_config: Any) -> int | None:
+    """The attention window of a model whose layers use one, else None."""
+    window = getattr(hf_config, "sliding_window", None)
+    types = getattr(hf_config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+# ---- the routed layer --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Route:
+    """Per-forward inputs a routed layer needs besides the hidden states (passed per call)."""
+
+    family: _Family
+    hf_config: Any
+    mode: RoutingMode
+    pos_BT: Tensor
+    pe: Any
+    valid_BT: Tensor | None          # real tokens of a padded batch; None when nothing is padded
+    generator: torch.Generator | None
+
+
+class MoDLayer(nn.Module):
+    """A Hugging Face decoder layer behind a router: it computes only the tokens routed into it.
+
+    `layer` is the original layer (same module, same weights); `router` scores tokens (Sec 3.4);
+    `predictor` learns top-k membership from stop-gradient inputs (Sec 3.5, fix 2); `gain` (with
+    identity_init) scales the router logit inside the update weight and starts at 0.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, cfg: ModelConfig,
+                 identity_init: bool) -> None:
+        super().__init__()
+        r = cfg.routing
+        self.layer = layer
+        self.index = index
+        self.capacity = r.capacity
+        self.learned = r.router == "learned"
+        self.weighting = "constant" if r.router == "random" else r.router_weight
+        self.router: nn.Module = LinearRouter(cfg.d_model) if self.learned else RandomRouter()
+        self.predictor = Predictor(cfg.d_model, cfg.predictor_hidden) if r.predictor else None
+        # Deviation: a gain that starts at 0 makes every routed update's weight exactly 1 at the
+        # start, so the retrofitted model begins where the pretrained one is (docs/design.md).
+        self.gain = (nn.Parameter(torch.zeros(()))
+                     if identity_init and self.weighting in ("sigmoid", "raw") else None)
+
+    def router_weights(self, logits_BT: Tensor) -> Tensor:
+        if self.weighting == "constant":
+            return torch.ones_like(logits_BT)
+        if self.gain is not None:
+            z_BT = self.gain.float() * logits_BT
+            return 2.0 * torch.sigmoid(z_BT) if self.weighting == "sigmoid" else 1.0 + z_BT
+        # modlm's weights: sigmoid(r) (default) or r itself (Eq. 1 as written).
+        return torch.sigmoid(logits_BT) if self.weighting == "sigmoid" else logits_BT
+
+    def forward(self, hidden_states: Tensor, *args: Any, route: _Route | None = None,
+                **kwargs: Any) -> tuple[Tensor, LayerRouting]:
+        if route is None:
+            raise RetrofitError(
+                f"layer {self.index} was retrofitted with a Mixture-of-Depths router and runs "
+                f"only inside modlm.hf.retrofit.RetrofitLM, which gives it the routing inputs; "
+                f"Hugging Face's own forward and generate cannot run it (they would need a KV "
+                f"cache holding only routed tokens). Use RetrofitLM.forward(ids, mode='router' "
+                f"or 'predictor') or RetrofitLM.generate")
+        x_BTD = hidden_states
+        B, T, _ = x_BTD.shape
+        valid_BT = route.valid_BT
+        logits_BT = self.router(x_BTD, route.generator)                   # float32
+        pred_logits_BT = self.predictor(x_BTD) if self.predictor is not None else None
+        k = routing.capacity_k(T, self.capacity)
+        if valid_BT is None:
+            topk_idx_BK = routing.topk_in_time_order(logits_BT.detach(), k)  # Sec 3.4: per row
+            topk_BT = routing.mask_from_indices(topk_idx_BK, T)
+        else:
+            # Deviation: a padded row routes the top-k of its real tokens, k from its real length.
+            topk_idx_BK = None
+            topk_BT = _topk_mask_of_real_tokens(logits_BT.detach(), valid_BT, self.capacity)
+
+        if route.mode == "topk" and topk_idx_BK is not None:
+            idx_BK, gathered_valid_BK, mask_BT = topk_idx_BK, None, topk_BT
+        else:
+            if route.mode == "topk":
+                mask_BT = topk_BT
+            elif route.mode == "router":  # Sec 3.5: each token decides alone
+                mask_BT = logits_BT.detach() > self.router.causal_threshold(self.capacity)
+            else:
+                mask_BT = pred_logits_BT.detach() > 0.0
+            if valid_BT is not None:
+                mask_BT = mask_BT & valid_BT      # padding is never routed
+            idx_BK, gathered_valid_BK = routing.indices_from_mask(mask_BT)
+
+        out_BTD = x_BTD
+        if idx_BK.shape[1] > 0:  # in the causal modes a whole batch may route no token
+            x_BKD = routing.gather_tokens(x_BTD, idx_BK)
+            # Gathered tokens are in time order and all real (padding entries of a causal batch
+            # sit after every valid one), so a plain causal mask over the gathered axis is right.
+            mask = _causal_mask(route.hf_config, x_BKD, None)
+            pos_BK = torch.gather(route.pos_BT, 1, idx_BK)
+            y_BKD = route.family.call(self.layer, x_BKD, mask, pos_BK,
+                                      route.family.gather_positions(route.pe, idx_BK))
+            w_BK = self.router_weights(torch.gather(logits_BT, 1, idx_BK))
+            # Paper Sec 3.4, Eq. 1: x_i' = x_i + w_i * f_i(X~), f = the layer's update.
+            update_BKD = (w_BK.unsqueeze(-1) * (y_BKD - x_BKD)).to(x_BTD.dtype)
+            out_BTD = routing.scatter_add_tokens(x_BTD, idx_BK, update_BKD, gathered_valid_BK)
+
+        target_BT = topk_BT.float()
+        aux = pred_loss = router_acc = pred_acc = None
+        if self.learned:
+            # Sec 3.5 fix 1: BCE of the router logits against top-k membership.
+            aux = _masked_bce(logits_BT, target_BT, valid_BT)
+            router_acc = _masked_mean(((logits_BT.detach() > 0) == topk_BT).float(), valid_BT)
+        if pred_logits_BT is not None:
+            # Sec 3.5 fix 2: the predictor learns top-k membership from stop-gradient inputs.
+            pred_loss = _masked_bce(pred_logits_BT, target_BT, valid_BT)
+            pred_acc = _masked_mean(((pred_logits_BT.detach() > 0) == topk_BT).float(), valid_BT)
+        stats = LayerRouting(
+            layer=self.index, k=k, mask_BT=mask_BT,
+            weights_BT=self.router_weights(logits_BT.detach()).detach(),
+            fraction=_masked_mean(mask_BT.float(), valid_BT), router_aux_loss=aux,
+            predictor_loss=pred_loss, router_accuracy=router_acc, predictor_accuracy=pred_acc)
+        return out_BTD, stats
+
+
+def _topk_mask_of_real_tokens(scores_BT: Tensor, valid_BT: Tensor, capacity: float) -> Tensor:
+    """Each row's top-k among its real tokens, k = capacity_k(real length): what the row would
+    route alone, unpadded (ties aside)."""
+    B, T = scores_BT.shape
+    k_B = torch.tensor([routing.capacity_k(int(n), capacity) if n > 0 else 0
+                        for n in valid_BT.sum(dim=1).tolist()], device=scores_BT.device)
+    order_BT = torch.argsort(scores_BT.masked_fill(~valid_BT, -math.inf), dim=1,
+                             descending=True, stable=True)
+    rank_BT = torch.empty_like(order_BT).scatter_(
+        1, order_BT, torch.arange(T, device=scores_BT.device).expand(B, T).contiguous())
+    return (rank_BT < k_B[:, None]) & valid_BT
+
+
+def _masked_mean(x_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
+    return x_BT.mean() if valid_BT is None else x_BT[valid_BT].mean()
+
+
+def _masked_bce(logits_BT: Tensor, target_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
+    if valid_BT is None:
+        return F.binary_cross_entropy_with_logits(logits_BT, target_BT)
+    return F.binary_cross_entropy_with_logits(logits_BT[valid_BT], target_BT[valid_BT])
+
+
+# ---- the retrofitted model ---------------------------------------------------------------------
+
+class RetrofitLM(nn.Module):
+    """A Hugging Face causal LM with MoD routers on some layers, with `MoDLM`'s forward contract.
+
+    `hf` is the patched Hugging Face model (state-dict keys `hf.<its own names>`); `cfg` is a
+    `ModelConfig` mirroring its shape (width, depth, heads, MLP, vocabulary, context) with the
+    routing, which modlm's trainer, evaluation, FLOP accounting and checkpoints read. The mirror
+    describes FLOPs approximately: it counts full multi-head key/value projections (no grouped
+    queries), no biases and no learned position table.
+    """
+
+    def __init__(self, hf_model: nn.Module, routing_cfg: RoutingConfig | None = None, *,
+                 identity_init: bool = True) -> None:
+        super().__init__()
+        hf_config = hf_model.config
+        self.family = _family(hf_config)
+        impl = getattr(hf_config, "_attn_implementation", None)
+        if impl not in ATTN_IMPLEMENTATIONS:
+            raise RetrofitError(f"attention implementation {impl!r} is not supported; load the "
+                                f"model with attn_implementation='sdpa' or 'eager'")
+        self.cfg = model_config_for(hf_config, routing_cfg or RoutingConfig())
+        self.identity_init = identity_init
+        self.hf = hf_model
+        layers = self.family.layers(hf_model)
+        if any(isinstance(l, MoDLayer) for l in layers):
+            raise RetrofitError("this Hugging Face model is already retrofitted; load a fresh "
+                                "copy of the original to retrofit it again")
+        for i in self.cfg.routed_layers:
+            layers[i] = MoDLayer(layers[i], i, self.cfg, identity_init)
+        self._init_routers()
+
+    def _init_routers(self) -> None:
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, LinearRouter):
+                # As MoDLM (docs/design.md): distinct scores from the first step.
+                nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(self.cfg.d_model))
+            elif isinstance(m, Predictor):
+                nn.init.normal_(m.fc.weight, 0.0, std)
+                nn.init.normal_(m.head.weight, 0.0, std)
+
+    @property
+    def hf_config(self) -> Any:
+        return self.hf.config
+
+    def routed_layers(self) -> list[MoDLayer]:
+        return [l for l in self.family.layers(self.hf) if isinstance(l, MoDLayer)]
+
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None,
+                mode: RoutingMode = "topk", generator: torch.Generator | None = None,
+                attention_mask_BT: Tensor | None = None) -> ModelOutput:
+        """Logits (and losses, given targets; target -1 is ignored) for token ids idx_BT.
+
+        attention_mask_BT: optional padding mask (1 or True = real token), left or right padded.
+        """
+        logits_BTV, stats = self._run(idx_BT, targets_BT, mode, generator, attention_mask_BT,
+                                      dense=False)
+        if targets_BT is None:
+            return ModelOutput(logits_BTV=logits_BTV, loss=None, lm_loss=None,
+                               router_aux_loss=None, predictor_loss=None, routing=tuple(stats))
+        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(),
+                                  ignore_index=-1)
+        aux = _mean([s.router_aux_loss for s in stats])
+        pred = _mean([s.predictor_loss for s in stats])
+        loss = lm_loss
+        r = self.cfg.routing
+        if aux is not None and r.aux_loss_weight > 0:
+            loss = loss + r.aux_loss_weight * aux
+        if pred is not None and r.predictor_loss_weight > 0:
+            loss = loss + r.predictor_loss_weight * pred
+        return ModelOutput(logits_BTV=logits_BTV, loss=loss, lm_loss=lm_loss,
+                           router_aux_loss=aux, predictor_loss=pred, routing=tuple(stats))
+
+    @torch.no_grad()
+    def original_logits(self, idx_BT: Tensor, attention_mask_BT: Tensor | None = None) -> Tensor:
+        """The logits of the original (un-retrofitted) model: every layer on every token."""
+        return self._run(idx_BT, None, "topk", None, attention_mask_BT, dense=True)[0]
+
+    def _run(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str,
+             generator: torch.Generator | None, attention_mask_BT: Tensor | None,
+             dense: bool) -> tuple[Tensor, list[LayerRouting]]:
+        valid_BT = self._check_inputs(idx_BT, targets_BT, mode, attention_mask_BT)
+        B, T = idx_BT.shape
+        hf, family = self.hf, self.family
+        if valid_BT is None:
+            pos_BT = torch.arange(T, device=idx_BT.device).expand(B, T)
+        else:  # positions count real tokens only (Hugging Face's rule for left padding)
+            pos_BT = (valid_BT.long().cumsum(dim=1) - 1).clamp(min=0)
+        x_BTD = family.embed(hf, idx_BT, pos_BT)
+        pe = family.positions(hf, x_BTD, pos_BT)
+        mask = _causal_mask(hf.config, x_BTD, valid_BT)
+        route = _Route(family, hf.config, mode, pos_BT, pe, valid_BT, generator)
+        stats: list[LayerRouting] = []
+        for layer in family.layers(hf):
+            if isinstance(layer, MoDLayer) and not dense:
+                x_BTD, layer_stats = layer(x_BTD, route=route)
+                stats.append(layer_stats)
+            else:
+                inner = layer.layer if isinstance(layer, MoDLayer) else layer
+                x_BTD = family.call(inner, x_BTD, mask, pos_BT, pe)
+        return family.head(hf, x_BTD), stats
+
+    def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str,
+                      attention_mask_BT: Tensor | None) -> Tensor | None:
+        """Validate the inputs; return the padding mask as bool (None when nothing is padded)."""
+        if mode not in ROUTING_MODES:
+            raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
+        if mode == "predictor" and not self.cfg.is_dense and not self.cfg.routing.predictor:
+            raise ValueError("routing mode 'predictor' needs a model retrofitted with "
+                             "routing.predictor=true; use mode='router' or 'topk'")
+        if idx_BT.dim() != 2:
+            raise ValueError(f"expected token ids of shape (batch, time), "
+                             f"got {tuple(idx_BT.shape)}")
+        if idx_BT.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be int64 or int32, got {idx_BT.dtype}")
+        T = idx_BT.shape[1]
+        if not 1 <= T <= self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} must be in 1..{self.cfg.max_seq_len} (the "
+                             f"model's maximum position count)")
+        window = _sliding_window(self.hf.config)
+        if window is not None and T > window:
+            raise RetrofitError(f"sequence length {T} exceeds the model's sliding attention "
+                                f"window ({window}); retrofitted models attend over full causal "
+                                f"context, so keep sequences within the window")
+        if torch.compiler.is_compiling():
+            # Value checks read tensors and would break the graph.
+            return None if attention_mask_BT is None else attention_mask_BT.bool()
+        n_ids = self.embedding_rows()
+        lo, hi = int(idx_BT.min()), int(idx_BT.max())
+        if lo < 0 or hi >= n_ids:
+            raise ValueError(f"token ids must be in 0..{n_ids - 1}, got values in {lo}..{hi}; "
+                             f"check the tokenizer matches the model")
+        if targets_BT is not None:
+            if targets_BT.shape != idx_BT.shape:
+                raise ValueError(f"targets shape {tuple(targets_BT.shape)} must equal the "
+                                 f"inputs' {tuple(idx_BT.shape)}")
+            lo, hi = int(targets_BT.min()), int(targets_BT.max())
+            if lo < -1 or hi >= n_ids:
+                raise ValueError(f"targets must be -1 (ignored) or in 0..{n_ids - 1}, got "
+                                 f"values in {lo}..{hi}")
+        if attention_mask_BT is None:
+            return None
+        if attention_mask_BT.shape != idx_BT.shape:
+            raise ValueError(f"attention_mask_BT shape {tuple(attention_mask_BT.shape)} must "
+                             f"equal the inputs' {tuple(idx_BT.shape)}")
+        if attention_mask_BT.dtype != torch.bool:
+            if attention_mask_BT.is_floating_point() or not bool(
+                    ((attention_mask_BT == 0) | (attention_mask_BT == 1)).all()):
+                raise ValueError("attention_mask_BT must hold 1 (real token) or 0 (padding)")
+            attention_mask_BT = attention_mask_BT.bool()
+        return None if bool(attention_mask_BT.all()) else attention_mask_BT
+
+    def embedding_rows(self) -> int:
+        """How many token ids the input embedding takes."""
+        return self.hf.get_input_embeddings().num_embeddings
+
+    @torch.no_grad()
+    def generate(self, idx_BT: Tensor, max_new_tokens: int, mode: RoutingMode = "router",
+                 temperature: float = 0.0, attention_mask_BT: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continue each row by `max_new_tokens` tokens in a causal routing mode, recomputing the
+        full forward for every new token (no KV cache: exact, and slow for long outputs).
+
+        Left-pad prompts of different lengths and pass their attention_mask_BT. temperature 0 is
+        greedy. Returns the prompts with the new tokens appended, (B, T + max_new_tokens).
+        """
+        if mode == "topk":
+            raise RetrofitError("mode 'topk' is not causal (whether a token is routed depends on "
+                                "later tokens) and cannot generate; use 'router' or 'predictor' "
+                                "(paper Sec 3.5)")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if idx_BT.shape[1] + max_new_tokens > self.cfg.max_seq_len:
+            raise RetrofitError(f"prompt ({idx_BT.shape[1]}) + max_new_tokens ({max_new_tokens}) "
+                                f"exceeds the model's {self.cfg.max_seq_len} positions")
+        ids_BT, mask_BT = idx_BT, attention_mask_BT
+        for _ in range(max_new_tokens):
+            logits_BV = self(ids_BT, mode=mode, attention_mask_BT=mask_BT).logits_BTV[:, -1]
+            if temperature == 0:
+                next_B = logits_BV.argmax(dim=-1)
+            else:
+                probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
+                next_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+            ids_BT = torch.cat([ids_BT, next_B[:, None].to(ids_BT.dtype)], dim=1)
+            if mask_BT is not None:
+                mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], dim=1)
+        return ids_BT
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, counting tied embeddings once."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _mean(losses: list[Tensor | None]) -> Tensor | None:
+    present = [l for l in losses if l is not None]
+    return torch.stack(present).mean() if present else None
+
+
+# ---- configs -----------------------------------------------------------------------------------
+
+def model_config_for(hf_config: Any, routing_cfg: RoutingConfig) -> ModelConfig:
+    """A `ModelConfig` with the Hugging Face model's shape and the given routing (the mirror
+    modlm's trainer, evaluation, FLOP accounting and checkpoints read)."""
+    _family(hf_config)
+    c = hf_config
+    if c.model_type == "gpt2":
+        d = c.n_embd
+        shape = dict(vocab_size=c.vocab_size, d_model=d, n_layers=c.n_layer, n_heads=c.n_head,
+                     d_mlp=c.n_inner or 4 * d, mlp="gelu", max_seq_len=c.n_positions,
+                     tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+                     norm_eps=c.layer_norm_epsilon, init_std=c.initializer_range)
+    else:
+        d = c.hidden_size
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        shape = dict(vocab_size=c.vocab_size, d_model=d, n_layers=c.num_hidden_layers,
+                     n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, mlp="swiglu",
+                     max_seq_len=c.max_position_embeddings, rope_theta=float(theta),
+                     tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+                     norm_eps=c.rms_norm_eps, init_std=c.initializer_range)
+    heads = shape["n_heads"]
+    if d % heads or (d // heads) % 2:
+        # ModelConfig wants an even head width for its own rotary layers; FLOP accounting does
+        # not depend on the head count, so the mirror takes one head.
+        shape["n_heads"] = 1
+    if isinstance(routing_cfg.layers, tuple):
+        bad = [i for i in routing_cfg.layers if not 0 <= i < shape["n_layers"]]
+        if bad:
+            raise RetrofitError(f"routing.layers has layer indices {bad} outside "
+                                f"0..{shape['n_layers'] - 1} of this {c.model_type} model")
+    return ModelConfig(**shape, routing=routing_cfg)
+
+
+def hf_config_from_dict(d: Mapping[str, Any]) -> Any:
+    """A Hugging Face config object from its dict (as `config.to_dict()` wrote it)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise RetrofitError(f"cannot retrofit a Hugging Face model of type {model_type!r}: "
+                            f"supported are {SUPPORTED_MODEL_TYPES}")
+    return CONFIG_MAPPING[model_type].from_dict(dict(d))
+
+
+# ---- building ----------------------------------------------------------------------------------
+
+def retrofit(hf_model: nn.Module, routing_cfg: RoutingConfig | None = None, *,
+             identity_init: bool = True) -> RetrofitLM:
+    """Patch `hf_model` in place (routed layers wrapped, every weight kept) and return the
+    `RetrofitLM` that drives it. Router initialisation draws from torch's global generator."""
+    return RetrofitLM(hf_model, routing_cfg, identity_init=identity_init)
+
+
+def load_hf_model(folder: str | os.PathLike[str],
+                  attn_implementation: AttnImplementation = "sdpa") -> nn.Module:
+    """A Hugging Face causal LM from a local folder (never downloaded), float32, on the CPU."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise RetrofitError(f"{folder} is not a Hugging Face model folder (no config.json); "
+                            f"pass a local folder written by save_pretrained (models are never "
+                            f"downloaded)")
+    _check_attn(attn_implementation)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    _family(hf_config)   # a clear error before the weights are read
+    return AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, attn_implementation=attn_implementation,
+        dtype=torch.float32)
+
+
+def from_pretrained(folder: str | os.PathLike[str], routing_cfg: RoutingConfig | None = None, *,
+                    attn_implementation: AttnImplementation = "sdpa",
+                    identity_init: bool = True) -> RetrofitLM:
+    """Load a Hugging Face causal LM from a local folder and retrofit it."""
+    return retrofit(load_hf_model(folder, attn_implementation), routing_cfg,
+                    identity_init=identity_init)
+
+
+def from_hf_config(hf_config: Mapping[str, Any] | Any, routing_cfg: RoutingConfig | None = None,
+                   *, attn_implementation: AttnImplementation = "sdpa",
+                   identity_init: bool = True) -> RetrofitLM:
+    """A retrofitted model with this architecture and random weights (to load a state into)."""
+    _check_attn(attn_implementation)
+    from transformers import AutoModelForCausalLM
+    if isinstance(hf_config, Mapping):
+        hf_config = hf_config_from_dict(hf_config)
+    hf_model = AutoModelForCausalLM.from_config(hf_config,
+                                                attn_implementation=attn_implementation,
+                                                dtype=torch.float32)
+    return retrofit(hf_model, routing_cfg, identity_init=identity_init)
+
+
+def _check_attn(attn_implementation: str) -> None:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise RetrofitError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS} (what "
+                            f"Hugging Face offers on CPU), got {attn_implementation!r}")
+
+
+def build_for_training(cfg: Any, tokenizer: Any, *, pretrained: bool) -> tuple[Any, RetrofitLM]:
+    """The trainer's hook (modlm.train): the retrofitted model and the TrainConfig resolved for it
+    (`model` = the mirror config, `retrofit.hf_config` recorded). `pretrained` loads the weights
+    of `retrofit.source` (a new run); otherwise the architecture comes from the recorded
+    `retrofit.hf_config` and the weights from the checkpoint being resumed."""
+    retro: RetrofitConfig = cfg.retrofit
+    options = dict(attn_implementation=retro.attn_implementation,
+                   identity_init=retro.identity_init)
+    if pretrained:
+        if retro.source is None:
+            raise RetrofitError("a new retrofit run needs retrofit.source (a local Hugging Face "
+                                "model folder); retrofit.hf_config is recorded by the trainer")
+        model = from_pretrained(retro.source, cfg.model.routing, **options)
+    else:
+        model = from_hf_config(retro.hf_config or _read_source_config(retro.source),
+                               cfg.model.routing, **options)
+    mirror = model.cfg
+    if tokenizer.vocab_size > model.embedding_rows():
+        raise RetrofitError(f"the {cfg.data.tokenizer} tokenizer has {tokenizer.vocab_size} ids "
+                            f"but the Hugging Face model embeds {model.embedding_rows()}; "
+                            f"pick the tokenizer the model was trained with (data.tokenizer)")
+    if cfg.data.seq_len > mirror.max_seq_len:
+        raise RetrofitError(f"data.seq_len ({cfg.data.seq_len}) exceeds the Hugging Face model's "
+                            f"{mirror.max_seq_len} positions; lower data.seq_len")
+    recorded = dataclasses.replace(retro, hf_config=model.hf.config.to_dict())
+    return dataclasses.replace(cfg, model=mirror, retrofit=recorded), model
+
+
+def _read_source_config(source: str | None) -> dict[str, Any]:
+    if source is None:
+        raise RetrofitError("retrofit needs retrofit.source (a local Hugging Face model folder)")
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(source, local_files_only=True).to_dict()
+
+
+def model_from_run_config(model_cfg: ModelConfig, retrofit_section: Mapping[str, Any]
+                          ) -> RetrofitLM:
+    """The (untrained) retrofitted model a checkpoint's config describes, for loading its weights
+    (modlm.checkpoint.load_model)."""
+    retro = RetrofitConfig(**retrofit_section)
+    model = from_hf_config(retro.hf_config, model_cfg.routing,
+                           attn_implementation=retro.attn_implementation,
+                           identity_init=retro.identity_init)
+    if model.cfg != model_cfg:
+        raise RetrofitError("the checkpoint's model config does not match its recorded Hugging "
+                            "Face config; the checkpoint was edited or written by another version")
+    return model
+
+
+# ---- how close the retrofitted model starts ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Closeness:
+    """How far a retrofitted model's outputs are from the original model's on one batch."""
+
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    loss_original: float
+    loss_retrofit: float
+    top1_agreement: float      # share of positions where both models' most likely token agrees
+
+    @property
+    def loss_change(self) -> float:
+        return self.loss_retrofit - self.loss_original
+
+
+@torch.no_grad()
+def measure_closeness(model: RetrofitLM, ids_BT1: Tensor, mode: RoutingMode = "topk"
+                      ) -> Closeness:
+    """Compare the retrofitted model with the original (its layers run densely) on windows of
+    T + 1 tokens: |logit difference| and the next-token loss of both."""
+    was_training = model.training
+    model.eval()
+    x_BT, y_BT = ids_BT1[:, :-1], ids_BT1[:, 1:]
+    ref_BTV = model.original_logits(x_BT)
+    out_BTV = model(x_BT, mode=mode).logits_BTV
+    model.train(was_training)
+    diff = (out_BTV - ref_BTV).abs()
+
+    def loss(logits_BTV: Tensor) -> float:
+        return float(F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten()))
+
+    return Closeness(float(diff.max()), float(diff.mean()), loss(ref_BTV), loss(out_BTV),
+                     float((out_BTV.argmax(-1) == ref_BTV.argmax(-1)).float().mean()))
