@@ -24,6 +24,7 @@ import torch
 
 from modlm import flops
 from modlm.config import ModelConfig, RoutingConfig
+from modlm.measure import peak_rss_mib, train_step_seconds
 from modlm.model import MoDLM
 from modlm.presets import dense
 
@@ -42,11 +43,8 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step(model: MoDLM, x: torch.Tensor, y: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    model(x, y).loss.backward()
-    elapsed = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    return elapsed
+    """Forward + backward (no optimizer step), as this benchmark has always measured."""
+    return train_step_seconds(model, x, y)
 
 
 def matmul_gflops(args: argparse.Namespace, repeats: int) -> float:
@@ -63,25 +61,15 @@ def matmul_gflops(args: argparse.Namespace, repeats: int) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(times) / 1e9
 
 
-def _peak_rss_mib() -> float:
-    # VmHWM belongs to this process image; getrusage's ru_maxrss would carry the parent's
-    # high-water mark across fork + exec on Linux.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def memory_child(args: argparse.Namespace, name: str) -> None:
     """Run in a fresh process: peak resident memory of training steps of one model."""
     torch.manual_seed(0)
     model = MoDLM(configs(args)[name])
     x, y = batch(args)
-    before = _peak_rss_mib()
+    before = peak_rss_mib()
     for _ in range(2):
         step(model, x, y)
-    after = _peak_rss_mib()
+    after = peak_rss_mib()
     print(json.dumps({"peak_rss_mib": after, "step_increase_mib": after - before}))
 
 

@@ -1,4 +1,4 @@
-"""The `modlm` command line: `presets`, `flops`, `demo`, `train`, `eval`, `sample`.
+"""The `modlm` command line: `presets`, `flops`, `demo`, `train`, `eval`, `sample`, `experiment`.
 
 Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --set n_layers=10`).
 """
@@ -29,11 +29,19 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def _describe(cfg: ModelConfig) -> str:
-    if cfg.is_dense:
-        return "dense"
-    r = cfg.routing
-    return (f"MoD: {r.router} router, capacity {r.capacity:g}, routed blocks "
-            f"{','.join(map(str, cfg.routed_layers))}, weight {r.router_weight}")
+    parts = []
+    if not cfg.is_dense:
+        r = cfg.routing
+        parts.append(f"MoD: {r.router} router, capacity {r.capacity:g}, routed blocks "
+                     f"{','.join(map(str, cfg.routed_layers))}, weight {r.router_weight}")
+    if cfg.moe_layers:
+        m = cfg.moe
+        noop = f" + {m.noop_experts} no-op" if m.noop_experts else ""
+        cap = "no capacity limit" if m.capacity_factor is None else \
+            f"capacity factor {m.capacity_factor:g}"
+        parts.append(f"MoE: {m.experts}{noop} experts, top-{m.top_k}, {cap}, blocks "
+                     f"{','.join(map(str, cfg.moe_layers))}")
+    return "; ".join(parts) or "dense"
 
 
 def _fmt(x: float) -> str:
@@ -42,11 +50,11 @@ def _fmt(x: float) -> str:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from modlm.flops import forward_flops, param_count
-    print(f"{'preset':18s} {'d':>5s} {'L':>3s} {'H':>3s} {'T':>5s} {'vocab':>6s} "
+    print(f"{'preset':26s} {'d':>5s} {'L':>3s} {'H':>3s} {'T':>5s} {'vocab':>6s} "
           f"{'params':>11s} {'GFLOP/fwd':>10s}  routing")
     for name in PRESETS:
         c = get_preset(name)
-        print(f"{name:18s} {c.d_model:5d} {c.n_layers:3d} {c.n_heads:3d} {c.max_seq_len:5d} "
+        print(f"{name:26s} {c.d_model:5d} {c.n_layers:3d} {c.n_heads:3d} {c.max_seq_len:5d} "
               f"{c.vocab_size:6d} {param_count(c).total:11,d} "
               f"{forward_flops(c).total / 1e9:10.3f}  {_describe(c)}")
     return 0
@@ -347,7 +355,158 @@ def build_parser() -> argparse.ArgumentParser:
                    help=r"interpret backslash escapes such as \n in --prompt")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model",
+                       description="Write a run's checkpoint (model and tokenizer) as a folder "
+                       "that transformers loads: after `modlm.hf.register()`, "
+                       "AutoModelForCausalLM.from_pretrained(OUT_DIR) and "
+                       "AutoTokenizer.from_pretrained(OUT_DIR). Needs `pip install 'modlm[hf]'`.")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--which", default="latest", choices=("latest", "best"),
+                   help="a run folder's latest (default) or best checkpoint")
+    p.add_argument("--mode", default=None, choices=("router", "predictor"),
+                   help="causal routing rule for generate and evaluation (default: the one the "
+                        "model was trained for)")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("experiment", help="run one of the paper's experiments (resumable)",
+                       description="Train and evaluate the runs of an experiment and write its "
+                       "record folder (OUT/NAME: configs, metrics, environment, results, "
+                       "report.md with tables, figures/*.png). Rerunning skips finished runs and "
+                       "continues an interrupted one. Experiments: demo (the main job), isoflop, "
+                       "controls, causal, routing, speed; see modlm/experiments/.")
+    from modlm.experiments import NAMES as EXPERIMENT_NAMES
+    p.add_argument("name", metavar="NAME", choices=EXPERIMENT_NAMES)
+    p.add_argument("--out", default="runs/experiments",
+                   help="parent of the record folder (default runs/experiments)")
+    p.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
+                   help="multiply every FLOP budget and step count (e.g. 0.01 for a smoke run)")
+    p.add_argument("--eval-windows", type=_positive, default=None, metavar="N",
+                   help="held-out windows of each final evaluation (default 256, shrunk with "
+                        "the budget scale)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch threads")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training-config override for every run (e.g. data.corpus=notes.txt)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs, their steps and FLOPs and a time estimate (from a few "
+                        "timed steps of each model on this machine); train nothing")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("retrofit", help="retrofit a Hugging Face decoder with MoD routers and "
+                       "measure how far its outputs move",
+                       description="Load a local Hugging Face causal LM (Llama family or GPT-2), "
+                       "put routers on every other layer (modlm.hf.retrofit) and compare its "
+                       "logits and next-token loss with the original on text, at the chosen "
+                       "capacity and at 1.0. Train it with `modlm train --set "
+                       "retrofit.source=HF_FOLDER`.")
+    p.add_argument("hf_folder", metavar="HF_FOLDER")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a routing field (e.g. capacity=0.25, layers=[1,3], router_weight=raw)")
+    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
+    p.add_argument("--no-identity-init", dest="identity_init", action="store_false",
+                   help="modlm's plain router weight sigmoid(r) instead of starting at 1")
+    p.add_argument("--tokenizer", default="bytes", choices=("bytes", "gpt2"),
+                   help="how to turn the text into the model's token ids (default bytes)")
+    p.add_argument("--data", default=None, help="a text file (default: CPython's pydoc text)")
+    p.add_argument("--seq-len", type=_positive, default=128)
+    p.add_argument("--windows", type=_positive, default=8, help="windows of text to compare on")
+    p.set_defaults(func=cmd_retrofit)
     return parser
+
+
+def cmd_retrofit(args: argparse.Namespace) -> int:
+    """Retrofit a local Hugging Face decoder and measure how far its outputs move."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from modlm.config import RoutingConfig
+    from modlm.corpus import load_pydoc_text
+    from modlm.hf import retrofit as rf
+    from modlm.tokenizer import build_tokenizer
+
+    routing_cfg = apply_overrides(RoutingConfig(), _parse_overrides(args.overrides))
+    original = rf.load_hf_model(args.hf_folder, args.attn_implementation)
+    text = open(args.data, encoding="utf-8").read() if args.data else load_pydoc_text()
+    ids = torch.from_numpy(np.asarray(build_tokenizer(args.tokenizer).encode_array(text),
+                                      dtype=np.int64).copy())
+    n = args.windows * (args.seq_len + 1)
+    if len(ids) < n:
+        raise ConfigError(f"the text has {len(ids)} tokens, fewer than --windows x (--seq-len + "
+                          f"1) = {n}; use more text or fewer, shorter windows")
+    ids_BT1 = ids[:n].view(args.windows, args.seq_len + 1)
+    print(f"{original.config.model_type} from {args.hf_folder}, "
+          f"{args.attn_implementation} attention; {args.windows} windows of {args.seq_len} "
+          f"{args.tokenizer} tokens; top-k routing (the training forward)")
+    print(f"{'capacity':>8s} {'routed layers':>14s} {'max |dlogit|':>12s} {'mean |dlogit|':>13s} "
+          f"{'loss original':>13s} {'loss retrofit':>13s} {'top-1 agree':>11s}")
+    for capacity in sorted({routing_cfg.capacity, 1.0}, reverse=True):
+        torch.manual_seed(0)
+        model = rf.retrofit(copy.deepcopy(original),
+                            dataclasses.replace(routing_cfg, capacity=capacity),
+                            identity_init=args.identity_init)
+        c = rf.measure_closeness(model, ids_BT1)
+        layers = ",".join(map(str, model.cfg.routed_layers)) or "none"
+        print(f"{capacity:8g} {layers:>14s} {c.max_abs_logit_diff:12.3g} "
+              f"{c.mean_abs_logit_diff:13.3g} {c.loss_original:13.4f} {c.loss_retrofit:13.4f} "
+              f"{c.top1_agreement:11.3f}")
+    added = model.num_parameters() - original.num_parameters()
+    print(f"routers, predictors and gains add {added:,d} parameters. Train it with: modlm train "
+          f"--set retrofit.source={args.hf_folder} --set model.routing.capacity="
+          f"{routing_cfg.capacity:g} --set data.tokenizer={args.tokenizer} --set data.corpus=...")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from modlm.hf import export_checkpoint
+    try:
+        out = export_checkpoint(args.run, args.out_dir, which=args.which, routing_mode=args.mode)
+    except ImportError as e:
+        print(f"modlm: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: load it with modlm.hf.register(), then "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Run (or plan) a named experiment; print its report."""
+    from modlm import experiments
+    from modlm.experiment import (
+        ExperimentInterrupted,
+        Options,
+        plan_experiment,
+        plan_table,
+        run_experiment,
+    )
+    exp = experiments.get(args.name)
+    options = Options(out=args.out, budget_scale=args.budget_scale,
+                      eval_windows=args.eval_windows, threads=args.threads,
+                      overrides=_parse_overrides(args.overrides))
+    if args.plan:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        plan = plan_experiment(exp, options)
+        print(f"{exp.title}\n\n{plan_table(plan)}\n")
+        train_s = sum(p.seconds or 0.0 for p in plan)
+        flops_total = sum(p.train_flops for p in plan)
+        print(f"{len(plan)} runs, {flops_total:.3g} training FLOPs; estimated {train_s / 60:.0f} "
+              f"min of training + {exp.extra_minutes:.0f} min of evaluation and measurement "
+              f"(step times measured just now on this machine; later stages as the experiment "
+              f"assumes them)")
+        return 0
+    try:
+        root = run_experiment(exp, options)
+    except ExperimentInterrupted as e:
+        print(f"modlm: {e}", file=sys.stderr)
+        return 130
+    print((root / "report.md").read_text())
+    print(f"record: {root} (report.md, summary.json, figures/, results/, runs/)")
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -57,8 +57,14 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     from modlm.checkpoint import load_model, resolve_checkpoint
     from modlm.hf.modeling import from_modlm
     from modlm.hf.tokenizer import save_hf_tokenizer, special_token_ids
+    from modlm.model import MoDLM
 
     model, loaded = load_model(resolve_checkpoint(path, which))  # type: ignore[arg-type]
+    if not isinstance(model, MoDLM):
+        raise ValueError(f"{path} is a run of a retrofitted Hugging Face model; export-hf writes "
+                         f"modlm's own models only. Load the run with "
+                         f"modlm.checkpoint.load_model (a RetrofitLM, whose `.hf` is the patched "
+                         f"transformers model) instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Deviation: no eos_token_id in the model's generation config even for BPE runs: modlm's

@@ -1,0 +1,134 @@
+"""Mixture-of-Depths-and-Experts at one FLOP budget (paper Sec 4.3, Fig 7).
+
+Six models of the `small` preset's shape (d256, 6 layers, T 256, bytes), each trained on the
+built-in corpus for the same 3e13 training FLOPs (about 3-5 minutes each on 2 cores; cheaper
+models take more steps):
+
+- dense:                the plain transformer;
+- mod:                  MoD, capacity 12.5% on blocks 1, 3, 5 (the paper's best, Sec 4.1);
+- moe:                  4 top-1 SwiGLU experts of the dense MLP's width in every block,
+                        capacity factor 1.25, Switch balance loss and ST-MoE z-loss;
+- mode-staged:          MoD routing in front of the blocks, MoE MLPs for the processed tokens;
+- mode-integrated:      the MoE router also offers 4 no-op experts (a token sent to one skips the
+                        MLP; attention unchanged): about half the MLP slots are computed;
+- moe-reduced:          the paper's foil: MoE whose capacity factor is cut to 0.5 so it spends
+                        integrated MoDE's MLP compute by dropping overflow tokens.
+
+Reported: held-out loss in the training forward (`topk`: MoD top-k and expert capacity, the
+objective of Fig 7) and in the inference forward (causal MoD routing by the predictor; no expert
+capacity), forward FLOPs per sequence relative to dense, the MoE layers' computed / dropped /
+no-op shares, and the training-step time of every model measured interleaved in one process.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from modlm.experiment import Context, Experiment, Report, RunResult, RunSpec, fmt, markdown_table
+
+BUDGET = 3e13
+BASE = "small"
+VARIANTS = ("dense", "mod", "moe", "mode-staged", "mode-integrated", "moe-reduced")
+STEP_REPEATS = 6
+
+
+def preset_name(variant: str) -> str:
+    return BASE if variant == "mod" else f"{BASE}-{variant}"
+
+
+def stage(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
+    return [ctx.spec(variant, preset_name(variant), flops=ctx.budget(BUDGET),
+                     family=variant, tags={"variant": variant}, evals=2)
+            for variant in VARIANTS]
+
+
+def step_times(ctx: Context, results: dict[str, RunResult]) -> dict[str, float]:
+    """Median training-step time per model (forward, backward, clip, AdamW), all six built
+    fresh and timed interleaved in this process, at the runs' batch shape."""
+    import torch
+
+    from modlm import measure
+    from modlm.model import MoDLM
+    from modlm.optim import build_optimizer
+    fns = {}
+    for name, r in results.items():
+        torch.manual_seed(0)
+        model = MoDLM(r.model_config)
+        opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, r.model_config.vocab_size, (r.batch_size, r.seq_len + 1),
+                            generator=g)
+        fns[name] = (lambda m=model, o=opt, i=ids:
+                     measure.train_step_seconds(m, i[:, :-1], i[:, 1:], o))
+    return measure.medians(measure.interleaved(fns, repeats=STEP_REPEATS))
+
+
+def _shares(r: RunResult, mode: str) -> dict[str, float] | None:
+    layers = r.eval["val"][mode].get("moe")
+    if not layers:
+        return None
+    return {k: statistics.fmean(m[k] for m in layers) for k in ("computed", "dropped", "noop")}
+
+
+def report(ctx: Context, results: dict[str, RunResult]) -> Report:
+    from modlm import plots
+    times = ctx.cached("step_times", lambda: step_times(ctx, results))
+    dense = results["dense"]
+    rows, summary = [], {}
+    for variant in VARIANTS:
+        r = results[variant]
+        shares = _shares(r, "topk")
+        entry: dict[str, Any] = {
+            "preset": preset_name(variant), "params": r.params,
+            "forward_flops_over_dense": r.forward_flops / dense.forward_flops,
+            "steps": r.steps, "step_s": times[variant],
+            "step_time_over_dense": times[variant] / times["dense"],
+            "loss_training_forward": r.loss("topk"),
+            "inference_mode": r.headline_mode, "loss_inference_forward": r.headline_loss,
+            "mlp_shares_training_forward": shares}
+        summary[variant] = entry
+        rows.append([
+            variant, f"`{entry['preset']}`", f"{r.params / 1e6:.2f}M",
+            f"{entry['forward_flops_over_dense']:.3f}", r.steps, f"{times[variant] * 1e3:.0f}",
+            f"{entry['step_time_over_dense']:.3f}", fmt(r.loss("topk")),
+            f"{fmt(r.headline_loss)} ({r.headline_mode})",
+            "-" if shares is None else " / ".join(f"{shares[k]:.2f}"
+                                                  for k in ("computed", "dropped", "noop"))])
+    points = {v: [(summary[v]["forward_flops_over_dense"], summary[v]["loss_training_forward"],
+                   v)] for v in VARIANTS}
+    plots.scatter_families(points, ctx.figure("mode"),
+                           xlabel="forward FLOPs per sequence / dense",
+                           ylabel="held-out loss, training forward (nats/byte)",
+                           title=f"MoDE at {ctx.budget(BUDGET):.0e} training FLOPs (Fig 7)",
+                           logx=False)
+    best = min(VARIANTS, key=lambda v: summary[v]["loss_training_forward"])
+    integ, foil = summary["mode-integrated"], summary["moe-reduced"]
+    table = markdown_table(
+        ["model", "preset", "params", "fwd FLOPs / dense", "steps", "step ms",
+         "step time / dense", "loss, training fwd", "loss, inference fwd",
+         "MLP slots computed / dropped / no-op"], rows, "lllrrrrrll")
+    text = "\n".join([
+        f"Budget {ctx.budget(BUDGET):.0e} training FLOPs per model; held-out loss on "
+        f"{ctx.options.windows} windows of 256 bytes of the held-out plays. Step time: median "
+        f"of {STEP_REPEATS} interleaved training steps per model, measured after training in "
+        "one process.", "", table, "", "![MoDE](figures/mode.png)", "",
+        f"- Lowest loss in the training forward: **{best}**.",
+        f"- Integrated MoDE minus the reduced-capacity foil (same expected MLP compute), "
+        f"training forward: {integ['loss_training_forward'] - foil['loss_training_forward']:+.4f}"
+        f"; inference forward: "
+        f"{integ['loss_inference_forward'] - foil['loss_inference_forward']:+.4f}.",
+        f"- Staged MoDE minus MoD: {summary['mode-staged']['loss_training_forward'] - summary['mod']['loss_training_forward']:+.4f}; "  # noqa: E501
+        f"MoE minus dense: {summary['moe']['loss_training_forward'] - summary['dense']['loss_training_forward']:+.4f}.",  # noqa: E501
+    ])
+    return Report(text, {"variants": summary, "best": best})
+
+
+EXPERIMENT = Experiment(
+    name="mode",
+    title="MoDE: dense, MoD, MoE, staged and integrated MoDE, reduced-capacity MoE at one budget",
+    description=__doc__.split("\n", 1)[1].strip(),
+    stages=(stage,),
+    report=report,
+    extra_minutes=1.0,
+)

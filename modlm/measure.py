@@ -1,0 +1,107 @@
+"""Speed and memory measurement: training steps, prefill, decode, peak memory.
+
+Legend: B batch, T time.
+
+Timing rules shared by the experiments (and the benchmark scripts' conventions):
+- models compared are timed in one process, interleaved (the order alternates every round), after
+  warm-up rounds, and summarised by the median, so a machine that slows down for a while
+  slows every model alike;
+- a training step is what the training loop does: forward, backward, gradient clipping and an
+  AdamW step (`train_step_seconds`);
+- peak memory is the resident-set high-water mark of a fresh child process that builds one model
+  and runs training steps (a process's high-water mark cannot be reset), minus the mark before
+  the steps: the memory the steps add (Linux only).
+Nothing here computes FLOPs; predicted ratios come from modlm.flops.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from modlm.config import ModelConfig
+
+
+def train_step_seconds(model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor,
+                       optimizer: torch.optim.Optimizer | None = None) -> float:
+    """Wall time of one training step (forward, backward, clip, optimizer step if given)."""
+    t0 = time.perf_counter()
+    model(x_BT, y_BT).loss.backward()
+    if optimizer is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: Mapping[str, Callable[[], float]], repeats: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Call each measurement `warmup + repeats` times, alternating the order every round; return
+    the measured values of the last `repeats` rounds per name."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(warmup + repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            value = fns[name]()
+            if r >= warmup:
+                out[name].append(value)
+    return out
+
+
+def medians(samples: Mapping[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-set high-water mark in MiB (VmHWM: it belongs to this process
+    image; getrusage's ru_maxrss would carry a parent's mark across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only")
+
+
+def step_memory_child(cfg_json: str, batch: int, seq_len: int, steps: int = 2) -> dict[str, float]:
+    """Run in a fresh process: build the model, run training steps, report peak memory."""
+    from modlm.model import MoDLM
+    from modlm.optim import build_optimizer
+    cfg = ModelConfig.from_dict(json.loads(cfg_json))
+    torch.manual_seed(0)
+    model = MoDLM(cfg)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
+    before = peak_rss_mib()
+    for _ in range(steps):
+        train_step_seconds(model, ids[:, :-1], ids[:, 1:], opt)
+    after = peak_rss_mib()
+    return {"peak_rss_mib": after, "step_increase_mib": after - before}
+
+
+def step_memory(cfg: ModelConfig, batch: int, seq_len: int, threads: int | None = None
+                ) -> dict[str, float]:
+    """Peak memory of training steps of `cfg`, measured in a fresh child process."""
+    code = ("import json, sys, torch\n"
+            + (f"torch.set_num_threads({int(threads)})\n" if threads else "")
+            + "from modlm.measure import step_memory_child\n"
+            f"print(json.dumps(step_memory_child(sys.argv[1], {int(batch)}, {int(seq_len)})))\n")
+    done = subprocess.run([sys.executable, "-c", code, cfg.to_json()], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory-measuring child process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prefill_seconds(engine: Any, prompts: list[list[int]]) -> float:
+    """Wall time of one batched prefill (`generate.Engine.prefill`)."""
+    t0 = time.perf_counter()
+    engine.prefill(prompts)
+    return time.perf_counter() - t0

@@ -1,0 +1,430 @@
+"""The experiment runner (record folder, stages, resume, interruption), the paper experiments'
+plans (isoFLOP matching, controls), tables, figures and the CLI verb."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from modlm import experiments, flops, plots
+from modlm import train as train_module
+from modlm.config import ConfigError, ModelConfig
+from modlm.experiment import (
+    MIN_STEPS,
+    Context,
+    Experiment,
+    ExperimentInterrupted,
+    Options,
+    Report,
+    RunResult,
+    headline_mode,
+    markdown_table,
+    plan_experiment,
+    results_table,
+    run_experiment,
+)
+from modlm.experiments import controls, isoflop, sizes
+from modlm.presets import dense
+
+TINY = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, d_mlp=37, max_seq_len=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids thread start-up costs on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> dict[str, str]:
+    words = ["the", "router", "picks", "tokens", "and", "blocks", "skip", "others", "quickly"]
+    lines = [" ".join(words[(i * j) % len(words)] for j in range(1, 12)) for i in range(400)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return {"data.corpus": str(path), "data.cache_dir": str(tmp_path / "cache"),
+            "data.val_fraction": 0.1}
+
+
+def tiny_experiment(steps: int = 6, two_stages: bool = True) -> Experiment:
+    def grid(ctx, results):
+        return [ctx.spec("dense", dense(TINY), family="dense", steps=ctx.steps(steps),
+                         train={"log_every": 1}),
+                ctx.spec("mod", TINY, family="mod", steps=ctx.steps(steps), keep_checkpoint=True,
+                         train={"log_every": 1})]
+
+    def again(ctx, results):
+        # The later stage sees the earlier results (None when only planning).
+        winner = "mod" if results is None else min(results.values(),
+                                                   key=lambda r: r.headline_loss).name
+        cfg = TINY if winner == "mod" else dense(TINY)
+        return [ctx.spec(f"{winner}-s1", cfg, family=winner, seed=1, steps=ctx.steps(steps),
+                         tags={"winner": winner})]
+
+    def report(ctx, results):
+        path = plots.bars(list(results), [r.headline_loss for r in results.values()],
+                          ctx.figure("losses"), ylabel="loss")
+        return Report(results_table(list(results.values())) + f"\n\n![]({path.name})",
+                      {"runs": sorted(results)})
+
+    return Experiment("tiny", "A tiny experiment", "For tests.",
+                      (grid, again) if two_stages else (grid,), report)
+
+
+def opts(tmp_path: Path, corpus: dict[str, str], name: str = "rec", **kw) -> Options:
+    kw.setdefault("eval_windows", 16)
+    return Options(out=str(tmp_path / name), overrides=corpus, **kw)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r and "eval" not in r}
+
+
+# ---- the runner and its record -----------------------------------------------------------------
+
+def test_record_folder_holds_everything_and_rerun_skips(tmp_path, corpus, monkeypatch):
+    root = run_experiment(tiny_experiment(), opts(tmp_path, corpus))
+    assert root == tmp_path / "rec" / "tiny"
+    for rel in ("experiment.json", "env.json", "report.md", "summary.json", ".gitignore",
+                "figures/losses.png", "results/dense.json", "results/mod.json"):
+        assert (root / rel).is_file(), rel
+    meta = json.loads((root / "experiment.json").read_text())
+    assert [r["name"] for r in meta["runs"]][:2] == ["dense", "mod"] and len(meta["runs"]) == 3
+    assert meta["command"].startswith("modlm experiment tiny --out ")
+    winner = json.loads((root / "summary.json").read_text())["runs"]
+    assert len(winner) == 3
+    mod = RunResult.from_dict(json.loads((root / "results/mod.json").read_text()))
+    dns = RunResult.from_dict(json.loads((root / "results/dense.json").read_text()))
+    # Every split in every mode the model has; the headline is the causal one.
+    assert set(mod.eval["val"]) == {"topk", "router", "predictor"} == set(mod.eval["pydoc"])
+    assert set(dns.eval["val"]) == {"topk"}
+    assert (mod.headline_mode, dns.headline_mode) == ("predictor", "topk")
+    assert mod.headline_loss == mod.eval["val"]["predictor"]["loss"]
+    assert mod.eval["val"]["topk"]["tokens"] == 16 * 16  # the fixed windows, 16 of 16 tokens
+    assert mod.steps == 6 and mod.tokens == 6 * 16 * 16
+    assert mod.train_flops == pytest.approx(6 * 16 * flops.training_flops(mod.model_config, 16))
+    assert mod.median_step_s is not None and mod.median_step_s > 0
+    assert mod.aux_share is not None and 0 < mod.aux_share < 1 and dns.aux_share is None
+    # keep_checkpoint keeps the weights; other runs drop them once evaluated.
+    assert mod.checkpoint is not None and (root / mod.checkpoint / "meta.json").is_file()
+    assert dns.checkpoint is None and not (root / "runs/dense/checkpoints").exists()
+    assert (root / "runs/dense/metrics.jsonl").is_file()
+
+    # A rerun trains nothing and reproduces the report's numbers.
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(train_module, "train", no_training)
+    before = (root / "summary.json").read_text()
+    run_experiment(tiny_experiment(), opts(tmp_path, corpus))
+    assert (root / "summary.json").read_text() == before
+
+
+def test_rerun_with_other_options_is_refused(tmp_path, corpus):
+    run_experiment(tiny_experiment(two_stages=False), opts(tmp_path, corpus))
+    with pytest.raises(ConfigError, match="budget-scale"):
+        run_experiment(tiny_experiment(two_stages=False),
+                       opts(tmp_path, corpus, budget_scale=2.0))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_experiment(tiny_experiment(steps=7, two_stages=False), opts(tmp_path, corpus))
+
+
+def test_interrupted_run_continues_from_its_checkpoint_exactly(tmp_path, corpus, monkeypatch):
+    exp = tiny_experiment(steps=8, two_stages=False)
+    run_experiment(exp, opts(tmp_path, corpus, name="straight"))
+    real = train_module._forward_backward
+    calls = {"n": 0}
+
+    def interrupt_at_third_step(s):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C: checkpoint at the end of the step
+        return real(s)
+    monkeypatch.setattr(train_module, "_forward_backward", interrupt_at_third_step)
+    with pytest.raises(ExperimentInterrupted, match="run the same command again"):
+        run_experiment(exp, opts(tmp_path, corpus, name="cut"))
+    monkeypatch.setattr(train_module, "_forward_backward", real)
+    cut = tmp_path / "cut" / "tiny"
+    assert not (cut / "results" / "dense.json").exists()
+    assert (cut / "runs" / "dense" / "checkpoints" / "step_00000003").is_dir()
+    with pytest.raises(ConfigError, match="unfinished run with a different configuration"):
+        run_experiment(tiny_experiment(steps=9, two_stages=False),
+                       opts(tmp_path, corpus, name="cut"))
+    run_experiment(exp, opts(tmp_path, corpus, name="cut"))
+    resumed = RunResult.from_dict(json.loads((cut / "results" / "dense.json").read_text()))
+    assert resumed.resumed and resumed.steps == 8
+    straight = tmp_path / "straight" / "tiny"
+    assert step_losses(cut / "runs" / "dense") == step_losses(straight / "runs" / "dense")
+    ref = RunResult.from_dict(json.loads((straight / "results" / "dense.json").read_text()))
+    assert resumed.headline_loss == ref.headline_loss
+
+
+def test_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, corpus):
+    exp = tiny_experiment(two_stages=False)
+    dead = tmp_path / "rec" / "tiny" / "runs" / "dense"
+    dead.mkdir(parents=True)
+    (dead / "config.json").write_text("{}")
+    (dead / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n')
+    root = run_experiment(exp, opts(tmp_path, corpus))
+    r = RunResult.from_dict(json.loads((root / "results" / "dense.json").read_text()))
+    assert not r.resumed and r.steps == 6
+    assert 99.0 not in step_losses(root / "runs" / "dense").values()
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path, corpus):
+    ctx = Context(tiny_experiment(), opts(tmp_path, corpus))
+    a = ctx.run(ctx.spec("a", TINY, seed=0, steps=4))
+    b = ctx.run(ctx.spec("b", TINY, seed=0, steps=4))
+    c = ctx.run(ctx.spec("c", TINY, seed=1, steps=4))
+    assert a.eval == b.eval
+    assert c.eval["val"]["topk"]["loss"] != a.eval["val"]["topk"]["loss"]
+
+
+# ---- specs and options -------------------------------------------------------------------------
+
+def test_spec_budget_becomes_steps_and_scale_shrinks_it(tmp_path, corpus):
+    ctx = Context(tiny_experiment(), opts(tmp_path, corpus, budget_scale=0.5))
+    per_step = 16 * flops.training_flops(TINY, 16)
+    s = ctx.spec("x", TINY, flops=ctx.budget(100 * per_step))
+    assert s.train.flops == pytest.approx(50 * per_step)
+    assert train_module.total_steps(s.train, 1) == 50
+    assert s.train.warmup_steps == 2 and s.train.eval_every == 50  # 5% warm-up, final eval
+    tiny = ctx.spec("y", TINY, flops=ctx.budget(per_step))  # half a step: MIN_STEPS instead
+    assert train_module.total_steps(tiny.train, 1) == MIN_STEPS
+    assert ctx.steps(100) == 50 and ctx.steps(2) == MIN_STEPS
+    with pytest.raises(ConfigError, match="exactly one"):
+        ctx.spec("z", TINY)
+    with pytest.raises(ConfigError, match="plain folder name"):
+        ctx.spec("a/b", TINY, steps=3)
+    # Seeds set initialisation, routing and data order; the data overrides reach every run.
+    s1 = ctx.spec("s1", TINY, seed=7, steps=3)
+    assert (s1.train.seed, s1.train.data.seed) == (7, 7)
+    assert s1.train.data.corpus == corpus["data.corpus"]
+    assert s1.config_hash() != ctx.spec("s2", TINY, seed=8, steps=3).config_hash()
+
+
+def test_options_validate_and_print_the_command():
+    with pytest.raises(ConfigError, match="budget-scale"):
+        Options(budget_scale=0)
+    with pytest.raises(ConfigError, match="eval-windows"):
+        Options(eval_windows=0)
+    o = Options(out="x", budget_scale=0.01, overrides={"data.corpus": "a b.txt"})
+    assert o.command("demo") == ("modlm experiment demo --out x --budget-scale 0.01 "
+                                 "--set 'data.corpus=a b.txt'")
+    assert Options().windows == 256 and o.windows == 16 and Options(eval_windows=40).windows == 40
+
+
+def test_headline_mode_is_causal():
+    assert headline_mode(TINY) == "predictor"
+    assert headline_mode(sizes.with_routing(TINY, predictor=False)) == "router"
+    assert headline_mode(dense(TINY)) == "topk"
+
+
+# ---- the paper experiments' plans --------------------------------------------------------------
+
+def test_isoflop_grid_is_flop_matched_and_spends_each_budget(tmp_path, corpus):
+    ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
+    specs = isoflop.stage_grid(ctx, None)
+    assert len(specs) == len(isoflop.BUDGETS) * 2 * isoflop.SIZES_PER_BUDGET
+    by_key = {(s.tags["budget"], s.family, tuple(s.tags["rung"])): s for s in specs}
+    for (budget, family, rung), s in by_key.items():
+        T = s.train.data.seq_len
+        per_step = 16 * flops.training_flops(s.model, T)
+        steps = train_module.total_steps(s.train, 1)
+        assert budget - per_step < steps * per_step <= budget  # exactly the budget, in steps
+        if family == "mod":
+            twin = by_key[(budget, "dense", rung)].model
+            assert s.model.d_model == twin.d_model and s.model.n_layers > twin.n_layers
+            ratio = flops.forward_flops(s.model, T).total / flops.forward_flops(twin, T).total
+            assert abs(ratio - 1) < 0.08, (rung, ratio)  # matched to one block's granularity
+            assert flops.param_count(s.model).total > flops.param_count(twin).total
+            r = s.model.routing
+            assert (r.capacity, s.model.routed_layers[:2]) == (0.125, (1, 3))
+        else:
+            assert s.model.is_dense
+    # The window of sizes moves up one rung per budget.
+    assert [isoflop.grid(i)[0] for i in range(3)] == list(sizes.LADDER[:3])
+
+
+def fake_result(name: str, family: str, budget: float, rung, seed: int, loss: float,
+                step_s: float = 0.1) -> RunResult:
+    ev = {"val": {m: {"loss": loss + 0.01 * (m == "router"), "bpb": loss} for m in
+                  (("topk", "router", "predictor") if family == "mod" else ("topk",))}}
+    return RunResult(name=name, family=family, tags={"budget": budget, "rung": list(rung),
+                                                     "seed": seed}, seed=seed, config_hash="",
+                     model={}, params=1000 * rung[0], non_embedding_params=0, seq_len=256,
+                     batch_size=16, forward_flops=1e9 * rung[0], training_flops=3e9, steps=10,
+                     tokens=0, train_flops=budget, budget=budget, median_step_s=step_s,
+                     step_time_samples=5, train_wall_s=1.0, eval_wall_s=1.0, resumed=False,
+                     train_lm_loss=None,
+                     aux_share=None, eval=ev,
+                     headline_mode="predictor" if family == "mod" else "topk", run_dir="",
+                     checkpoint=None)
+
+
+def test_isoflop_reruns_the_best_of_each_family_with_more_seeds(tmp_path, corpus):
+    ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
+    results = {}
+    for i, b in enumerate(isoflop.BUDGETS):
+        for j, rung in enumerate(isoflop.grid(i)):
+            for fam, best_j in (("dense", 1), ("mod", 3)):
+                r = fake_result(f"{b}-{fam}-{j}", fam, b, rung, 0, 2.0 + abs(j - best_j) * 0.1)
+                results[r.name] = r
+    specs = isoflop.stage_seeds(ctx, results)
+    assert len(specs) == len(isoflop.BUDGETS) * 2 * 2
+    for s in specs:
+        i = isoflop.BUDGETS.index(s.tags["budget"])
+        best_j = 1 if s.family == "dense" else 3
+        assert tuple(s.tags["rung"]) == isoflop.grid(i)[best_j]
+        assert s.seed in (1, 2)
+    planned = isoflop.stage_seeds(ctx, None)  # planning assumes the middle of each grid
+    assert {tuple(s.tags["rung"]) for s in planned} == {isoflop.grid(i)[2] for i in range(3)}
+
+
+def test_isoflop_report_pairs_seeds_and_marks_optima(tmp_path, corpus):
+    ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
+    results = {}
+    for i, b in enumerate(isoflop.BUDGETS):
+        for j, rung in enumerate(isoflop.grid(i)):
+            for fam, best_j, base in (("dense", 1, 2.0), ("mod", 3, 1.9)):
+                for seed in ((0, 1, 2) if j == best_j else (0,)):
+                    r = fake_result(f"{b}-{fam}-{j}-{seed}", fam, b, rung, seed,
+                                    base + abs(j - best_j) * 0.1 + 0.001 * seed,
+                                    step_s=0.1 if fam == "dense" else 0.06)
+                    results[r.name] = r
+    rep = isoflop.report(ctx, results)
+    entry = rep.summary["budgets"]["3e12"]
+    assert entry["seeds"] == [0, 1, 2]
+    assert entry["diff_predictor_mean"] == pytest.approx(-0.1)
+    assert entry["diff_predictor_sd"] == pytest.approx(0.0, abs=1e-9)
+    assert entry["step_time_ratio_mod_over_dense"] == pytest.approx(0.6)
+    assert entry["best_mod"].startswith("3000000000000.0-mod-3")
+    assert (ctx.root / "figures" / "isoflop_params.png").stat().st_size > 1000
+    assert "-0.1000 ± 0.0000" in rep.markdown
+
+
+def test_controls_change_one_thing_each():
+    v = controls.variants()
+    mod = v["mod"]
+    assert mod == sizes.mod_twin(v["dense"])
+    changed = {name: {f for f in ("router", "layers", "capacity", "aux_loss_weight",
+                                  "predictor")
+                      if getattr(cfg.routing, f) != getattr(mod.routing, f)}
+               for name, cfg in v.items() if name not in ("mod", "dense")}
+    assert changed == {"random": {"router", "aux_loss_weight", "predictor"},
+                       "all-blocks": {"layers"}, "capacity-0.5": {"capacity"},
+                       "capacity-0.0625": {"capacity"}, "no-aux": {"aux_loss_weight"}}
+    assert len(v["all-blocks"].routed_layers) == mod.n_layers - 1
+    T = sizes.SEQ_LEN
+    fwd = {n: flops.forward_flops(c, T).total for n, c in v.items()}
+    assert fwd["capacity-0.0625"] < fwd["mod"] < fwd["capacity-0.5"]
+    assert fwd["all-blocks"] < fwd["mod"]
+
+
+def test_every_experiment_plans_valid_runs(tmp_path, corpus):
+    for name in experiments.NAMES:
+        exp = experiments.get(name)
+        plan = plan_experiment(exp, opts(tmp_path, corpus, budget_scale=0.001), measure=False)
+        assert plan, name
+        names = [p.spec.name for p in plan]
+        assert len(set(names)) == len(names), name
+        for p in plan:
+            assert p.steps >= MIN_STEPS and p.train_flops > 0
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        experiments.get("nope")
+
+
+def test_plan_measures_step_time(tmp_path, corpus):
+    plan = plan_experiment(tiny_experiment(), opts(tmp_path, corpus), timing_steps=1)
+    assert len(plan) == 3 and all(p.step_s and p.step_s > 0 for p in plan)
+    assert plan[0].seconds == pytest.approx(plan[0].steps * plan[0].step_s)
+
+
+# ---- tables, figures, CLI ----------------------------------------------------------------------
+
+def test_markdown_table():
+    t = markdown_table(["a", "b"], [["x", 1.5], ["y", float("nan")]])
+    assert t.splitlines() == ["| a | b |", "|---|---:|", "| x | 1.5 |", "| y | - |"]
+
+
+def test_plots_write_pngs(tmp_path):
+    outs = [
+        plots.isoflop_curves({"1e13": {"dense": [(1e5, 2.0), (2e5, 1.9)], "mod": [(3e5, 1.8)]}},
+                             tmp_path / "a.png"),
+        plots.scatter_families({"dense": [(1.0, 2.0, "x")]}, tmp_path / "b.png", xlabel="x"),
+        plots.routing_heatmap({"topk": [[0, 1, 0], [1, 0, 0]]}, ["a", "\n", " "], [1, 3],
+                              tmp_path / "c.png"),
+        plots.histograms([[1, 2], [3, 0]], [0.0, 0.5, 1.0], ["b1", "b3"], tmp_path / "d.png",
+                         xlabel="w"),
+        plots.lines({"s": ([1, 2], [0.9, 0.95])}, tmp_path / "e.png", xlabel="x", ylabel="y"),
+        plots.bars(["a", "b"], [1.0, math.nan], tmp_path / "f.png", ylabel="y"),
+    ]
+    for p in outs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"modlm\[plots\]"):
+        plots.require_matplotlib()
+
+
+def test_cli_plan_prints_runs_and_estimate(tmp_path, corpus, capsys):
+    from modlm.cli import main
+    sets = [a for k, v in corpus.items() for a in ("--set", f"{k}={v}")]
+    assert main(["experiment", "causal", "--plan", "--out", str(tmp_path / "o"),
+                 "--budget-scale", "0.0001", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "| mod-d128-l10 | mod |" in out and "estimated" in out
+    assert not (tmp_path / "o").exists()  # planning writes nothing
+    with pytest.raises(SystemExit):
+        main(["experiment", "nope"])
+
+
+def test_result_round_trips_through_json():
+    r = fake_result("x", "mod", 1e13, (64, 4, 2), 0, 2.0)
+    again = RunResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert again == r and dataclasses.asdict(again)["eval"] == r.eval
+
+
+@pytest.mark.slow  # four real experiments end to end at a tiny budget: about a minute
+@pytest.mark.parametrize("name", ["demo", "causal", "routing", "speed"])
+def test_paper_experiment_end_to_end_at_tiny_budget(tmp_path, corpus, name, capsys):
+    from modlm.cli import main
+    sets = [a for k, v in corpus.items() for a in ("--set", f"{k}={v}")]
+    argv = ["experiment", name, "--out", str(tmp_path), "--budget-scale", "0.0001",
+            "--eval-windows", "16", *sets]
+    assert main(argv) == 0
+    root = tmp_path / name
+    report = (root / "report.md").read_text()
+    assert "a shrunk smoke run, not a result" in report
+    figures = sorted(p.name for p in (root / "figures").glob("*.png"))
+    for ref in (l.split("(figures/")[1].rstrip(")") for l in report.splitlines()
+                if "](figures/" in l):
+        assert ref in figures  # every figure the report shows exists
+    assert json.loads((root / "summary.json").read_text())
+    assert capsys.readouterr().out.count(f"# {experiments.get(name).title}") == 1
+    # A second run trains nothing and measures nothing again.
+    before = {p: p.stat().st_mtime_ns for p in (root / "results").glob("*.json")}
+    assert main(argv) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in (root / "results").glob("*.json")}
+
+
+def test_run_killed_during_its_final_evaluation_is_evaluated_again(tmp_path, corpus):
+    exp = tiny_experiment(two_stages=False)
+    root = run_experiment(exp, opts(tmp_path, corpus))
+    first = json.loads((root / "results" / "mod.json").read_text())
+    (root / "results" / "mod.json").unlink()  # as if killed after training, before the result
+    run_experiment(exp, opts(tmp_path, corpus))
+    again = RunResult.from_dict(json.loads((root / "results" / "mod.json").read_text()))
+    assert again.resumed and again.steps == first["steps"]
+    assert again.eval == first["eval"]
