@@ -125,39 +125,49 @@ class MoDLM(nn.Module):
                            balance, z)
 
     def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str) -> None:
-        if mode not in ROUTING_MODES:
-            raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
-        if mode == "predictor" and not self.cfg.is_dense and not self.cfg.routing.predictor:
-            raise ValueError("routing mode 'predictor' needs a model built with "
-                             "routing.predictor=true; use mode='router' or 'topk'")
-        if idx_BT.dim() != 2:
-            raise ValueError(f"expected token ids of shape (batch, time), "
-                             f"got {tuple(idx_BT.shape)}")
-        if idx_BT.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token ids must be int64 or int32, got {idx_BT.dtype}")
-        T = idx_BT.shape[1]
-        if not 1 <= T <= self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} must be in "
-                             f"1..max_seq_len={self.cfg.max_seq_len}")
-        if torch.compiler.is_compiling():
-            return  # the value checks below read tensors and would break the compiled graph
-        lo, hi = int(idx_BT.min()), int(idx_BT.max())
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.cfg.vocab_size - 1} (vocab_size), "
-                             f"got values in {lo}..{hi}; check the tokenizer matches the model")
-        if targets_BT is not None:
-            if targets_BT.shape != idx_BT.shape:
-                raise ValueError(f"targets shape {tuple(targets_BT.shape)} must equal the inputs' "
-                                 f"{tuple(idx_BT.shape)}")
-            lo, hi = int(targets_BT.min()), int(targets_BT.max())
-            if lo < -1 or hi >= self.cfg.vocab_size:
-                raise ValueError(f"targets must be -1 (ignored) or in "
-                                 f"0..{self.cfg.vocab_size - 1}, "
-                                 f"got values in {lo}..{hi}")
+        check_token_inputs(self.cfg, idx_BT, targets_BT, mode)
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""
         return sum(p.numel() for p in self.parameters())
+
+
+def check_token_inputs(cfg: ModelConfig, idx_BT: Tensor, targets_BT: Tensor | None, mode: str,
+                       n_ids: int | None = None) -> None:
+    """Clear errors for a bad forward call: routing mode, shape, dtype, length, id ranges.
+
+    n_ids: how many token ids the embedding takes (default cfg.vocab_size). Shared by `MoDLM`
+    and the retrofitted Hugging Face models (modlm.hf.retrofit), which have the same contract.
+    """
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
+    if mode == "predictor" and not cfg.is_dense and not cfg.routing.predictor:
+        raise ValueError("routing mode 'predictor' needs a model built with "
+                         "routing.predictor=true; use mode='router' or 'topk'")
+    if idx_BT.dim() != 2:
+        raise ValueError(f"expected token ids of shape (batch, time), "
+                         f"got {tuple(idx_BT.shape)}")
+    if idx_BT.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token ids must be int64 or int32, got {idx_BT.dtype}")
+    T = idx_BT.shape[1]
+    if not 1 <= T <= cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} must be in "
+                         f"1..max_seq_len={cfg.max_seq_len}")
+    if torch.compiler.is_compiling():
+        return  # the value checks below read tensors and would break the compiled graph
+    V = cfg.vocab_size if n_ids is None else n_ids
+    lo, hi = int(idx_BT.min()), int(idx_BT.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"token ids must be in 0..{V - 1} (vocab_size), "
+                         f"got values in {lo}..{hi}; check the tokenizer matches the model")
+    if targets_BT is not None:
+        if targets_BT.shape != idx_BT.shape:
+            raise ValueError(f"targets shape {tuple(targets_BT.shape)} must equal the inputs' "
+                             f"{tuple(idx_BT.shape)}")
+        lo, hi = int(targets_BT.min()), int(targets_BT.max())
+        if lo < -1 or hi >= V:
+            raise ValueError(f"targets must be -1 (ignored) or in 0..{V - 1}, "
+                             f"got values in {lo}..{hi}")
 
 
 def _mean(losses: list[Tensor | None]) -> Tensor | None:

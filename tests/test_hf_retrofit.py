@@ -248,7 +248,7 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         retrofit(model.hf)
     with pytest.raises(ValueError, match=r"token ids must be in 0..98"):
         model(torch.full((1, 4), V))
-    with pytest.raises(ValueError, match=r"sequence length 49 must be in 1..48"):
+    with pytest.raises(ValueError, match=r"sequence length 49 must be in 1..max_seq_len=48"):
         model(torch.zeros(1, 49, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask_BT must hold 1"):
         model(ids(1), attention_mask_BT=torch.full((1, T), 2))

@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modlm import routing
-from modlm.block import ROUTING_MODES, LayerRouting, RoutingMode
+from modlm.block import LayerRouting, RoutingMode
 from modlm.config import ConfigError, ModelConfig, RoutingConfig, check
-from modlm.model import ModelOutput
+from modlm.model import ModelOutput, check_token_inputs
 from modlm.router import LinearRouter, Predictor, RandomRouter
 
 AttnImplementation = Literal["sdpa", "eager"]
@@ -470,41 +470,15 @@ class RetrofitLM(nn.Module):
     def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str,
                       attention_mask_BT: Tensor | None) -> Tensor | None:
         """Validate the inputs; return the padding mask as bool (None when nothing is padded)."""
-        if mode not in ROUTING_MODES:
-            raise ValueError(f"routing mode must be one of {ROUTING_MODES}, got {mode!r}")
-        if mode == "predictor" and not self.cfg.is_dense and not self.cfg.routing.predictor:
-            raise ValueError("routing mode 'predictor' needs a model retrofitted with "
-                             "routing.predictor=true; use mode='router' or 'topk'")
-        if idx_BT.dim() != 2:
-            raise ValueError(f"expected token ids of shape (batch, time), "
-                             f"got {tuple(idx_BT.shape)}")
-        if idx_BT.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token ids must be int64 or int32, got {idx_BT.dtype}")
-        T = idx_BT.shape[1]
-        if not 1 <= T <= self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} must be in 1..{self.cfg.max_seq_len} (the "
-                             f"model's maximum position count)")
+        check_token_inputs(self.cfg, idx_BT, targets_BT, mode, n_ids=self.embedding_rows())
         window = _sliding_window(self.hf.config)
-        if window is not None and T > window:
-            raise RetrofitError(f"sequence length {T} exceeds the model's sliding attention "
-                                f"window ({window}); retrofitted models attend over full causal "
-                                f"context, so keep sequences within the window")
+        if window is not None and idx_BT.shape[1] > window:
+            raise RetrofitError(f"sequence length {idx_BT.shape[1]} exceeds the model's sliding "
+                                f"attention window ({window}); retrofitted models attend over "
+                                f"full causal context, so keep sequences within the window")
         if torch.compiler.is_compiling():
             # Value checks read tensors and would break the graph.
             return None if attention_mask_BT is None else attention_mask_BT.bool()
-        n_ids = self.embedding_rows()
-        lo, hi = int(idx_BT.min()), int(idx_BT.max())
-        if lo < 0 or hi >= n_ids:
-            raise ValueError(f"token ids must be in 0..{n_ids - 1}, got values in {lo}..{hi}; "
-                             f"check the tokenizer matches the model")
-        if targets_BT is not None:
-            if targets_BT.shape != idx_BT.shape:
-                raise ValueError(f"targets shape {tuple(targets_BT.shape)} must equal the "
-                                 f"inputs' {tuple(idx_BT.shape)}")
-            lo, hi = int(targets_BT.min()), int(targets_BT.max())
-            if lo < -1 or hi >= n_ids:
-                raise ValueError(f"targets must be -1 (ignored) or in 0..{n_ids - 1}, got "
-                                 f"values in {lo}..{hi}")
         if attention_mask_BT is None:
             return None
         if attention_mask_BT.shape != idx_BT.shape:
