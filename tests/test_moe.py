@@ -387,3 +387,22 @@ def test_evaluation_reports_moe_shares_in_both_forwards(make_cfg):
     assert all(m.dropped > 0 for m in train_fwd)           # capacity applies when training
     assert all(m.dropped == 0 and m.computed == 1 for m in infer_fwd)  # not at inference
     assert res["topk"].loss != res["router"].loss
+
+
+def test_one_expert_without_capacity_is_the_dense_mlp(make_cfg):
+    """A single expert gets gate softmax([r]) = 1 and every token: the dense MLP exactly."""
+    cfg = make_cfg(routing=dict(router="none"), moe=dict(experts=1, capacity_factor=None))
+    dense_cfg = dataclasses.replace(cfg, moe=MoEConfig())
+    torch.manual_seed(0)
+    block, dense_block = Block(cfg, layer=0), Block(dense_cfg, layer=0)
+    dense_block.load_state_dict({k: v for k, v in block.state_dict().items()
+                                 if not k.startswith("mlp.")}, strict=False)
+    with torch.no_grad():
+        block.mlp.up[0].copy_(dense_block.mlp.up.weight)
+        block.mlp.down[0].copy_(dense_block.mlp.down.weight)
+    x_BTD = torch.randn(2, 11, cfg.d_model)
+    rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    out, stats = block(x_BTD, rotary)
+    ref, _ = dense_block(x_BTD, rotary)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert int(stats.expert_tokens_E.sum()) == 22
