@@ -100,29 +100,7 @@ class MoDLM(nn.Module):
             if layer_moe is not None:
                 moe.append(layer_moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
-        balance = _mean([m.balance_loss for m in moe])
-        z = _mean([m.z_loss for m in moe])
-        if targets_BT is None:
-            return ModelOutput(logits_BTV, None, None, None, None, tuple(stats), tuple(moe),
-                               balance, z)
-
-        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(),
-                                  ignore_index=-1)
-        aux = _mean([s.router_aux_loss for s in stats])
-        pred = _mean([s.predictor_loss for s in stats])
-        loss = lm_loss
-        r = self.cfg.routing
-        if aux is not None and r.aux_loss_weight > 0:
-            loss = loss + r.aux_loss_weight * aux
-        if pred is not None and r.predictor_loss_weight > 0:
-            loss = loss + r.predictor_loss_weight * pred
-        m = self.cfg.moe
-        if balance is not None and m.balance_loss_weight > 0:
-            loss = loss + m.balance_loss_weight * balance
-        if z is not None and m.z_loss_weight > 0:
-            loss = loss + m.z_loss_weight * z
-        return ModelOutput(logits_BTV, loss, lm_loss, aux, pred, tuple(stats), tuple(moe),
-                           balance, z)
+        return assemble_output(self.cfg, logits_BTV, targets_BT, tuple(stats), tuple(moe))
 
     def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str) -> None:
         check_token_inputs(self.cfg, idx_BT, targets_BT, mode)
@@ -130,6 +108,29 @@ class MoDLM(nn.Module):
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""
         return sum(p.numel() for p in self.parameters())
+
+
+def assemble_output(cfg: ModelConfig, logits_BTV: Tensor, targets_BT: Tensor | None,
+                    routing: tuple[LayerRouting, ...],
+                    moe: tuple[MoERouting, ...] = ()) -> ModelOutput:
+    """The named output from logits and per-layer statistics: the LM loss (target -1 ignored)
+    and the weighted auxiliary losses (paper Sec 3.5; MoE balance and z-losses). Shared by
+    `MoDLM` and the retrofitted Hugging Face models (modlm.hf.retrofit)."""
+    if targets_BT is None:
+        return ModelOutput(logits_BTV, None, None, None, None, routing, moe)
+    aux = _mean([s.router_aux_loss for s in routing])
+    pred = _mean([s.predictor_loss for s in routing])
+    balance = _mean([m.balance_loss for m in moe])
+    z = _mean([m.z_loss for m in moe])
+    lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(),
+                              ignore_index=-1)
+    loss = lm_loss
+    for value, weight in ((aux, cfg.routing.aux_loss_weight),
+                          (pred, cfg.routing.predictor_loss_weight),
+                          (balance, cfg.moe.balance_loss_weight), (z, cfg.moe.z_loss_weight)):
+        if value is not None and weight > 0:
+            loss = loss + weight * value
+    return ModelOutput(logits_BTV, loss, lm_loss, aux, pred, routing, moe, balance, z)
 
 
 def check_token_inputs(cfg: ModelConfig, idx_BT: Tensor, targets_BT: Tensor | None, mode: str,

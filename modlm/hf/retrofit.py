@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from modlm import routing
 from modlm.block import LayerRouting, RoutingMode
 from modlm.config import ConfigError, ModelConfig, RoutingConfig, check
-from modlm.model import ModelOutput, check_token_inputs
+from modlm.model import ModelOutput, assemble_output, check_token_inputs
 from modlm.router import LinearRouter, Predictor, RandomRouter
 
 AttnImplementation = Literal["sdpa", "eager"]
@@ -422,21 +422,7 @@ class RetrofitLM(nn.Module):
         """
         logits_BTV, stats = self._run(idx_BT, targets_BT, mode, generator, attention_mask_BT,
                                       dense=False)
-        if targets_BT is None:
-            return ModelOutput(logits_BTV=logits_BTV, loss=None, lm_loss=None,
-                               router_aux_loss=None, predictor_loss=None, routing=tuple(stats))
-        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten().long(),
-                                  ignore_index=-1)
-        aux = _mean([s.router_aux_loss for s in stats])
-        pred = _mean([s.predictor_loss for s in stats])
-        loss = lm_loss
-        r = self.cfg.routing
-        if aux is not None and r.aux_loss_weight > 0:
-            loss = loss + r.aux_loss_weight * aux
-        if pred is not None and r.predictor_loss_weight > 0:
-            loss = loss + r.predictor_loss_weight * pred
-        return ModelOutput(logits_BTV=logits_BTV, loss=loss, lm_loss=lm_loss,
-                           router_aux_loss=aux, predictor_loss=pred, routing=tuple(stats))
+        return assemble_output(self.cfg, logits_BTV, targets_BT, tuple(stats))
 
     @torch.no_grad()
     def original_logits(self, idx_BT: Tensor, attention_mask_BT: Tensor | None = None) -> Tensor:
@@ -530,11 +516,6 @@ class RetrofitLM(nn.Module):
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""
         return sum(p.numel() for p in self.parameters())
-
-
-def _mean(losses: list[Tensor | None]) -> Tensor | None:
-    present = [l for l in losses if l is not None]
-    return torch.stack(present).mean() if present else None
 
 
 # ---- configs -----------------------------------------------------------------------------------
