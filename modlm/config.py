@@ -42,6 +42,18 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_layers(layers: Any, patterns: tuple[str, ...], key: str) -> None:
+    """A block pattern name or a tuple of distinct block indices (range checked by ModelConfig)."""
+    if isinstance(layers, str):
+        check(layers in patterns,
+              f"{key} must be one of {patterns} or a list of block indices, got {layers!r}")
+        return
+    check(isinstance(layers, tuple)
+          and all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
+          f"{key} must be one of {patterns} or a list of block indices, got {layers!r}")
+    check(len(set(layers)) == len(layers), f"{key} lists a block twice: {layers}")
+
+
 def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -91,17 +103,7 @@ class RoutingConfig:
                f"routing.router must be one of {ROUTER_KINDS}, got {self.router!r}")
         check(self.router_weight in ROUTER_WEIGHTS,
                f"routing.router_weight must be one of {ROUTER_WEIGHTS}, got {self.router_weight!r}")
-        if isinstance(self.layers, str):
-            check(self.layers in LAYER_PATTERNS,
-                   f"routing.layers must be one of {LAYER_PATTERNS} or a list of block indices, "
-                   f"got {self.layers!r}")
-        else:
-            check(isinstance(self.layers, tuple)
-                   and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers),
-                   f"routing.layers must be one of {LAYER_PATTERNS} or a list of block indices, "
-                   f"got {self.layers!r}")
-            check(len(set(self.layers)) == len(self.layers),
-                   f"routing.layers lists a block twice: {self.layers}")
+        check_layers(self.layers, LAYER_PATTERNS, "routing.layers")
         check(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0,
                f"routing.capacity must be in (0, 1], got {self.capacity!r}")
         check(self.aux_loss_weight >= 0.0,
@@ -168,16 +170,7 @@ class MoEConfig:
         check(self.capacity_factor is None
               or (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0),
               f"moe.capacity_factor must be > 0 or null (no limit), got {self.capacity_factor!r}")
-        if isinstance(self.layers, str):
-            check(self.layers in MOE_LAYER_PATTERNS,
-                  f"moe.layers must be one of {MOE_LAYER_PATTERNS} or a list of block indices, "
-                  f"got {self.layers!r}")
-        else:
-            check(isinstance(self.layers, tuple)
-                  and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
-                  and len(set(self.layers)) == len(self.layers),
-                  f"moe.layers must be one of {MOE_LAYER_PATTERNS} or a list of distinct block "
-                  f"indices, got {self.layers!r}")
+        check_layers(self.layers, MOE_LAYER_PATTERNS, "moe.layers")
         check(self.d_expert is None or is_positive_int(self.d_expert),
               f"moe.d_expert must be a positive integer or null, got {self.d_expert!r}")
         check(self.balance_loss_weight >= 0,
