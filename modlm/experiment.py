@@ -649,22 +649,39 @@ def plan_experiment(experiment: Experiment, options: Options, measure: bool = Tr
     return out
 
 
-def _time_steps(cfg: Any, n: int) -> float:
+def _step_fn(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 1e-4,
+             weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+             eps: float = 1e-8) -> Callable[[], float]:
+    """A fresh model and optimizer on fixed random tokens; the function times one training step
+    (forward, backward, clip, AdamW; modlm.measure.train_step_seconds)."""
     import torch
 
     from modlm.measure import train_step_seconds
     from modlm.model import MoDLM
     from modlm.optim import build_optimizer
     torch.manual_seed(0)
-    model = MoDLM(cfg.model)
-    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                          eps=cfg.eps)
+    model = MoDLM(model_cfg)
+    opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.data.seq_len + 1),
-                        generator=g)
-    times = [train_step_seconds(model, ids[:, :-1], ids[:, 1:], opt) * cfg.grad_accum
-             for _ in range(n + 1)]
+    ids = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g)
+    return lambda: train_step_seconds(model, ids[:, :-1], ids[:, 1:], opt)
+
+
+def _time_steps(cfg: Any, n: int) -> float:
+    step = _step_fn(cfg.model, cfg.batch_size, cfg.data.seq_len, lr=cfg.lr,
+                    weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+    times = [step() * cfg.grad_accum for _ in range(n + 1)]
     return statistics.median(times[1:])
+
+
+def interleaved_step_times(runs: Mapping[str, RunResult], repeats: int) -> dict[str, float]:
+    """Median training-step time (seconds) of each run's model, all built fresh in this process
+    and timed interleaved (modlm.measure.interleaved) at the runs' batch shape (batch_size
+    counts every sequence of an optimizer step). Unlike a run's logged `median_step_s`, these
+    ratios hold when the runs trained on a machine whose load changed between them."""
+    from modlm import measure
+    fns = {name: _step_fn(r.model_config, r.batch_size, r.seq_len) for name, r in runs.items()}
+    return measure.medians(measure.interleaved(fns, repeats=repeats))
 
 
 # ---- tables ------------------------------------------------------------------------------------

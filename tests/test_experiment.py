@@ -24,6 +24,7 @@ from modlm.experiment import (
     Report,
     RunResult,
     headline_mode,
+    interleaved_step_times,
     markdown_table,
     plan_experiment,
     results_table,
@@ -289,6 +290,31 @@ def test_isoflop_reruns_the_best_of_each_family_with_more_seeds(tmp_path, corpus
     assert {tuple(s.tags["rung"]) for s in planned} == {isoflop.grid(i)[2] for i in range(3)}
 
 
+def test_interleaved_step_times_alternate_models_at_each_runs_batch_shape(monkeypatch):
+    from modlm import measure
+    from modlm.presets import get_preset
+    calls = []
+    real = measure.train_step_seconds
+
+    def spy(model, x_BT, y_BT, optimizer=None):
+        calls.append((model.cfg.n_layers, tuple(x_BT.shape), optimizer is not None))
+        real(model, x_BT, y_BT, optimizer)
+        return float(model.cfg.n_layers)  # a fake duration that names the model
+
+    monkeypatch.setattr(measure, "train_step_seconds", spy)
+    tiny = get_preset("tiny")
+    runs = {"a": dataclasses.replace(fake_result("a", "mod", 1e12, (64, 4, 2), 0, 2.0),
+                                     model=tiny.to_dict(), batch_size=3, seq_len=16),
+            "b": dataclasses.replace(fake_result("b", "dense", 1e12, (64, 4, 2), 0, 2.0),
+                                     model=dataclasses.replace(tiny, n_layers=1).to_dict(),
+                                     batch_size=2, seq_len=8)}
+    times = interleaved_step_times(runs, repeats=3)
+    assert times == {"a": float(tiny.n_layers), "b": 1.0}
+    shapes = {tiny.n_layers: (3, 16), 1: (2, 8)}
+    assert all(shape == shapes[layers] and opt for layers, shape, opt in calls)
+    assert [c[0] for c in calls] == [tiny.n_layers, 1, 1, tiny.n_layers] * 2  # alternating
+
+
 def test_isoflop_report_pairs_seeds_and_marks_optima(tmp_path, corpus):
     ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
     results = {}
@@ -300,12 +326,17 @@ def test_isoflop_report_pairs_seeds_and_marks_optima(tmp_path, corpus):
                                     base + abs(j - best_j) * 0.1 + 0.001 * seed,
                                     step_s=0.1 if fam == "dense" else 0.06)
                     results[r.name] = r
+    # The step times come from an interleaved measurement (cached); the logged ones are kept.
+    (ctx.root / "measurements").mkdir(parents=True)
+    (ctx.root / "measurements" / "step_times.json").write_text(json.dumps(
+        {isoflop.budget_label(b): {"dense": 0.2, "mod": 0.11} for b in isoflop.BUDGETS}))
     rep = isoflop.report(ctx, results)
     entry = rep.summary["budgets"]["3e12"]
     assert entry["seeds"] == [0, 1, 2]
     assert entry["diff_predictor_mean"] == pytest.approx(-0.1)
     assert entry["diff_predictor_sd"] == pytest.approx(0.0, abs=1e-9)
-    assert entry["step_time_ratio_mod_over_dense"] == pytest.approx(0.6)
+    assert entry["step_time_ratio_mod_over_dense"] == pytest.approx(0.55)
+    assert entry["step_time_ratio_logged"] == pytest.approx(0.6)
     assert entry["best_mod"].startswith("3000000000000.0-mod-3")
     assert (ctx.root / "figures" / "isoflop_params.png").stat().st_size > 1000
     assert "-0.1000 ± 0.0000" in rep.markdown

@@ -177,7 +177,8 @@ def test_padding_reaches_no_expert(make_cfg):
     assert torch.equal(out_BKD[~valid_BK], torch.zeros_like(out_BKD[~valid_BK]))
     assert int(stats.expert_tokens_E.sum()) == int(valid_BK.sum())
     full_BKD, _ = layer(x_BKD)
-    torch.testing.assert_close(out_BKD[valid_BK], full_BKD[valid_BK], rtol=0, atol=1e-6)
+    # Same values up to float32 rounding: the expert matmuls run over other row counts.
+    torch.testing.assert_close(out_BKD[valid_BK], full_BKD[valid_BK], rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_router_and_used_experts(make_cfg):

@@ -25,7 +25,16 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from modlm.experiment import Context, Experiment, Report, RunResult, RunSpec, fmt, markdown_table
+from modlm.experiment import (
+    Context,
+    Experiment,
+    Report,
+    RunResult,
+    RunSpec,
+    fmt,
+    interleaved_step_times,
+    markdown_table,
+)
 
 BUDGET = 3e13
 BASE = "small"
@@ -43,27 +52,6 @@ def stage(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
             for variant in VARIANTS]
 
 
-def step_times(ctx: Context, results: dict[str, RunResult]) -> dict[str, float]:
-    """Median training-step time per model (forward, backward, clip, AdamW), all six built
-    fresh and timed interleaved in this process, at the runs' batch shape."""
-    import torch
-
-    from modlm import measure
-    from modlm.model import MoDLM
-    from modlm.optim import build_optimizer
-    fns = {}
-    for name, r in results.items():
-        torch.manual_seed(0)
-        model = MoDLM(r.model_config)
-        opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, r.model_config.vocab_size, (r.batch_size, r.seq_len + 1),
-                            generator=g)
-        fns[name] = (lambda m=model, o=opt, i=ids:
-                     measure.train_step_seconds(m, i[:, :-1], i[:, 1:], o))
-    return measure.medians(measure.interleaved(fns, repeats=STEP_REPEATS))
-
-
 def _shares(r: RunResult, mode: str) -> dict[str, float] | None:
     layers = r.eval["val"][mode].get("moe")
     if not layers:
@@ -73,7 +61,7 @@ def _shares(r: RunResult, mode: str) -> dict[str, float] | None:
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
     from modlm import plots
-    times = ctx.cached("step_times", lambda: step_times(ctx, results))
+    times = ctx.cached("step_times", lambda: interleaved_step_times(results, STEP_REPEATS))
     dense = results["dense"]
     rows, summary = [], {}
     for variant in VARIANTS:
