@@ -261,7 +261,7 @@ def fake_result(name: str, family: str, budget: float, rung, seed: int, loss: fl
                   (("topk", "router", "predictor") if family == "mod" else ("topk",))}}
     return RunResult(name=name, family=family, tags={"budget": budget, "rung": list(rung),
                                                      "seed": seed}, seed=seed, config_hash="",
-                     model={}, params=1000 * rung[0], non_embedding_params=0, seq_len=256,
+                     model={}, params=rung[0] ** 2 * rung[1], non_embedding_params=0, seq_len=256,
                      batch_size=16, forward_flops=1e9 * rung[0], training_flops=3e9, steps=10,
                      tokens=0, train_flops=budget, budget=budget, median_step_s=step_s,
                      step_time_samples=5, train_wall_s=1.0, eval_wall_s=1.0, resumed=False,
@@ -338,8 +338,23 @@ def test_isoflop_report_pairs_seeds_and_marks_optima(tmp_path, corpus):
     assert entry["step_time_ratio_mod_over_dense"] == pytest.approx(0.55)
     assert entry["step_time_ratio_logged"] == pytest.approx(0.6)
     assert entry["best_mod"].startswith(f"{isoflop.BUDGETS[0]}-mod-3")
+    assert entry["optimum_at_grid_edge"] == {"dense": None, "mod": None}  # both inside the grid
+    assert "optimum may lie beyond the grid" not in rep.markdown
     assert (ctx.root / "figures" / "isoflop_params.png").stat().st_size > 1000
     assert "-0.1000 ± 0.0000" in rep.markdown
+
+
+def test_isoflop_flags_an_optimum_at_the_end_of_its_grid():
+    b = isoflop.BUDGETS[0]
+    rungs = isoflop.grid(0)
+    for best_j, edge in ((0, "smallest"), (len(rungs) - 1, "largest"), (2, None)):
+        runs = {f"{j}": fake_result(f"{j}", "dense", b, rung, 0, 2.0 + abs(j - best_j))
+                for j, rung in enumerate(rungs)}
+        runs["other budget"] = fake_result("other budget", "dense", isoflop.BUDGETS[1],
+                                           (8, 1, 1), 0, 0.5)  # smaller, but another budget
+        winner = isoflop.best(runs, b, "dense")
+        assert winner.name == f"{best_j}"
+        assert isoflop.grid_edge(runs, winner) == edge
 
 
 def test_controls_change_one_thing_each():

@@ -1,7 +1,8 @@
 """isoFLOP sweep (paper Sec 4.1, Fig 3 and Fig 4) at CPU scale.
 
 For each training-FLOP budget, dense models of five sizes (consecutive rungs of
-`sizes.LADDER`, the window moving up one rung per budget as the compute-optimal size grows) and
+`sizes.LADDER`, the window moving up one rung per budget as the compute-optimal size grows; the
+report says when a family's best model is the smallest or largest size tried) and
 their isoFLOP MoD twins (same forward FLOPs, more depth, capacity 12.5% every other block) are
 trained for exactly the budget (modlm.flops converts it to steps). Then the best dense and the
 best MoD model of each budget (lowest held-out loss in their headline mode, seed 0) are trained
@@ -16,7 +17,7 @@ measured interleaved in one process after training.
 Budgets (2e12, 6e12, 2e13 training FLOPs) and why: the whole sweep must run in about 90 minutes
 on 2 CPU cores, and the budgets should span a 10x range in steps of about 3x, so that the
 compute-optimal size can visibly move; 14 runs per budget cost 14 x 2.8e13 = 3.9e14 FLOPs, about
-75 minutes of training on a 2-core AMD EPYC (1e13 as the middle budget and 3e13 as the top one,
+80 minutes of training on a 2-core AMD EPYC (1e13 as the middle budget and 3e13 as the top one,
 the controls' and MoDE experiments' budgets, would take 130 minutes there).
 """
 
@@ -73,6 +74,16 @@ def best(results: dict[str, RunResult], budget: float, family: str,
     pool = [r for r in results.values() if r.family == family
             and r.tags["budget"] == budget and r.seed == seed]
     return min(pool, key=lambda r: r.headline_loss)
+
+
+def grid_edge(results: dict[str, RunResult], winner: RunResult) -> str | None:
+    """"smallest" or "largest" when `winner` is the end of its budget's grid (so the family's
+    true optimum may lie outside the sizes tried), else None."""
+    params = [r.params for r in results.values() if r.family == winner.family
+              and r.tags["budget"] == winner.tags["budget"] and r.seed == winner.seed]
+    if winner.params == min(params):
+        return "smallest"
+    return "largest" if winner.params == max(params) else None
 
 
 def stage_seeds(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
@@ -136,8 +147,10 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         step_ratio = times[budget_label(b)]["mod"] / times[budget_label(b)]["dense"]
         logged_ratio = (statistics.median(r.median_step_s for r in mod_seeds)
                         / statistics.median(r.median_step_s for r in dense_seeds))
+        edges = {fam: grid_edge(results, r) for fam, r in (("dense", bd), ("mod", bm))}
         entry = {
             "best_dense": bd.name, "best_mod": bm.name,
+            "optimum_at_grid_edge": edges,
             "dense_params": bd.params, "mod_params": bm.params,
             "mod_over_dense_params": bm.params / bd.params,
             "mod_over_dense_forward_flops": bm.forward_flops / bd.forward_flops,
@@ -165,6 +178,9 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
             f"{step_ratio:.3f} ({logged_ratio:.3f})"])
         md += [f"### Budget {label} training FLOPs (seed 0)", "",
                results_table(grid_runs, reference=bd), ""]
+        md += [f"The best {fam} model is the {edge} size tried at this budget: the family's "
+               f"optimum may lie beyond the grid, so its loss is an upper bound.\n"
+               for fam, edge in edges.items() if edge]
     plots.isoflop_curves(panels, ctx.figure("isoflop_params"),
                          ylabel="held-out loss, headline mode (nats/byte)")
     plots.scatter_families(points, ctx.figure("isoflop_flops"),

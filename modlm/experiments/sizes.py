@@ -24,7 +24,8 @@ MOD_ROUTING = RoutingConfig(capacity=0.125, layers="every_other")
 
 # (d_model, n_layers, n_heads), growing by about 1.5-2x in parameters per rung.
 LADDER: tuple[tuple[int, int, int], ...] = (
-    (48, 3, 2), (64, 4, 2), (96, 4, 3), (128, 4, 4), (128, 6, 4), (160, 6, 5), (192, 6, 6))
+    (32, 3, 1), (48, 3, 2), (64, 4, 2), (96, 4, 3), (128, 4, 4), (128, 6, 4), (160, 6, 5),
+    (192, 6, 6))
 
 
 def dense_model(d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
