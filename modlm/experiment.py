@@ -41,7 +41,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -570,7 +570,19 @@ def run_experiment(experiment: Experiment, options: Options) -> Path:
                  f"result.**\n" if options.budget_scale != 1.0 else "") + "\n")
     atomic.write_text(ctx.root / "report.md", header + report.markdown.rstrip() + "\n")
     atomic.write_json(ctx.root / "summary.json", report.summary)
+    stale = unplanned_runs(ctx, [p["name"] for p in planned])
+    if stale:
+        print(f"modlm: {len(stale)} run(s) in {ctx.runs_dir} are not part of this plan and not in "
+              f"the report (left by an earlier version of the experiment): {', '.join(stale)}; "
+              f"delete runs/NAME and results/NAME.json to tidy the record", flush=True)
     return ctx.root
+
+
+def unplanned_runs(ctx: Context, planned_names: Iterable[str]) -> list[str]:
+    """Names of run folders or results in the record that the current plan does not contain."""
+    found = {p.name for p in ctx.runs_dir.glob("*") if p.is_dir()}
+    found |= {p.stem for p in ctx.results_dir.glob("*.json")}
+    return sorted(found - set(planned_names))
 
 
 def _start_record(ctx: Context) -> None:

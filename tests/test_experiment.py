@@ -92,8 +92,9 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 # ---- the runner and its record -----------------------------------------------------------------
 
-def test_record_folder_holds_everything_and_rerun_skips(tmp_path, corpus, monkeypatch):
+def test_record_folder_holds_everything_and_rerun_skips(tmp_path, corpus, monkeypatch, capsys):
     root = run_experiment(tiny_experiment(), opts(tmp_path, corpus))
+    assert "not part of this plan" not in capsys.readouterr().out
     assert root == tmp_path / "rec" / "tiny"
     for rel in ("experiment.json", "env.json", "report.md", "summary.json", ".gitignore",
                 "figures/losses.png", "results/dense.json", "results/mod.json"):
@@ -127,6 +128,12 @@ def test_record_folder_holds_everything_and_rerun_skips(tmp_path, corpus, monkey
     before = (root / "summary.json").read_text()
     run_experiment(tiny_experiment(), opts(tmp_path, corpus))
     assert (root / "summary.json").read_text() == before
+    # A plan that lost a stage names the runs it left behind in the record.
+    capsys.readouterr()
+    run_experiment(tiny_experiment(two_stages=False), opts(tmp_path, corpus))
+    seed_run = next(r for r in winner if r.endswith("-s1"))
+    assert f"not part of this plan and not in the report (left by an earlier version of the " \
+           f"experiment): {seed_run};" in capsys.readouterr().out
 
 
 def test_rerun_with_other_options_is_refused(tmp_path, corpus):
