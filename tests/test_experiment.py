@@ -259,7 +259,7 @@ def test_isoflop_grid_is_flop_matched_and_spends_each_budget(tmp_path, corpus):
         else:
             assert s.model.is_dense
     # Every budget trains the bottom of the ladder (the first sweep's optima all sat there).
-    assert all(isoflop.grid(i) == list(sizes.LADDER[:5]) for i in range(3))
+    assert isoflop.GRID == sizes.LADDER[:5]
 
 
 def fake_result(name: str, family: str, budget: float, rung, seed: int, loss: float,
@@ -281,20 +281,21 @@ def fake_result(name: str, family: str, budget: float, rung, seed: int, loss: fl
 def test_isoflop_reruns_the_best_of_each_family_with_more_seeds(tmp_path, corpus):
     ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
     results = {}
+    # Each budget has its own winners: dense at rung i, MoD at rung i + 2 for budget i.
     for i, b in enumerate(isoflop.BUDGETS):
-        for j, rung in enumerate(isoflop.grid(i)):
-            for fam, best_j in (("dense", 1), ("mod", 3)):
+        for j, rung in enumerate(isoflop.GRID):
+            for fam, best_j in (("dense", i), ("mod", i + 2)):
                 r = fake_result(f"{b}-{fam}-{j}", fam, b, rung, 0, 2.0 + abs(j - best_j) * 0.1)
                 results[r.name] = r
     specs = isoflop.stage_seeds(ctx, results)
     assert len(specs) == len(isoflop.BUDGETS) * 2 * 2
     for s in specs:
         i = isoflop.BUDGETS.index(s.tags["budget"])
-        best_j = 1 if s.family == "dense" else 3
-        assert tuple(s.tags["rung"]) == isoflop.grid(i)[best_j]
+        best_j = i if s.family == "dense" else i + 2
+        assert tuple(s.tags["rung"]) == isoflop.GRID[best_j]
         assert s.seed in (1, 2)
     planned = isoflop.stage_seeds(ctx, None)  # planning assumes the middle of each grid
-    assert {tuple(s.tags["rung"]) for s in planned} == {isoflop.grid(i)[2] for i in range(3)}
+    assert {tuple(s.tags["rung"]) for s in planned} == {isoflop.GRID[2]}
 
 
 def test_interleaved_step_times_alternate_models_at_each_runs_batch_shape(monkeypatch):
@@ -325,8 +326,8 @@ def test_interleaved_step_times_alternate_models_at_each_runs_batch_shape(monkey
 def test_isoflop_report_pairs_seeds_and_marks_optima(tmp_path, corpus):
     ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
     results = {}
-    for i, b in enumerate(isoflop.BUDGETS):
-        for j, rung in enumerate(isoflop.grid(i)):
+    for b in isoflop.BUDGETS:
+        for j, rung in enumerate(isoflop.GRID):
             for fam, best_j, base in (("dense", 1, 2.0), ("mod", 3, 1.9)):
                 for seed in ((0, 1, 2) if j == best_j else (0,)):
                     r = fake_result(f"{b}-{fam}-{j}-{seed}", fam, b, rung, seed,
@@ -353,7 +354,7 @@ def test_isoflop_report_pairs_seeds_and_marks_optima(tmp_path, corpus):
 
 def test_isoflop_flags_an_optimum_at_the_end_of_its_grid():
     b = isoflop.BUDGETS[0]
-    rungs = isoflop.grid(0)
+    rungs = isoflop.GRID
     for best_j, edge in ((0, "smallest"), (len(rungs) - 1, "largest"), (2, None)):
         runs = {f"{j}": fake_result(f"{j}", "dense", b, rung, 0, 2.0 + abs(j - best_j))
                 for j, rung in enumerate(rungs)}

@@ -53,15 +53,11 @@ def budget_label(b: float) -> str:
     return f"{mantissa}e{int(exp)}"
 
 
-def grid(budget_index: int) -> list[tuple[int, int, int]]:
-    """The dense sizes trained at budget `budget_index`: the same five smallest rungs at every
-    budget."""
-    # Deviation: a first sweep moved the window up one rung per budget (the compute-optimal size
-    # grows with the budget) and found every family's best model at the smallest size tried;
-    # at 2e12-2e13 FLOPs the optimum sits at 40-70 training bytes per parameter (d32-d64), so
-    # all budgets share the bottom of the ladder.
-    del budget_index
-    return list(sizes.LADDER[:SIZES_PER_BUDGET])
+# Deviation: a first sweep moved a window of sizes up one rung per budget (the compute-optimal
+# size grows with the budget) and found every family's best model at the smallest size tried; at
+# 2e12-2e13 FLOPs the optimum sits at 40-70 training bytes per parameter (d32-d64), so every
+# budget trains the same five smallest rungs.
+GRID: tuple[tuple[int, int, int], ...] = sizes.LADDER[:SIZES_PER_BUDGET]
 
 
 def _spec(ctx: Context, budget: float, family: str, rung: tuple[int, int, int],
@@ -75,7 +71,7 @@ def _spec(ctx: Context, budget: float, family: str, rung: tuple[int, int, int],
 
 def stage_grid(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
     return [_spec(ctx, b, family, rung, 0)
-            for i, b in enumerate(BUDGETS) for family in ("dense", "mod") for rung in grid(i)]
+            for b in BUDGETS for family in ("dense", "mod") for rung in GRID]
 
 
 def best(results: dict[str, RunResult], budget: float, family: str,
@@ -97,10 +93,10 @@ def grid_edge(results: dict[str, RunResult], winner: RunResult) -> str | None:
 
 def stage_seeds(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
     specs = []
-    for i, b in enumerate(BUDGETS):
+    for b in BUDGETS:
         for family in ("dense", "mod"):
             if results is None:  # planning: assume the middle of the grid wins
-                rung = grid(i)[SIZES_PER_BUDGET // 2]
+                rung = GRID[SIZES_PER_BUDGET // 2]
             else:
                 rung = tuple(best(results, b, family).tags["rung"])
             specs += [_spec(ctx, b, family, rung, s) for s in SEEDS[1:]]
