@@ -1,23 +1,32 @@
-"""The dense transformer block and the Mixture-of-Depths routed block (paper Sec 3.4, Eq. 1).
+"""Decoder layers and the Mixture-of-Depths routed layer (paper Sec 3.4, Eq. 1).
 
-Legend: B batch, T time, K routed tokens per sequence, D model width.
+Legend: B batch, T time, K routed tokens per sequence, D model width, H query heads, G key/value
+heads, Dh head width, N rows taking part.
 
-Both blocks share one residual update f (pre-norm attention then MLP); the dense block adds it
-to every token, the routed block only to the tokens its router selects:
+Every layer is driven through one narrow interface, `DecoderLayer`: `project` (queries, keys and
+values of the given tokens at their true positions), attention (`layers.attend`, over the tokens
+themselves or a KV cache), `finish` (the rest of the layer: out projection, residual, MLP). Its
+update f(x) is `causal_update`. modlm's own `Block` implements it, and so do the wrapped Hugging
+Face decoder layers of a retrofitted model (modlm.hf.retrofit), which is how the generation engine
+runs both with one code path.
+
+`RoutedLayer` puts a router (and optionally the causal predictor) in front of any such layer and
+applies Eq. 1 through `routing.routed_update`:
 
     x_i' = x_i + w(r_i) * f_i(X~)   for the selected set X~,   x_i' = x_i otherwise,
 
-with f computed on the gathered tokens alone (queries, keys and values from X~, rotary and causal
-mask by original position). Nothing is computed for unselected tokens and then masked away.
-
-A block's MLP may be a mixture of experts (modlm/moe.py); an MoD-routed block with an MoE MLP is
-the paper's staged MoDE (Sec 4.3). Blocks return the MoE layer's statistics explicitly.
+with f computed on the gathered tokens alone (queries, keys and values from X~, positions and
+causal mask by original position). Nothing is computed for unselected tokens and then masked away.
+`RoutedBlock` is the routed layer around a modlm `Block`; a block's MLP may be a mixture of experts
+(modlm/moe.py), and an MoD-routed block with an MoE MLP is the paper's staged MoDE (Sec 4.3).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,23 +34,85 @@ from torch import Tensor, nn
 
 from modlm import routing
 from modlm.config import ModelConfig
-from modlm.layers import MLP, Attention, RMSNorm, Rotary
+from modlm.layers import MLP, Attention, RMSNorm, Rotary, attend
 from modlm.moe import MoE, MoERouting
 from modlm.router import LinearRouter, Predictor, RandomRouter
 
 RoutingMode = Literal["topk", "router", "predictor"]
 ROUTING_MODES = ("topk", "router", "predictor")
 
+# What a model's position encoding gives for some positions (modlm: rotary rotations; Llama:
+# (cos, sin); GPT-2: None, its positions are in the embeddings).
+PositionEncoding = Any
+EncodePositions = Callable[[Tensor], PositionEncoding]
+
+
+class DecoderLayer(Protocol):
+    """One decoder layer as the routed update and the generation engine drive it.
+
+    n_heads / n_kv_heads / head_dim: attention shape (grouped-query attention when they differ);
+    attn_scale: the softmax scale (None: 1/sqrt(head_dim)); kv_dtype: what keys and values are.
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    attn_scale: float | None
+
+    @property
+    def kv_dtype(self) -> torch.dtype: ...
+
+    def project(self, x_BKD: Tensor, pe: PositionEncoding) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, K, H, Dh), keys and values (B, K, G, Dh) of the given tokens, queries and
+        keys rotated at the positions `pe` encodes."""
+        ...
+
+    def attention_dropout(self) -> float:
+        """Dropout on attention probabilities now (0 in eval mode)."""
+        ...
+
+    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
+               enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+        """f(x) given the attention heads' output: the update, never the residual itself."""
+        ...
+
+
+def causal_update(layer: DecoderLayer, x_BKD: Tensor, pe: PositionEncoding,
+                  valid_BK: Tensor | None = None, enforce_capacity: bool = True,
+                  ) -> tuple[Tensor, MoERouting | None, tuple[Tensor, Tensor]]:
+    """f(x) for tokens in time order attending causally among themselves: (update, MoE
+    statistics, (keys, values)). The keys and values are what a KV cache stores."""
+    q_BKHd, k_BKGd, v_BKGd = layer.project(x_BKD, pe)
+    # The K axis is in time order, so is_causal masks by original position.
+    y_BHKd = attend(q_BKHd.transpose(1, 2), k_BKGd.transpose(1, 2), v_BKGd.transpose(1, 2),
+                    scale=layer.attn_scale, is_causal=True, dropout_p=layer.attention_dropout())
+    delta_BKD, moe = layer.finish(x_BKD, y_BHKd, valid_BK, enforce_capacity)
+    return delta_BKD, moe, (k_BKGd, v_BKGd)
+
 
 class Block(nn.Module):
-    """Pre-norm block. `update` is f of Eq. 1: the residual update, never the residual itself."""
+    """Pre-norm block: f(x) = attn(norm(x)) + mlp(norm(x + attn)) (a `DecoderLayer`)."""
+
+    attn_scale = None
 
     def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.n_heads = self.n_kv_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp: nn.Module = MoE(cfg, layer) if layer in cfg.moe_layers else MLP(cfg)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.attn.qkv.weight.dtype
+
+    def project(self, x_BKD: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.attn.project(self.attn_norm(x_BKD), rot)
+
+    def attention_dropout(self) -> float:
+        return 0.0
 
     def update(self, x_BKD: Tensor, rot: Tensor, valid_BK: Tensor | None = None,
                enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
@@ -50,13 +121,11 @@ class Block(nn.Module):
         valid_BK marks real tokens when rows are padded (an MoE MLP ignores the others);
         enforce_capacity applies an MoE MLP's expert capacity (training, `topk` mode).
         """
-        return self.finish(x_BKD, self.attn(self.attn_norm(x_BKD), rot), valid_BK,
-                           enforce_capacity)
+        return causal_update(self, x_BKD, rot, valid_BK, enforce_capacity)[:2]
 
-    def finish(self, x_BKD: Tensor, attn_BKD: Tensor, valid_BK: Tensor | None = None,
+    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
                enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
-        """f(x) given the attention output: attn + mlp(norm(x + attn)). The generation engine,
-        which attends over a KV cache itself, shares this half."""
+        attn_BKD = self.attn.merge(y_BHKd)
         h_BKD = self.mlp_norm(x_BKD + attn_BKD)
         if isinstance(self.mlp, MoE):
             mlp_BKD, stats = self.mlp(h_BKD, valid_BK, enforce_capacity)
@@ -93,72 +162,148 @@ class LayerRouting:
     moe: MoERouting | None = None    # the block's MoE MLP on the routed tokens (staged MoDE)
 
 
-class RoutedBlock(nn.Module):
-    """A block that only processes the tokens its router selects (Eq. 1)."""
+class RoutedLayer(nn.Module):
+    """A router (Sec 3.4), optionally the causal predictor (Sec 3.5, fix 2), and the routed update
+    of Eq. 1 around a `DecoderLayer` (`inner`, given by the subclass).
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    gain: with True, the weight on a routed update is `2 * sigmoid(g * r)` (or `1 + g * r` for
+    router_weight "raw") with a learned gain g that starts at 0, so every routed update starts
+    with weight exactly 1 (retrofitting a pretrained model); otherwise Eq. 1's weights.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, gain: bool = False) -> None:
         super().__init__()
+        r = cfg.routing
         self.layer = layer
-        self.capacity = cfg.routing.capacity
-        self.weighting = "constant" if cfg.routing.router == "random" else cfg.routing.router_weight
-        self.block = Block(cfg, layer)
-        self.router: nn.Module = (RandomRouter() if cfg.routing.router == "random"
-                                  else LinearRouter(cfg.d_model))
-        self.learned = cfg.routing.router == "learned"
-        self.predictor = (Predictor(cfg.d_model, cfg.predictor_hidden)
-                          if cfg.routing.predictor else None)
+        self.capacity = r.capacity
+        self.learned = r.router == "learned"
+        self.weighting = "constant" if r.router == "random" else r.router_weight
+        self.router: nn.Module = LinearRouter(cfg.d_model) if self.learned else RandomRouter()
+        self.predictor = Predictor(cfg.d_model, cfg.predictor_hidden) if r.predictor else None
+        # Deviation: a gain that starts at 0 makes every routed update's weight exactly 1 at the
+        # start, so a retrofitted model begins where the pretrained one is (docs/design.md).
+        self.gain = (nn.Parameter(torch.zeros(()))
+                     if gain and self.weighting in ("sigmoid", "raw") else None)
+
+    @property
+    def inner(self) -> DecoderLayer:
+        raise NotImplementedError
 
     def router_weights(self, logits_BT: Tensor) -> Tensor:
+        if self.weighting == "constant":
+            return torch.ones_like(logits_BT)
+        if self.gain is not None:
+            z_BT = self.gain.float() * logits_BT
+            return 2.0 * torch.sigmoid(z_BT) if self.weighting == "sigmoid" else 1.0 + z_BT
         # Deviation: sigmoid(r) by default, not Eq. 1's raw r; the paper's figures show weights
         # in [0, 1] with 0.5 as the decision line (docs/design.md).
         if self.weighting == "sigmoid":
             return torch.sigmoid(logits_BT)
-        if self.weighting == "raw":
-            return logits_BT  # Eq. 1 as written: x + r * f
-        return torch.ones_like(logits_BT)
+        return logits_BT  # "raw": Eq. 1 as written, x + r * f
 
-    def forward(self, x_BTD: Tensor, rotary: Rotary, mode: RoutingMode = "topk",
-                generator: torch.Generator | None = None) -> tuple[Tensor, LayerRouting]:
-        B, T, D = x_BTD.shape
-        k = routing.capacity_k(T, self.capacity)
-        logits_BT = self.router(x_BTD, generator)                         # float32
-        pred_logits_BT = self.predictor(x_BTD) if self.predictor is not None else None
-        topk_idx_BK = routing.topk_in_time_order(logits_BT.detach(), k)  # Sec 3.4: per sequence
-        topk_BT = routing.mask_from_indices(topk_idx_BK, T)
-
-        if mode == "topk":
-            idx_BK, valid_BK, mask_BT = topk_idx_BK, None, topk_BT
+    def causal_decision(self, x_BTD: Tensor, mode: RoutingMode,
+                        generator: torch.Generator | None = None
+                        ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Router logits (float32), predictor logits (None without a predictor) and, in a causal
+        mode, each token's own routing decision (Sec 3.5: the routed count varies); None in
+        "topk", where the decision is the sequence's top-k."""
+        logits_BT = self.router(x_BTD, generator)
+        pred_BT = self.predictor(x_BTD) if self.predictor is not None else None
+        if mode == "router":
+            mask_BT = logits_BT.detach() > self.router.causal_threshold(self.capacity)
+        elif mode == "predictor":
+            mask_BT = pred_BT.detach() > 0.0      # predicted top-k membership
         else:
-            # Sec 3.5: at sampling time each token decides alone, so the routed count varies.
-            if mode == "router":
-                mask_BT = logits_BT.detach() > self.router.causal_threshold(self.capacity)
-            else:
-                mask_BT = pred_logits_BT.detach() > 0.0  # predicted top-k membership
-            idx_BK, valid_BK = routing.indices_from_mask(mask_BT)
+            mask_BT = None
+        return logits_BT, pred_BT, mask_BT
 
-        out_BTD, moe = x_BTD, None
-        if idx_BK.shape[1] > 0:  # in the causal modes a whole batch may route no token
-            x_BKD = routing.gather_tokens(x_BTD, idx_BK)
-            delta_BKD, moe = self.block.update(x_BKD, rotary(idx_BK),     # true positions
-                                               valid_BK, enforce_capacity=mode == "topk")
-            w_BK = self.router_weights(torch.gather(logits_BT, 1, idx_BK))
-            # Paper Sec 3.4, Eq. 1: x_i' = x_i + r_i * f_i(X~) for selected tokens, x_i otherwise.
-            out_BTD = routing.scatter_add_tokens(
-                x_BTD, idx_BK, (w_BK.unsqueeze(-1) * delta_BKD).to(x_BTD.dtype), valid_BK)
+    def forward(self, x_BTD: Tensor, rotary: EncodePositions, mode: RoutingMode = "topk",
+                generator: torch.Generator | None = None, pos_BT: Tensor | None = None,
+                valid_BT: Tensor | None = None) -> tuple[Tensor, LayerRouting]:
+        """The full-sequence routed update. rotary: positions -> the layer's position encoding;
+        pos_BT: each token's position (default 0..T-1); valid_BT: the real tokens of a padded
+        batch (padding is never routed; each row's top-k is over its real tokens)."""
+        B, T, _ = x_BTD.shape
+        k = routing.capacity_k(T, self.capacity)
+        logits_BT, pred_BT, mask_BT = self.causal_decision(x_BTD, mode, generator)
+        if valid_BT is None:
+            topk_sel = routing.Selection.topk(logits_BT.detach(), k)   # Sec 3.4: per sequence
+            topk_BT = topk_sel.mask(B, T)
+        else:
+            # Deviation: a padded row routes the top-k of its real tokens, k from its real length.
+            topk_sel = None
+            topk_BT = topk_mask_of_real_tokens(logits_BT.detach(), valid_BT, self.capacity)
+        if mode == "topk":
+            mask_BT = topk_BT
+            sel = topk_sel or routing.Selection.from_mask(topk_BT)
+        else:
+            if valid_BT is not None:
+                mask_BT = mask_BT & valid_BT           # padding is never routed
+            sel = routing.Selection.from_mask(mask_BT)
 
+        if pos_BT is None:
+            pos_BT = torch.arange(T, device=x_BTD.device).expand(B, T)
+
+        def compute(x_NKD: Tensor) -> tuple[Tensor, MoERouting | None]:
+            pe = rotary(sel.gather(pos_BT))                               # true positions
+            delta, moe, _ = causal_update(self.inner, x_NKD, pe, sel.valid_NK,
+                                          enforce_capacity=mode == "topk")
+            return delta, moe
+
+        out_BTD, moe = routing.routed_update(
+            x_BTD, sel, self.router_weights(sel.gather(logits_BT)), compute)
+        return out_BTD, self._stats(k, logits_BT, pred_BT, topk_BT, mask_BT, valid_BT, moe)
+
+    def _stats(self, k: int, logits_BT: Tensor, pred_BT: Tensor | None, topk_BT: Tensor,
+               mask_BT: Tensor, valid_BT: Tensor | None, moe: MoERouting | None) -> LayerRouting:
         target_BT = topk_BT.float()
         aux = pred_loss = router_acc = pred_acc = None
         if self.learned:
             # Sec 3.5 fix 1: BCE of the router logits against top-k membership.
-            aux = F.binary_cross_entropy_with_logits(logits_BT, target_BT)
-            router_acc = ((logits_BT.detach() > 0) == topk_BT).float().mean()
-        if pred_logits_BT is not None:
+            aux = _masked_bce(logits_BT, target_BT, valid_BT)
+            router_acc = _masked_mean(((logits_BT.detach() > 0) == topk_BT).float(), valid_BT)
+        if pred_BT is not None:
             # Sec 3.5 fix 2: the predictor learns top-k membership from stop-gradient inputs.
-            pred_loss = F.binary_cross_entropy_with_logits(pred_logits_BT, target_BT)
-            pred_acc = ((pred_logits_BT.detach() > 0) == topk_BT).float().mean()
-        stats = LayerRouting(
+            pred_loss = _masked_bce(pred_BT, target_BT, valid_BT)
+            pred_acc = _masked_mean(((pred_BT.detach() > 0) == topk_BT).float(), valid_BT)
+        return LayerRouting(
             layer=self.layer, k=k, mask_BT=mask_BT,
-            weights_BT=self.router_weights(logits_BT.detach()),
-            fraction=mask_BT.float().mean(), router_aux_loss=aux, predictor_loss=pred_loss,
-            router_accuracy=router_acc, predictor_accuracy=pred_acc, moe=moe)
-        return out_BTD, stats
+            weights_BT=self.router_weights(logits_BT.detach()).detach(),
+            fraction=_masked_mean(mask_BT.float(), valid_BT), router_aux_loss=aux,
+            predictor_loss=pred_loss, router_accuracy=router_acc, predictor_accuracy=pred_acc,
+            moe=moe)
+
+
+class RoutedBlock(RoutedLayer):
+    """A modlm `Block` that only processes the tokens its router selects (Eq. 1)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__(cfg, layer)
+        self.block = Block(cfg, layer)
+
+    @property
+    def inner(self) -> Block:
+        return self.block
+
+
+def topk_mask_of_real_tokens(scores_BT: Tensor, valid_BT: Tensor, capacity: float) -> Tensor:
+    """Each row's top-k among its real tokens, k = capacity_k(real length): what the row would
+    route alone, unpadded (ties aside)."""
+    B, T = scores_BT.shape
+    k_B = torch.tensor([routing.capacity_k(int(n), capacity) if n > 0 else 0
+                        for n in valid_BT.sum(dim=1).tolist()], device=scores_BT.device)
+    order_BT = torch.argsort(scores_BT.masked_fill(~valid_BT, -math.inf), dim=1,
+                             descending=True, stable=True)
+    rank_BT = torch.empty_like(order_BT).scatter_(
+        1, order_BT, torch.arange(T, device=scores_BT.device).expand(B, T).contiguous())
+    return (rank_BT < k_B[:, None]) & valid_BT
+
+
+def _masked_mean(x_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
+    return x_BT.mean() if valid_BT is None else x_BT[valid_BT].mean()
+
+
+def _masked_bce(logits_BT: Tensor, target_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
+    if valid_BT is None:
+        return F.binary_cross_entropy_with_logits(logits_BT, target_BT)
+    return F.binary_cross_entropy_with_logits(logits_BT[valid_BT], target_BT[valid_BT])

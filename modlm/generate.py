@@ -28,8 +28,9 @@ routers, predictors) but does its own attention, because it needs the keys and v
   them.
 
 Context rule: a row's prompt plus its new tokens may not exceed `max_seq_len` (the rotary table
-and the full forward stop there). `generate` refuses a request that could cross it, unless
-`truncate=True`, in which case each row stops at the context with finish reason "context".
+and the full forward stop there), or a sliding-window model's window. `generate` refuses a
+request that could cross it, unless `truncate=True`, in which case each row stops at the context
+with finish reason "context".
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from modlm import routing
-from modlm.block import Block, RoutedBlock
-from modlm.model import MoDLM
+from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, causal_update
+from modlm.config import ModelConfig
+from modlm.layers import attend
 
 GENERATION_MODES = ("router", "predictor")
 FINISH_REASONS = ("length", "stop_token", "stop_string", "context")
@@ -67,15 +68,42 @@ class _TextTokenizer(_Decoder, Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+class Backbone(Protocol):
+    """What the engine drives: modlm's `MoDLM` and a retrofitted Hugging Face model
+    (`modlm.hf.retrofit.RetrofitLM`) both provide it.
+
+    cfg: the model's `ModelConfig` (vocabulary, routing); context_length: the most tokens a row
+    may hold (max_seq_len, or a sliding-window model's window); decoder_layers: in order, each a
+    `DecoderLayer` or a `RoutedLayer` around one; embed_tokens / encode_positions / head: token
+    ids at positions to hidden states, positions to what `DecoderLayer.project` takes, final
+    hidden states to logits.
+    """
+
+    cfg: ModelConfig
+
+    @property
+    def context_length(self) -> int: ...
+
+    def decoder_layers(self) -> list[DecoderLayer | RoutedLayer]: ...
+
+    def embed_tokens(self, idx_BT: Tensor, pos_BT: Tensor) -> Tensor: ...
+
+    def encode_positions(self, pos: Tensor) -> PositionEncoding: ...
+
+    def head(self, x_BTD: Tensor) -> Tensor: ...
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+
 # ---- the KV cache ------------------------------------------------------------------------------
 
 
 class LayerCache:
     """Keys and values of one block, per row: slots [0, n_B[b]) of row b are its cached tokens.
 
-    k_BHCd / v_BHCd: keys (already rotated) and values; pos_BC: each slot's true position;
-    n_B: filled slots per row. A dense block fills one slot per token; a routed block one slot per
-    token routed into it. `limit` is the most slots a row can ever need.
+    k_BHCd / v_BHCd: keys (already rotated) and values, H the key/value heads; pos_BC: each slot's
+    true position; n_B: filled slots per row. A dense block fills one slot per token; a routed
+    block one slot per token routed into it. `limit` is the most slots a row can ever need.
     """
 
     def __init__(self, k_BHCd: Tensor, v_BHCd: Tensor, pos_BC: Tensor, n_B: Tensor,
@@ -95,6 +123,12 @@ class LayerCache:
     @property
     def slots(self) -> int:
         return self.k_BHCd.shape[2]
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes one cached token takes (its keys and values over all key/value heads)."""
+        _, G, _, Dh = self.k_BHCd.shape
+        return 2 * G * Dh * self.k_BHCd.element_size()
 
     def entries(self) -> int:
         """Tokens held, summed over rows."""
@@ -322,17 +356,17 @@ class TextStream:
 
 
 class Engine:
-    """Batched generation from a `MoDLM` in a causal routing mode ("router" or "predictor").
+    """Batched generation from a `Backbone` (a `MoDLM`, or a retrofitted Hugging Face model) in a
+    causal routing mode ("router" or "predictor").
 
     A dense model has no routing; any causal mode is accepted and ignored for it.
     """
 
-    def __init__(self, model: MoDLM, mode: str = "router") -> None:
-        if not hasattr(model, "blocks"):
+    def __init__(self, model: Backbone, mode: str = "router") -> None:
+        if not hasattr(model, "decoder_layers"):
             raise GenerationError(
-                f"the generation engine runs modlm's own models; got a {type(model).__name__}. "
-                f"A retrofitted Hugging Face model samples with RetrofitLM.generate "
-                f"(modlm.hf.retrofit: causal routing, no KV cache)")
+                f"the generation engine runs modlm models (MoDLM) and retrofitted Hugging Face "
+                f"models (modlm.hf.retrofit.RetrofitLM); got a {type(model).__name__}")
         cfg = model.cfg
         if mode == "topk":
             raise GenerationError("mode 'topk' is not causal (whether a token is routed depends on "
@@ -359,11 +393,11 @@ class Engine:
         self.model = model
         self.mode = mode
         self.cfg = cfg
-        # Caches take the dtype of the projections that write them.
-        self.device = model.embed.weight.device
-        first = model.blocks[0]
-        first = first.block if isinstance(first, RoutedBlock) else first
-        self.dtype = first.attn.qkv.weight.dtype
+        self.layers = model.decoder_layers()
+        self.context = model.context_length
+        self._context_name = (f"max_seq_len={self.context}" if self.context == cfg.max_seq_len
+                              else f"of {self.context} tokens (its attention window)")
+        self.device = next(model.parameters()).device
 
     @classmethod
     def from_checkpoint(cls, path: Any, mode: str = "router",
@@ -380,7 +414,7 @@ class Engine:
             raise GenerationError("prompts must be a list of token-id lists, one per row")
         if len(prompts) == 0:
             raise GenerationError("no prompts given; pass a list of token-id lists")
-        V, L = self.cfg.vocab_size, self.cfg.max_seq_len
+        V, L = self.cfg.vocab_size, self.context
         out: list[list[int]] = []
         for b, prompt in enumerate(prompts):
             if isinstance(prompt, Tensor):
@@ -398,7 +432,7 @@ class Engine:
                                       f"(e.g. a beginning-of-text id)")
             if len(ids) >= L:
                 raise GenerationError(f"prompt {b} has {len(ids)} tokens but the model's context "
-                                      f"is max_seq_len={L}, which must hold the prompt and at "
+                                      f"is {self._context_name}, which must hold the prompt and at "
                                       f"least one new token; shorten it to at most {L - 1}")
             bad = [t for t in ids if not 0 <= t < V]
             if bad:
@@ -416,87 +450,75 @@ class Engine:
         """Run the prompts through the model and fill the caches.
 
         capacity: the most tokens any row will feed through the model (prompt + decoded), at most
-        max_seq_len (the default). Returns the state and the logits of each row's last prompt
+        the context (the default). Returns the state and the logits of each row's last prompt
         token (B, V), or with all_logits the logits of every position (B, T, V), right-padded
         (positions past a row's prompt are meaningless).
         """
         ids = self._check_prompts(prompts)
-        L = self.cfg.max_seq_len
+        L = self.context
         capacity = L if capacity is None else capacity
         lengths = [len(p) for p in ids]
         if not max(lengths) <= capacity <= L:
             raise GenerationError(f"capacity must be in {max(lengths)}..{L} (longest prompt.."
-                                  f"max_seq_len), got {capacity}")
+                                  f"context), got {capacity}")
         B, T, dev = len(ids), max(lengths), self.device
         idx_BT = torch.zeros(B, T, dtype=torch.long, device=dev)
         for b, p in enumerate(ids):
             idx_BT[b, :len(p)] = torch.tensor(p, dtype=torch.long)
         len_B = torch.tensor(lengths, dtype=torch.long, device=dev)
         valid_BT = torch.arange(T, device=dev) < len_B[:, None]
-        pos_T = torch.arange(T, device=dev)
-        rot_TR = self.model.rotary(pos_T)
-        H, Dh = self.cfg.n_heads, self.cfg.head_dim
+        pos_BT = torch.arange(T, device=dev).expand(B, T)
 
-        x_BTD = self.model.embed(idx_BT)
+        x_BTD = self.model.embed_tokens(idx_BT, pos_BT)
+        pe = self.model.encode_positions(pos_BT)
         caches: list[LayerCache] = []
         routed_tokens, seen_tokens = [], []
-        for block in self.model.blocks:
-            if isinstance(block, RoutedBlock):
-                x_BTD, cache, n_routed = self._prefill_routed(block, x_BTD, valid_BT, capacity)
+        for layer in self.layers:
+            if isinstance(layer, RoutedLayer):
+                x_BTD, cache, n_routed = self._prefill_routed(layer, x_BTD, pos_BT, valid_BT,
+                                                              capacity)
             else:
-                cache = LayerCache.empty(B, H, Dh, capacity, capacity, False, self.dtype, dev)
-                q, k, v = _qkv(block, x_BTD, rot_TR)
-                y_BHTd = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-                x_BTD = x_BTD + _finish(block, x_BTD, y_BHTd, valid_BT)
+                cache = _empty_cache(layer, B, capacity, capacity, False, dev)
+                delta_BTD, _, (k, v) = causal_update(layer, x_BTD, pe, valid_BT,
+                                                     enforce_capacity=False)
+                x_BTD = x_BTD + delta_BTD
                 # Padding slots are written too but lie past n_B, so attention never sees them.
-                cache.fill(k, v, pos_T.expand(B, T), len_B)
+                cache.fill(k, v, pos_BT, len_B)
                 n_routed = sum(lengths)
             caches.append(cache)
             routed_tokens.append(n_routed)
             seen_tokens.append(sum(lengths))
 
         if all_logits:
-            logits = self.model.lm_head(self.model.norm(x_BTD))
+            logits = self.model.head(x_BTD)
         else:
-            last_BD = x_BTD[torch.arange(B, device=dev), len_B - 1]
-            logits = self.model.lm_head(self.model.norm(last_BD))
+            logits = self.model.head(x_BTD[torch.arange(B, device=dev), len_B - 1])
         state = DecodeState(rows=list(range(B)), pos_B=len_B.clone(), caches=caches,
                             capacity=capacity, routed_tokens=routed_tokens,
                             seen_tokens=seen_tokens, retired_entries=[0] * len(caches))
         return state, logits
 
-    def _decide(self, block: RoutedBlock, x_BTD: Tensor) -> tuple[Tensor, Tensor]:
-        """Router logits (float32) and the causal routing decision of every token."""
-        logits_BT = block.router(x_BTD)
-        if self.mode == "router":
-            return logits_BT, logits_BT > block.router.causal_threshold(block.capacity)
-        return logits_BT, block.predictor(x_BTD) > 0.0  # predicted top-k membership
+    def _prefill_routed(self, layer: RoutedLayer, x_BTD: Tensor, pos_BT: Tensor,
+                        valid_BT: Tensor, capacity: int) -> tuple[Tensor, LayerCache, int]:
+        logits_BT, _, mask_BT = layer.causal_decision(x_BTD, self.mode)
+        sel = routing.Selection.from_mask(mask_BT & valid_BT)   # padding is never routed
+        n_B = sel.valid_NK.sum(dim=1)
+        cache = _empty_cache(layer.inner, x_BTD.shape[0],
+                             min(capacity, sel.idx_NK.shape[1] + _ROUTED_HEADROOM), capacity,
+                             True, x_BTD.device)
 
-    def _prefill_routed(self, block: RoutedBlock, x_BTD: Tensor, valid_BT: Tensor,
-                        capacity: int) -> tuple[Tensor, LayerCache, int]:
-        B = x_BTD.shape[0]
-        logits_BT, mask_BT = self._decide(block, x_BTD)
-        mask_BT = mask_BT & valid_BT                     # padding is never routed
-        idx_BK, valid_BK = routing.indices_from_mask(mask_BT)
-        n_B = valid_BK.sum(dim=1)
-        K = idx_BK.shape[1]
-        cache = LayerCache.empty(B, self.cfg.n_heads, self.cfg.head_dim,
-                                 min(capacity, K + _ROUTED_HEADROOM), capacity, True,
-                                 self.dtype, x_BTD.device)
-        if K > 0:
-            x_BKD = routing.gather_tokens(x_BTD, idx_BK)
-            q, k, v = _qkv(block.block, x_BKD, self.model.rotary(idx_BK))   # true positions
+        def compute(x_BKD: Tensor) -> tuple[Tensor, None]:
+            pos_BK = sel.gather(pos_BT)                                  # true positions
             # Valid entries precede padding in every row, so the causal mask over K is by
             # original position and never lets a routed token see padding.
-            y_BHKd = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-            delta_BKD = _finish(block.block, x_BKD, y_BHKd, valid_BK)
-            w_BK = block.router_weights(torch.gather(logits_BT, 1, idx_BK))
-            # Paper Sec 3.4, Eq. 1: x + w * f(x) for routed tokens, x bit for bit otherwise.
-            x_BTD = routing.scatter_add_tokens(
-                x_BTD, idx_BK, (w_BK.unsqueeze(-1) * delta_BKD).to(x_BTD.dtype), valid_BK)
-            cache.fill(k, v, idx_BK, n_B)
+            delta_BKD, _, (k, v) = causal_update(layer.inner, x_BKD,
+                                                 self.model.encode_positions(pos_BK),
+                                                 sel.valid_NK, enforce_capacity=False)
+            cache.fill(k, v, pos_BK, n_B)
+            return delta_BKD, None
+
+        x_BTD, _ = routing.routed_update(x_BTD, sel, layer.router_weights(sel.gather(logits_BT)),
+                                         compute)
         return x_BTD, cache, int(n_B.sum())
 
     @torch.inference_mode()
@@ -516,37 +538,41 @@ class Engine:
         if int(tok_B.min()) < 0 or int(tok_B.max()) >= V:
             raise GenerationError(f"token ids must be in 0..{V - 1}, got {tok_B.tolist()}")
         pos_B = state.pos_B
-        x_B1D = self.model.embed(tok_B).unsqueeze(1)
-        rot_B1R = self.model.rotary(pos_B.unsqueeze(1))
+        x_B1D = self.model.embed_tokens(tok_B[:, None], pos_B[:, None])
+        pe_B1 = self.model.encode_positions(pos_B[:, None])
         all_B = torch.arange(B, device=self.device)
-        dense_mask: Tensor | None = None      # shared by every dense block in this step
-        for i, (block, cache) in enumerate(zip(self.model.blocks, state.caches)):
+        dense_mask: Tensor | None = None      # shared by every dense layer in this step
+        for i, (layer, cache) in enumerate(zip(self.layers, state.caches)):
             state.seen_tokens[i] += B
-            if not isinstance(block, RoutedBlock):
-                q, k, v = _qkv(block, x_B1D, rot_B1R)
+            if not isinstance(layer, RoutedLayer):
+                q, k, v = layer.project(x_B1D, pe_B1)
                 n_B = cache.append(all_B, k[:, 0], v[:, 0], pos_B)
                 if dense_mask is None:
                     dense_mask = _length_mask(n_B)
-                y = _attend_cached(q, cache, None, n_B, dense_mask)
-                x_B1D = x_B1D + _finish(block, x_B1D, y)
+                y = _attend_cached(layer, q, cache, None, n_B, dense_mask)
+                x_B1D = x_B1D + layer.finish(x_B1D, y, None, enforce_capacity=False)[0]
                 state.routed_tokens[i] += B
                 continue
-            logits_B1, mask_B1 = self._decide(block, x_B1D)
-            rows_N = mask_B1[:, 0].nonzero().squeeze(-1)
+            logits_B1, _, mask_B1 = layer.causal_decision(x_B1D, self.mode)
+            sel = routing.Selection.rows(mask_B1[:, 0])   # only the rows whose token routes
+            rows_N = sel.rows_N
             N = rows_N.numel()
             state.routed_tokens[i] += N
-            if N == 0:
-                continue                       # no row routes: the block does no work at all
-            x_N1D = x_B1D[rows_N]
-            q, k, v = _qkv(block.block, x_N1D, rot_B1R[rows_N])
-            n_N = cache.append(rows_N, k[:, 0], v[:, 0], pos_B[rows_N])
-            y = _attend_cached(q, cache, None if N == B else rows_N, n_N, _length_mask(n_N))
-            delta_N1D = _finish(block.block, x_N1D, y)
-            w_N1 = block.router_weights(logits_B1[rows_N])
-            # Paper Sec 3.4, Eq. 1 for the routed rows; the others keep x bit for bit.
-            x_B1D = x_B1D.index_add(0, rows_N, (w_N1.unsqueeze(-1) * delta_N1D).to(x_B1D.dtype))
+
+            def compute(x_N1D: Tensor, layer: RoutedLayer = layer, cache: LayerCache = cache,
+                        rows_N: Tensor = rows_N, N: int = N) -> tuple[Tensor, None]:
+                step = layer.inner
+                q, k, v = step.project(x_N1D, _take_rows(pe_B1, rows_N))
+                n_N = cache.append(rows_N, k[:, 0], v[:, 0], pos_B[rows_N])
+                y = _attend_cached(step, q, cache, None if N == B else rows_N, n_N,
+                                   _length_mask(n_N))
+                return step.finish(x_N1D, y, None, enforce_capacity=False)[0], None
+
+            # A step in which no row routes does no work in this layer at all.
+            x_B1D, _ = routing.routed_update(x_B1D, sel,
+                                             layer.router_weights(sel.gather(logits_B1)), compute)
         state.pos_B = pos_B + 1
-        return self.model.lm_head(self.model.norm(x_B1D[:, 0]))
+        return self.model.head(x_B1D[:, 0])
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -665,14 +691,14 @@ class Engine:
                                   "pass tokenizer=")
         if any(not isinstance(s, str) or not s for s in stop_strings):
             raise GenerationError(f"stop strings must be non-empty strings, got {stop_strings!r}")
-        L = self.cfg.max_seq_len
+        L = self.context
         budgets = []
         for b, p in enumerate(ids):
             room = L - len(p)
             if max_new_tokens > room and not truncate:
                 raise GenerationError(
                     f"prompt {b} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
-                    f"would exceed the context max_seq_len={L} (room for {room} new tokens). "
+                    f"would exceed the context {self._context_name} (room for {room} new tokens). "
                     f"Lower max_new_tokens, shorten the prompt, or pass truncate=True to stop "
                     f"each row at the context")
             budgets.append(min(max_new_tokens, room))
@@ -756,11 +782,11 @@ class Engine:
     def _result(self, ids: list[list[int]], out: list[list[int]], reasons: list[str],
                 state: DecodeState, prefill_s: float, decode_s: float, decode_tokens: int,
                 after_prefill: tuple[list[int], list[int]]) -> GenerationResult:
-        entry_bytes = 2 * self.cfg.n_heads * self.cfg.head_dim * self.dtype.itemsize
+        entry_bytes = [c.entry_bytes for c in state.caches]
         fed = sum(len(p) + len(o) - 1 for p, o in zip(ids, out))
         new = sum(map(len, out))
-        routed_blocks = [(i, b.layer) for i, b in enumerate(self.model.blocks)
-                         if isinstance(b, RoutedBlock)]
+        routed_blocks = [(i, layer.layer) for i, layer in enumerate(self.layers)
+                         if isinstance(layer, RoutedLayer)]
         fractions = {layer: state.routed_tokens[i] / state.seen_tokens[i]
                      for i, layer in routed_blocks}
         routed0, seen0 = after_prefill
@@ -775,28 +801,28 @@ class Engine:
             decode_tokens_per_s=(decode_tokens / decode_s if decode_tokens and decode_s > 0
                                  else None),
             routed_fraction=fractions, decode_routed_fraction=decode_fractions,
-            kv_cache_bytes=sum(state.cache_entries()) * entry_bytes,
+            kv_cache_bytes=sum(n * e for n, e in zip(state.cache_entries(), entry_bytes)),
             kv_cache_allocated_bytes=sum(c.k_BHCd.nbytes + c.v_BHCd.nbytes
                                          for c in state.caches),
-            dense_kv_cache_bytes=fed * len(self.model.blocks) * entry_bytes)
+            dense_kv_cache_bytes=fed * sum(entry_bytes))
 
 
 # ---- attention pieces shared by prefill and decode ---------------------------------------------
 
 
-def _qkv(block: Block, x_BKD: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Queries and keys rotated at the tokens' true positions, and values: each (B, K, H, Dh)."""
-    return block.attn.project(block.attn_norm(x_BKD), rot)
+def _empty_cache(layer: DecoderLayer, B: int, slots: int, limit: int, routed: bool,
+                 device: torch.device) -> LayerCache:
+    return LayerCache.empty(B, layer.n_kv_heads, layer.head_dim, slots, limit, routed,
+                            layer.kv_dtype, device)
 
 
-def _finish(block: Block, x_BKD: Tensor, y_BHKd: Tensor,
-            valid_BK: Tensor | None = None) -> Tensor:
-    """f(x) of Eq. 1 from the attention heads' output: out projection, then the MLP.
-
-    An MoE MLP runs without expert capacity, as in the causal modes of a full forward (capacity
-    per sequence is a training-time limit); padding rows (valid_BK False) reach no expert.
-    """
-    return block.finish(x_BKD, block.attn.merge(y_BHKd), valid_BK, enforce_capacity=False)[0]
+def _take_rows(pe: Any, rows_N: Tensor) -> Any:
+    """The position encoding of some rows (a tensor, a tuple of tensors, or None)."""
+    if pe is None:
+        return None
+    if isinstance(pe, Tensor):
+        return pe[rows_N]
+    return type(pe)(_take_rows(p, rows_N) for p in pe)
 
 
 def _length_mask(n_N: Tensor) -> Tensor | None:
@@ -808,11 +834,11 @@ def _length_mask(n_N: Tensor) -> Tensor | None:
     return (torch.arange(hi, device=n_N.device) < n_N[:, None])[:, None, None, :]
 
 
-def _attend_cached(q_N1Hd: Tensor, cache: LayerCache, rows_N: Tensor | None, n_N: Tensor,
-                   mask: Tensor | None) -> Tensor:
+def _attend_cached(layer: DecoderLayer, q_N1Hd: Tensor, cache: LayerCache,
+                   rows_N: Tensor | None, n_N: Tensor, mask: Tensor | None) -> Tensor:
     """One query per row over that row's cached slots; returns (N, H, 1, Dh)."""
     S = int(n_N.max()) if mask is None else mask.shape[-1]
     k, v = cache.k_BHCd[:, :, :S], cache.v_BHCd[:, :, :S]
     if rows_N is not None:
         k, v = k[rows_N], v[rows_N]
-    return F.scaled_dot_product_attention(q_N1Hd.transpose(1, 2), k, v, attn_mask=mask)
+    return attend(q_N1Hd.transpose(1, 2), k, v, scale=layer.attn_scale, mask=mask)

@@ -92,9 +92,19 @@ class Attention(nn.Module):
     def forward(self, x_BKD: Tensor, rot_BKR: Tensor) -> Tensor:
         q_BKHd, k_BKHd, v_BKHd = self.project(x_BKD, rot_BKR)
         # The K axis is in time order, so is_causal masks by original position.
-        y_BHKd = F.scaled_dot_product_attention(
-            q_BKHd.transpose(1, 2), k_BKHd.transpose(1, 2), v_BKHd.transpose(1, 2), is_causal=True)
+        y_BHKd = attend(q_BKHd.transpose(1, 2), k_BKHd.transpose(1, 2), v_BKHd.transpose(1, 2),
+                        is_causal=True)
         return self.merge(y_BHKd)
+
+
+def attend(q_BHKd: Tensor, k_BGSd: Tensor, v_BGSd: Tensor, *, scale: float | None = None,
+           is_causal: bool = False, mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Scaled dot-product attention of K queries over S keys (the same tokens, or a KV cache),
+    with grouped-query attention when there are fewer key/value heads G than query heads H.
+    scale None is 1/sqrt(Dh)."""
+    return F.scaled_dot_product_attention(q_BHKd, k_BGSd, v_BGSd, attn_mask=mask,
+                                          dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                          enable_gqa=q_BHKd.shape[1] != k_BGSd.shape[1])
 
 
 class MLP(nn.Module):

@@ -105,6 +105,24 @@ class MoDLM(nn.Module):
     def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str) -> None:
         check_token_inputs(self.cfg, idx_BT, targets_BT, mode)
 
+    # ---- what the generation engine drives (modlm.generate.Backbone) ---------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.max_seq_len
+
+    def embed_tokens(self, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
+        return self.embed(idx_BT)           # positions enter through the rotary table
+
+    def encode_positions(self, pos: Tensor) -> Tensor:
+        return self.rotary(pos)
+
+    def decoder_layers(self) -> list[Block | RoutedBlock]:
+        return list(self.blocks)
+
+    def head(self, x_BTD: Tensor) -> Tensor:
+        return self.lm_head(self.norm(x_BTD))
+
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""
         return sum(p.numel() for p in self.parameters())

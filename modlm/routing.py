@@ -11,11 +11,17 @@ block (score -> select -> gather -> compute -> weight -> scatter) can be tested 
 - `mask_from_indices`:      the boolean (B, T) routing mask from indices.
 - `gather_tokens`:          pick the routed tokens' rows.
 - `scatter_add_tokens`:     add their updates back; every other row stays bit-for-bit unchanged.
+- `Selection` and `routed_update`: the routed update of Eq. 1 (gather, compute, weight,
+  scatter), the one implementation every path calls: modlm's routed blocks, retrofitted
+  Hugging Face layers, and the generation engine's prefill and decode steps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,3 +100,91 @@ def scatter_add_tokens(x_BTD: Tensor, idx_BK: Tensor, update_BKD: Tensor,
     flat_idx = (idx_BK + T * torch.arange(B, device=idx_BK.device)[:, None])[valid_BK]
     out_ND = x_BTD.reshape(B * T, D).index_add(0, flat_idx, update_BKD[valid_BK])
     return out_ND.view(B, T, D)
+
+
+# ---- the routed update of Eq. 1, for every path ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tokens a routed layer processes, as N rows of K positions each.
+
+    idx_NK: each taking row's selected positions along time, in time order. valid_NK: False marks
+    padding entries (causal decisions route varying counts per row; padding sits after every valid
+    entry, at unrouted positions); None when every entry is valid. rows_N: which batch rows take
+    part (None: all of them, N = B). A full-sequence forward selects positions within every row;
+    a decode step (one new token per row, T = 1) selects the rows whose token routes, so a routed
+    layer runs on exactly those rows.
+    """
+
+    idx_NK: Tensor
+    valid_NK: Tensor | None = None
+    rows_N: Tensor | None = None
+
+    @classmethod
+    def topk(cls, scores_BT: Tensor, k: int) -> Selection:
+        """Each row's top-k by score (training, Sec 3.4)."""
+        return cls(topk_in_time_order(scores_BT, k))
+
+    @classmethod
+    def from_mask(cls, mask_BT: Tensor) -> Selection:
+        """Each row's routed tokens from per-token decisions (causal modes, Sec 3.5)."""
+        return cls(*indices_from_mask(mask_BT))
+
+    @classmethod
+    def rows(cls, mask_B: Tensor) -> Selection:
+        """The rows whose single new token routes (a decode step): K = 1, no padding."""
+        rows_N = mask_B.nonzero().squeeze(-1)
+        return cls(rows_N.new_zeros(rows_N.numel(), 1), None, rows_N)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to compute (in the causal modes a whole batch may route no token)."""
+        return self.idx_NK.numel() == 0
+
+    def gather(self, x_BT: Tensor) -> Tensor:
+        """The selected entries of a (B, T) or (B, T, D) tensor: (N, K) or (N, K, D)."""
+        if self.rows_N is not None:
+            x_BT = x_BT[self.rows_N]
+        if x_BT.shape[1] == 1 and self.idx_NK.shape[1] == 1:
+            return x_BT                                    # one token per row: nothing to pick
+        if x_BT.dim() == 2:
+            return torch.gather(x_BT, 1, self.idx_NK)
+        return gather_tokens(x_BT, self.idx_NK)
+
+    def mask(self, batch: int, seq_len: int) -> Tensor:
+        """The (B, T) boolean mask of the selected tokens."""
+        mask_NT = mask_from_indices(self.idx_NK, seq_len, self.valid_NK)
+        if self.rows_N is None:
+            return mask_NT
+        out = torch.zeros(batch, seq_len, dtype=torch.bool, device=mask_NT.device)
+        out[self.rows_N] = mask_NT
+        return out
+
+    def scatter_add(self, x_BTD: Tensor, update_NKD: Tensor) -> Tensor:
+        """x with the update added at the selected tokens; every other row stays bit for bit."""
+        if self.rows_N is None:
+            return scatter_add_tokens(x_BTD, self.idx_NK, update_NKD, self.valid_NK)
+        B, T, D = x_BTD.shape
+        flat_NK = self.rows_N[:, None] * T + self.idx_NK
+        if self.valid_NK is not None:
+            flat, update = flat_NK[self.valid_NK], update_NKD[self.valid_NK]
+        else:
+            flat, update = flat_NK.reshape(-1), update_NKD.reshape(-1, D)
+        return x_BTD.reshape(B * T, D).index_add(0, flat, update).view(B, T, D)
+
+
+def routed_update(x_BTD: Tensor, sel: Selection, weights_NK: Tensor,
+                  compute: Callable[[Tensor], tuple[Tensor, Any]]) -> tuple[Tensor, Any]:
+    """Paper Sec 3.4, Eq. 1: x_i' = x_i + w_i * f_i(X~) for the selected tokens X~, x_i otherwise.
+
+    `compute` maps the gathered tokens (N, K, D) to f of them and anything the caller wants back
+    (an MoE layer's statistics; None). f runs on the selected tokens alone: nothing is computed
+    for the others and then masked away. Returns the new x and what `compute` gave (None when
+    nothing was selected).
+    """
+    if sel.empty:
+        return x_BTD, None
+    delta_NKD, extra = compute(sel.gather(x_BTD))
+    update_NKD = (weights_NK.unsqueeze(-1) * delta_NKD).to(x_BTD.dtype)
+    return sel.scatter_add(x_BTD, update_NKD), extra

@@ -11,8 +11,9 @@ This package's own functions:
   after which `AutoModelForCausalLM.from_pretrained(folder)` loads an exported model offline,
   without `trust_remote_code`.
 - `export_checkpoint(run_or_checkpoint, out_dir)`: a trained run's checkpoint as a folder that
-  transformers loads: model (config.json, model.safetensors, generation_config.json) and
-  tokenizer (tokenizer.json, tokenizer_config.json).
+  transformers loads: model (config.json, model.safetensors, generation_config.json), tokenizer
+  (tokenizer.json, tokenizer_config.json) and `modeling_modlm.py`, a shim that config.json's
+  auto_map names, so stock tools load it with `trust_remote_code=True` (`modlm.hf.export`).
 
 Importing this package loads nothing from transformers; `register()`, `export_checkpoint()` and the
 modules above do. `import modlm` never imports it.
@@ -47,15 +48,29 @@ def register() -> None:
 
 def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                       which: str = "latest", routing_mode: str | None = None) -> Path:
-    """Write a modlm checkpoint as a transformers model folder and return it.
+    """Write a modlm checkpoint as a transformers model folder and return it (`modlm export-hf`).
 
     path: a run folder (its latest checkpoint, or the best with which="best") or a checkpoint
     folder. routing_mode: the causal rule `generate` and evaluation use ("router" or
     "predictor"; default: the one the model was trained for). The weights keep their dtype.
+
+    The folder loads two ways, offline (HF_HUB_OFFLINE=1 is fine), both needing modlm installed:
+    after `modlm.hf.register()`, `AutoModelForCausalLM.from_pretrained(out_dir)`; or with no
+    modlm code at all, `AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`
+    through the `modeling_modlm.py` shim in the folder (`modlm.hf.export.make_remote_loadable`),
+    which is how lm-evaluation-harness's stock command line loads it:
+
+        lm_eval --model hf --model_args pretrained=OUT_DIR,trust_remote_code=True \
+            --tasks TASKS --device cpu --batch_size 4
+
+    The tokenizer is the folder's own (`AutoTokenizer.from_pretrained(out_dir)`, no remote code);
+    its eos token (`<|endoftext|>`, or byte 0 for byte-level runs) is what such tools use as the
+    end-of-text and perplexity-prefix token.
     """
     require_transformers()
     from modlm.checkpoint import load_model, resolve_checkpoint
-    from modlm.hf.modeling import from_modlm
+    from modlm.hf.export import installed_classes_only, make_remote_loadable
+    from modlm.hf.modeling import ModLMConfig, ModLMForCausalLM, from_modlm
     from modlm.hf.tokenizer import save_hf_tokenizer, special_token_ids
     from modlm.model import MoDLM
 
@@ -67,11 +82,15 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
                          f"transformers model) instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Deviation: no eos_token_id in the model's generation config even for BPE runs: modlm's
-    # training text has no end-of-text separators, so generation stops only where asked to.
+    # Deviation: no eos_token_id in the model's config (hence its generation config), though the
+    # tokenizer declares one: modlm's training text has no end-of-text separators, so generation
+    # stops only where asked to (for byte runs the eos is byte 0, which a model may well emit).
     ids = special_token_ids(loaded.tokenizer)
     wrapper = from_modlm(model, routing_mode, pad_token_id=ids["pad_token_id"])
-    wrapper.save_pretrained(out)
+    with installed_classes_only(ModLMConfig, ModLMForCausalLM):
+        wrapper.save_pretrained(out)
+    make_remote_loadable(out, config_class="ModLMConfig", model_class="ModLMForCausalLM",
+                         source_module="modlm.hf.modeling")
     save_hf_tokenizer(loaded.tokenizer, out, model_max_length=model.cfg.max_seq_len)
     return out
 

@@ -16,9 +16,16 @@ Special tokens are encoded as plain text, as modlm's tokenizers do (a text that 
 `split_special_tokens=True`, which transformers saves and restores. So `encode` and `decode` of the
 exported tokenizer equal modlm's for every text (tests check all three kinds).
 
-Deviation: a byte vocabulary has no free id for padding; the "bytes" tokenizer names byte 0 (NUL)
-its pad token, so tokenizer-side padding (`padding=True`) works. Padding is always masked out by the
-attention mask, so what id it carries never reaches the model.
+Every exported tokenizer declares an end-of-text token, its eos (and pad) token: evaluation clients
+need one, e.g. lm-evaluation-harness feeds it as the first token of a perplexity window (its
+`prefix_token_id`: the bos token, else the eos) and stops generation at it. No kind declares a bos
+token: modlm never prepends one, and a declared bos would be what such clients feed instead.
+
+Deviation: a byte vocabulary has no free id for an end-of-text or padding token; the "bytes"
+tokenizer names byte 0 (NUL, which text practically never holds) its eos and pad token, so
+tokenizer-side padding (`padding=True`) works and clients that need an end-of-text id have one.
+Padding is always masked out by the attention mask, so what id it carries never reaches the model;
+the eos is only declared (encoding never adds it, and a NUL in the text still encodes as byte 0).
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ def to_hf_tokenizer(tokenizer: Tokenizer, *, model_max_length: int | None = None
 
     if isinstance(tokenizer, ByteTokenizer):
         backend = _byte_backend(tokenizers)
-        alphabet = _bytes_to_unicode()
-        special = {"pad_token": alphabet[0]}
+        # Deviation: byte 0 (NUL) doubles as end-of-text and padding (module docstring).
+        nul = _bytes_to_unicode()[0]
+        special = {"eos_token": nul, "pad_token": nul}
     elif isinstance(tokenizer, (BPETokenizer, GPT2Tokenizer)):
         # A copy through JSON: the exported tokenizer's settings never touch the run's tokenizer.
         backend = tokenizers.Tokenizer.from_str(tokenizer._hf.to_str())
@@ -79,10 +87,11 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike[str], *
     return directory
 
 
-def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
-    """The pad and eos ids the exported tokenizer declares (for the model's config)."""
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The pad and eos ids the exported tokenizer declares (for the model's config); the same
+    id for every kind: its end-of-text token."""
     if isinstance(tokenizer, ByteTokenizer):
-        return {"pad_token_id": 0, "eos_token_id": None}
+        return {"pad_token_id": 0, "eos_token_id": 0}   # Deviation: NUL (module docstring)
     if isinstance(tokenizer, (BPETokenizer, GPT2Tokenizer)):
         eot = tokenizer._hf.token_to_id(END_OF_TEXT)
         return {"pad_token_id": eot, "eos_token_id": eot}
