@@ -174,7 +174,7 @@ class RoutedLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, gain: bool = False) -> None:
         super().__init__()
         r = cfg.routing
-        self.layer = layer
+        self.index = layer
         self.capacity = r.capacity
         self.learned = r.router == "learned"
         self.weighting = "constant" if r.router == "random" else r.router_weight
@@ -245,14 +245,19 @@ class RoutedLayer(nn.Module):
             pos_BT = torch.arange(T, device=x_BTD.device).expand(B, T)
 
         def compute(x_NKD: Tensor) -> tuple[Tensor, MoERouting | None]:
-            pe = rotary(sel.gather(pos_BT))                               # true positions
-            delta, moe, _ = causal_update(self.inner, x_NKD, pe, sel.valid_NK,
-                                          enforce_capacity=mode == "topk")
-            return delta, moe
+            pos_NK = sel.gather(pos_BT)                                   # true positions
+            return self.update(x_NKD, rotary(pos_NK), pos_NK, sel.valid_NK,
+                               enforce_capacity=mode == "topk")
 
         out_BTD, moe = routing.routed_update(
             x_BTD, sel, self.router_weights(sel.gather(logits_BT)), compute)
         return out_BTD, self._stats(k, logits_BT, pred_BT, topk_BT, mask_BT, valid_BT, moe)
+
+    def update(self, x_NKD: Tensor, pe: PositionEncoding, pos_NK: Tensor,
+               valid_NK: Tensor | None, enforce_capacity: bool) -> tuple[Tensor, MoERouting | None]:
+        """f of the full-sequence forward on the gathered tokens (time order, true positions):
+        the inner layer's causal update. A wrapped Hugging Face layer runs its own forward."""
+        return causal_update(self.inner, x_NKD, pe, valid_NK, enforce_capacity)[:2]
 
     def _stats(self, k: int, logits_BT: Tensor, pred_BT: Tensor | None, topk_BT: Tensor,
                mask_BT: Tensor, valid_BT: Tensor | None, moe: MoERouting | None) -> LayerRouting:
@@ -267,7 +272,7 @@ class RoutedLayer(nn.Module):
             pred_loss = _masked_bce(pred_BT, target_BT, valid_BT)
             pred_acc = _masked_mean(((pred_BT.detach() > 0) == topk_BT).float(), valid_BT)
         return LayerRouting(
-            layer=self.layer, k=k, mask_BT=mask_BT,
+            layer=self.index, k=k, mask_BT=mask_BT,
             weights_BT=self.router_weights(logits_BT.detach()).detach(),
             fraction=_masked_mean(mask_BT.float(), valid_BT), router_aux_loss=aux,
             predictor_loss=pred_loss, router_accuracy=router_acc, predictor_accuracy=pred_acc,
@@ -284,6 +289,10 @@ class RoutedBlock(RoutedLayer):
     @property
     def inner(self) -> Block:
         return self.block
+
+    @property
+    def layer(self) -> int:
+        return self.index
 
 
 def topk_mask_of_real_tokens(scores_BT: Tensor, valid_BT: Tensor, capacity: float) -> Tensor:

@@ -785,7 +785,7 @@ class Engine:
         entry_bytes = [c.entry_bytes for c in state.caches]
         fed = sum(len(p) + len(o) - 1 for p, o in zip(ids, out))
         new = sum(map(len, out))
-        routed_blocks = [(i, layer.layer) for i, layer in enumerate(self.layers)
+        routed_blocks = [(i, layer.index) for i, layer in enumerate(self.layers)
                          if isinstance(layer, RoutedLayer)]
         fractions = {layer: state.routed_tokens[i] / state.seen_tokens[i]
                      for i, layer in routed_blocks}

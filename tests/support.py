@@ -30,3 +30,26 @@ def write(path: Path, content: str | bytes) -> str:
     else:
         path.write_text(content, encoding="utf-8")
     return str(path)
+
+
+def tiny_hf_model(kind: str, impl: str = "sdpa", vocab: int = 99, **kw):
+    """A tiny randomly initialised Hugging Face causal LM in eval mode: GPT-2 or a Llama-family
+    model (llama, mistral, qwen2, qwen3) with sizes that differ from each other (width 32, MLP 37,
+    2 query heads and 1 key/value head of width 16, 4 layers, 48 positions), so a swapped
+    dimension fails loudly. Keyword arguments override the config."""
+    import transformers
+    if kind == "gpt2":
+        fields = dict(vocab_size=vocab, n_embd=32, n_layer=4, n_head=2, n_inner=37,
+                      n_positions=48, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**fields, **kw}))
+    else:
+        config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                      "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
+        fields = dict(vocab_size=vocab, hidden_size=32, intermediate_size=37,
+                      num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=16, max_position_embeddings=48, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=None)
+        model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**fields, **kw}))
+    model.config._attn_implementation = impl   # what attn_implementation=... at load time sets
+    return model.eval()

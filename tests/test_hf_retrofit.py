@@ -33,28 +33,14 @@ from modlm.hf.retrofit import (  # noqa: E402
     retrofit,
 )
 from modlm.train import TrainConfig, load_run_config, train  # noqa: E402
+from support import tiny_hf_model  # noqa: E402
 
 V, T = 99, 13
 
 
 def hf_model(kind: str, impl: str = "sdpa", vocab: int = V, **kw) -> torch.nn.Module:
     """A tiny randomly initialised Hugging Face causal LM in eval mode."""
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=4, n_head=2, n_inner=37, n_positions=48,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-            **kw)
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                      "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
-        cfg = config_cls(vocab_size=vocab, hidden_size=32, intermediate_size=37,
-                         num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=16, max_position_embeddings=48, bos_token_id=0,
-                         eos_token_id=0, pad_token_id=None, **kw)
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
-    model.config._attn_implementation = impl   # what attn_implementation=... at load time sets
-    return model.eval()
+    return tiny_hf_model(kind, impl, vocab, **kw)
 
 
 def ids(B: int = 3, length: int = T, seed: int = 1) -> torch.Tensor:
@@ -212,7 +198,7 @@ def test_a_padded_batch_equals_its_rows_alone(kind, impl, mode):
             assert torch.isfinite(out.logits_BTV).all()
 
 
-def test_generate_left_padded_batch_equals_rows_alone_and_hf_generate_fails_clearly():
+def test_generate_left_padded_batch_equals_rows_alone_and_hf_forward_fails_clearly():
     model = retrofit(hf_model("llama"), RoutingConfig(capacity=0.25)).eval()
     a, b = ids(1, 7, seed=3), ids(1, 4, seed=4)
     x_BT = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
@@ -225,7 +211,7 @@ def test_generate_left_padded_batch_equals_rows_alone_and_hf_generate_fails_clea
     # Hugging Face's own forward would run the routed layers without routing inputs: refused.
     with pytest.raises(RetrofitError, match="retrofitted with a Mixture-of-Depths router"):
         model.hf(a)
-    with pytest.raises(RetrofitError, match="RetrofitLM.generate"):
+    with pytest.raises(RetrofitError, match=r"modlm.hf.from_modlm\(retrofitted\).generate"):
         model.hf.generate(a, max_new_tokens=2, do_sample=False)
 
 

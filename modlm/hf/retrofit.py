@@ -56,10 +56,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modlm import routing
-from modlm.block import LayerRouting, RoutingMode
+from modlm.block import DecoderLayer, LayerRouting, RoutedLayer, RoutingMode
 from modlm.config import ConfigError, ModelConfig, RoutingConfig, check
 from modlm.model import ModelOutput, assemble_output, check_token_inputs
-from modlm.router import LinearRouter, Predictor, RandomRouter
+from modlm.router import LinearRouter, Predictor
 
 AttnImplementation = Literal["sdpa", "eager"]
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -140,6 +140,10 @@ class _Family:
     def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def step(self, layer: nn.Module, hf_config: Any) -> DecoderLayer:
+        """The layer behind modlm's `DecoderLayer` interface (what the engine drives)."""
+        raise NotImplementedError
+
 
 class _RotaryFamily(_Family):
     """Llama and the models that share its layout (Mistral, Qwen2, Qwen3): `model.embed_tokens`,
@@ -167,6 +171,9 @@ class _RotaryFamily(_Family):
     def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
         return hf.lm_head(hf.model.norm(x_BTD))
 
+    def step(self, layer: nn.Module, hf_config: Any) -> DecoderLayer:
+        return _RotaryLayer(layer, hf_config)
+
 
 class _GPT2Family(_Family):
     """GPT-2: learned positions added to the token embeddings before the first layer, so a routed
@@ -185,6 +192,89 @@ class _GPT2Family(_Family):
 
     def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
         return hf.lm_head(hf.transformer.ln_f(x_BTD))
+
+    def step(self, layer: nn.Module, hf_config: Any) -> DecoderLayer:
+        return _GPT2Layer(layer, hf_config)
+
+
+class _RotaryLayer:
+    """A Llama-family decoder layer as a `DecoderLayer`: input norm, q/k/v projections (Qwen3's
+    per-head q/k norms), Hugging Face's half-split rotary at the given (cos, sin), grouped-query
+    attention, o_proj, post-attention norm and MLP, with the layer's own modules and weights."""
+
+    def __init__(self, layer: nn.Module, hf_config: Any) -> None:
+        attn = layer.self_attn
+        self.module = layer
+        self.head_dim = attn.head_dim
+        self.n_heads = hf_config.num_attention_heads
+        self.n_kv_heads = hf_config.num_key_value_heads
+        self.attn_scale = attn.scaling
+        self._qk_norm = hasattr(attn, "q_norm")
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.module.self_attn.k_proj.weight.dtype
+
+    def project(self, x_BKD: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        attn = self.module.self_attn
+        h_BKD = self.module.input_layernorm(x_BKD)
+        B, K, _ = h_BKD.shape
+        q = attn.q_proj(h_BKD).view(B, K, -1, self.head_dim)
+        k = attn.k_proj(h_BKD).view(B, K, -1, self.head_dim)
+        v = attn.v_proj(h_BKD).view(B, K, -1, self.head_dim)
+        if self._qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = pe[0][:, :, None, :], pe[1][:, :, None, :]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def attention_dropout(self) -> float:
+        return float(self.module.self_attn.attention_dropout) if self.module.training else 0.0
+
+    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
+               enforce_capacity: bool = True) -> tuple[Tensor, None]:
+        B, H, K, Dh = y_BHKd.shape
+        layer = self.module
+        attn_BKD = layer.self_attn.o_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh))
+        return attn_BKD + layer.mlp(layer.post_attention_layernorm(x_BKD + attn_BKD)), None
+
+
+def _rotate(x_BKHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Hugging Face's rotary layout: the two halves of each head rotate together."""
+    x1, x2 = x_BKHd.chunk(2, dim=-1)
+    return x_BKHd * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class _GPT2Layer:
+    """A GPT-2 block as a `DecoderLayer`: ln_1, the fused q/k/v projection, attention (GPT-2's
+    scale, per-layer inverse scaling included), c_proj, ln_2 and MLP, dropouts where training."""
+
+    def __init__(self, layer: nn.Module, hf_config: Any) -> None:
+        self.module = layer
+        self.n_heads = self.n_kv_heads = hf_config.n_head
+        self.head_dim = hf_config.n_embd // hf_config.n_head
+        self.attn_scale = float(layer.attn.scaling)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.module.attn.c_attn.weight.dtype
+
+    def project(self, x_BKD: Tensor, pe: None) -> tuple[Tensor, Tensor, Tensor]:
+        h_BKD = self.module.ln_1(x_BKD)
+        B, K, D = h_BKD.shape
+        q, k, v = self.module.attn.c_attn(h_BKD).split(D, dim=2)
+        shape = (B, K, self.n_heads, self.head_dim)
+        return q.view(shape), k.view(shape), v.view(shape)
+
+    def attention_dropout(self) -> float:
+        return float(self.module.attn.attn_dropout.p) if self.module.training else 0.0
+
+    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
+               enforce_capacity: bool = True) -> tuple[Tensor, None]:
+        B, H, K, Dh = y_BHKd.shape
+        layer = self.module
+        attn_BKD = layer.attn.resid_dropout(
+            layer.attn.c_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh)))
+        return attn_BKD + layer.mlp(layer.ln_2(x_BKD + attn_BKD)), None
 
 
 def _hidden(out: Any) -> Tensor:
@@ -227,141 +317,46 @@ def _sliding_window(hf_config: Any) -> int | None:
 
 # ---- the routed layer --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Route:
-    """Per-forward inputs a routed layer needs besides the hidden states (passed per call)."""
-
-    family: _Family
-    hf_config: Any
-    mode: RoutingMode
-    pos_BT: Tensor
-    pe: Any
-    valid_BT: Tensor | None          # real tokens of a padded batch; None when nothing is padded
-    generator: torch.Generator | None
-
-
-class MoDLayer(nn.Module):
+class MoDLayer(RoutedLayer):
     """A Hugging Face decoder layer behind a router: it computes only the tokens routed into it.
 
     `layer` is the original layer (same module, same weights); `router` scores tokens (Sec 3.4);
     `predictor` learns top-k membership from stop-gradient inputs (Sec 3.5, fix 2); `gain` (with
-    identity_init) scales the router logit inside the update weight and starts at 0.
+    identity_init) scales the router logit inside the update weight and starts at 0. The routed
+    update is modlm's (`RoutedLayer`, Eq. 1); f is the layer's own forward on the gathered tokens
+    (full sequences) or the same layer driven step by step through `inner` (generation).
     """
 
-    def __init__(self, layer: nn.Module, index: int, cfg: ModelConfig,
-                 identity_init: bool) -> None:
-        super().__init__()
-        r = cfg.routing
+    def __init__(self, layer: nn.Module, index: int, cfg: ModelConfig, identity_init: bool,
+                 family: _Family, hf_config: Any) -> None:
+        super().__init__(cfg, index, gain=identity_init)
         self.layer = layer
-        self.index = index
-        self.capacity = r.capacity
-        self.learned = r.router == "learned"
-        self.weighting = "constant" if r.router == "random" else r.router_weight
-        self.router: nn.Module = LinearRouter(cfg.d_model) if self.learned else RandomRouter()
-        self.predictor = Predictor(cfg.d_model, cfg.predictor_hidden) if r.predictor else None
-        # Deviation: a gain that starts at 0 makes every routed update's weight exactly 1 at the
-        # start, so the retrofitted model begins where the pretrained one is (docs/design.md).
-        self.gain = (nn.Parameter(torch.zeros(()))
-                     if identity_init and self.weighting in ("sigmoid", "raw") else None)
+        self._family = family
+        self._hf_config = hf_config
+        self._step = family.step(layer, hf_config)
 
-    def router_weights(self, logits_BT: Tensor) -> Tensor:
-        if self.weighting == "constant":
-            return torch.ones_like(logits_BT)
-        if self.gain is not None:
-            z_BT = self.gain.float() * logits_BT
-            return 2.0 * torch.sigmoid(z_BT) if self.weighting == "sigmoid" else 1.0 + z_BT
-        # modlm's weights: sigmoid(r) (default) or r itself (Eq. 1 as written).
-        return torch.sigmoid(logits_BT) if self.weighting == "sigmoid" else logits_BT
+    @property
+    def inner(self) -> DecoderLayer:
+        return self._step
 
-    def forward(self, hidden_states: Tensor, *args: Any, route: _Route | None = None,
-                **kwargs: Any) -> tuple[Tensor, LayerRouting]:
-        if route is None:
-            raise RetrofitError(
-                f"layer {self.index} was retrofitted with a Mixture-of-Depths router and runs "
-                f"only inside modlm.hf.retrofit.RetrofitLM, which gives it the routing inputs; "
-                f"Hugging Face's own forward and generate cannot run it (they would need a KV "
-                f"cache holding only routed tokens). Use RetrofitLM.forward(ids, mode='router' "
-                f"or 'predictor') or RetrofitLM.generate")
-        x_BTD = hidden_states
-        B, T, _ = x_BTD.shape
-        valid_BT = route.valid_BT
-        logits_BT = self.router(x_BTD, route.generator)                   # float32
-        pred_logits_BT = self.predictor(x_BTD) if self.predictor is not None else None
-        k = routing.capacity_k(T, self.capacity)
-        if valid_BT is None:
-            topk_idx_BK = routing.topk_in_time_order(logits_BT.detach(), k)  # Sec 3.4: per row
-            topk_BT = routing.mask_from_indices(topk_idx_BK, T)
-        else:
-            # Deviation: a padded row routes the top-k of its real tokens, k from its real length.
-            topk_idx_BK = None
-            topk_BT = _topk_mask_of_real_tokens(logits_BT.detach(), valid_BT, self.capacity)
+    def update(self, x_NKD: Tensor, pe: Any, pos_NK: Tensor, valid_NK: Tensor | None,
+               enforce_capacity: bool) -> tuple[Tensor, None]:
+        # Gathered tokens are in time order and all real (padding entries of a causal batch sit
+        # after every valid one), so a plain causal mask over the gathered axis is right.
+        mask = _causal_mask(self._hf_config, x_NKD, None)
+        y_NKD = self._family.call(self.layer, x_NKD, mask, pos_NK, pe)
+        return y_NKD - x_NKD, None        # f = the layer's update
 
-        if route.mode == "topk" and topk_idx_BK is not None:
-            idx_BK, gathered_valid_BK, mask_BT = topk_idx_BK, None, topk_BT
-        else:
-            if route.mode == "topk":
-                mask_BT = topk_BT
-            elif route.mode == "router":  # Sec 3.5: each token decides alone
-                mask_BT = logits_BT.detach() > self.router.causal_threshold(self.capacity)
-            else:
-                mask_BT = pred_logits_BT.detach() > 0.0
-            if valid_BT is not None:
-                mask_BT = mask_BT & valid_BT      # padding is never routed
-            idx_BK, gathered_valid_BK = routing.indices_from_mask(mask_BT)
-
-        out_BTD = x_BTD
-        if idx_BK.shape[1] > 0:  # in the causal modes a whole batch may route no token
-            x_BKD = routing.gather_tokens(x_BTD, idx_BK)
-            # Gathered tokens are in time order and all real (padding entries of a causal batch
-            # sit after every valid one), so a plain causal mask over the gathered axis is right.
-            mask = _causal_mask(route.hf_config, x_BKD, None)
-            pos_BK = torch.gather(route.pos_BT, 1, idx_BK)
-            y_BKD = route.family.call(self.layer, x_BKD, mask, pos_BK,
-                                      route.family.gather_positions(route.pe, idx_BK))
-            w_BK = self.router_weights(torch.gather(logits_BT, 1, idx_BK))
-            # Paper Sec 3.4, Eq. 1: x_i' = x_i + w_i * f_i(X~), f = the layer's update.
-            update_BKD = (w_BK.unsqueeze(-1) * (y_BKD - x_BKD)).to(x_BTD.dtype)
-            out_BTD = routing.scatter_add_tokens(x_BTD, idx_BK, update_BKD, gathered_valid_BK)
-
-        target_BT = topk_BT.float()
-        aux = pred_loss = router_acc = pred_acc = None
-        if self.learned:
-            # Sec 3.5 fix 1: BCE of the router logits against top-k membership.
-            aux = _masked_bce(logits_BT, target_BT, valid_BT)
-            router_acc = _masked_mean(((logits_BT.detach() > 0) == topk_BT).float(), valid_BT)
-        if pred_logits_BT is not None:
-            # Sec 3.5 fix 2: the predictor learns top-k membership from stop-gradient inputs.
-            pred_loss = _masked_bce(pred_logits_BT, target_BT, valid_BT)
-            pred_acc = _masked_mean(((pred_logits_BT.detach() > 0) == topk_BT).float(), valid_BT)
-        stats = LayerRouting(
-            layer=self.index, k=k, mask_BT=mask_BT,
-            weights_BT=self.router_weights(logits_BT.detach()).detach(),
-            fraction=_masked_mean(mask_BT.float(), valid_BT), router_aux_loss=aux,
-            predictor_loss=pred_loss, router_accuracy=router_acc, predictor_accuracy=pred_acc)
-        return out_BTD, stats
-
-
-def _topk_mask_of_real_tokens(scores_BT: Tensor, valid_BT: Tensor, capacity: float) -> Tensor:
-    """Each row's top-k among its real tokens, k = capacity_k(real length): what the row would
-    route alone, unpadded (ties aside)."""
-    B, T = scores_BT.shape
-    k_B = torch.tensor([routing.capacity_k(int(n), capacity) if n > 0 else 0
-                        for n in valid_BT.sum(dim=1).tolist()], device=scores_BT.device)
-    order_BT = torch.argsort(scores_BT.masked_fill(~valid_BT, -math.inf), dim=1,
-                             descending=True, stable=True)
-    rank_BT = torch.empty_like(order_BT).scatter_(
-        1, order_BT, torch.arange(T, device=scores_BT.device).expand(B, T).contiguous())
-    return (rank_BT < k_B[:, None]) & valid_BT
-
-
-def _masked_mean(x_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
-    return x_BT.mean() if valid_BT is None else x_BT[valid_BT].mean()
-
-
-def _masked_bce(logits_BT: Tensor, target_BT: Tensor, valid_BT: Tensor | None) -> Tensor:
-    if valid_BT is None:
-        return F.binary_cross_entropy_with_logits(logits_BT, target_BT)
-    return F.binary_cross_entropy_with_logits(logits_BT[valid_BT], target_BT[valid_BT])
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any
+                ) -> tuple[Tensor, LayerRouting]:
+        if args and callable(args[0]):
+            return super().forward(hidden_states, *args, **kwargs)
+        raise RetrofitError(
+            f"layer {self.index} was retrofitted with a Mixture-of-Depths router and runs only "
+            f"inside modlm.hf.retrofit.RetrofitLM, which gives it the routing inputs; Hugging "
+            f"Face's own forward and generate would run it without them and without a cache "
+            f"that skips tokens. Use RetrofitLM.forward(ids, mode=...), modlm's Engine, or wrap "
+            f"the model for Hugging Face generate: modlm.hf.from_modlm(retrofitted).generate(...)")
 
 
 # ---- the retrofitted model ---------------------------------------------------------------------
@@ -393,7 +388,10 @@ class RetrofitLM(nn.Module):
             raise RetrofitError("this Hugging Face model is already retrofitted; load a fresh "
                                 "copy of the original to retrofit it again")
         for i in self.cfg.routed_layers:
-            layers[i] = MoDLayer(layers[i], i, self.cfg, identity_init)
+            layers[i] = MoDLayer(layers[i], i, self.cfg, identity_init, self.family, hf_config)
+        # Unrouted layers behind the same interface, for the generation engine.
+        self._steps = [l if isinstance(l, MoDLayer) else self.family.step(l, hf_config)
+                       for l in layers]
         self._init_routers()
 
     def _init_routers(self) -> None:
@@ -442,11 +440,11 @@ class RetrofitLM(nn.Module):
         x_BTD = family.embed(hf, idx_BT, pos_BT)
         pe = family.positions(hf, x_BTD, pos_BT)
         mask = _causal_mask(hf.config, x_BTD, valid_BT)
-        route = _Route(family, hf.config, mode, pos_BT, pe, valid_BT, generator)
         stats: list[LayerRouting] = []
         for layer in family.layers(hf):
             if isinstance(layer, MoDLayer) and not dense:
-                x_BTD, layer_stats = layer(x_BTD, route=route)
+                x_BTD, layer_stats = layer(x_BTD, self.encode_positions, mode, generator, pos_BT,
+                                           valid_BT)
                 stats.append(layer_stats)
             else:
                 inner = layer.layer if isinstance(layer, MoDLayer) else layer
@@ -481,37 +479,57 @@ class RetrofitLM(nn.Module):
         """How many token ids the input embedding takes."""
         return self.hf.get_input_embeddings().num_embeddings
 
+    # ---- what the generation engine drives (modlm.generate.Backbone) ---------------------------
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens a row may hold: the model's positions, or its attention window."""
+        window = _sliding_window(self.hf.config)
+        return self.cfg.max_seq_len if window is None else min(self.cfg.max_seq_len, window)
+
+    def embed_tokens(self, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
+        return self.family.embed(self.hf, idx_BT, pos_BT)
+
+    def encode_positions(self, pos: Tensor) -> Any:
+        like = self.hf.get_input_embeddings().weight   # dtype and device of the rotary table
+        return self.family.positions(self.hf, like, pos)
+
+    def decoder_layers(self) -> list[Any]:
+        return list(self._steps)
+
+    def head(self, x_BTD: Tensor) -> Tensor:
+        return self.family.head(self.hf, x_BTD)
+
     @torch.no_grad()
     def generate(self, idx_BT: Tensor, max_new_tokens: int, mode: RoutingMode = "router",
                  temperature: float = 0.0, attention_mask_BT: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Continue each row by `max_new_tokens` tokens in a causal routing mode, recomputing the
-        full forward for every new token (no KV cache: exact, and slow for long outputs).
+        """Continue each row by `max_new_tokens` tokens in a causal routing mode, with modlm's
+        generation engine (`modlm.generate.Engine`: the KV cache of a routed layer holds only the
+        tokens routed into it). For stop tokens, streaming, statistics and per-row seeds use the
+        engine itself.
 
         Left-pad prompts of different lengths and pass their attention_mask_BT. temperature 0 is
-        greedy. Returns the prompts with the new tokens appended, (B, T + max_new_tokens).
+        greedy; `generator` seeds the samples. Returns the prompts with the new tokens appended,
+        (B, T + max_new_tokens).
         """
+        from modlm.generate import Engine, GenerationError
         if mode == "topk":
             raise RetrofitError("mode 'topk' is not causal (whether a token is routed depends on "
                                 "later tokens) and cannot generate; use 'router' or 'predictor' "
                                 "(paper Sec 3.5)")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if idx_BT.shape[1] + max_new_tokens > self.cfg.max_seq_len:
-            raise RetrofitError(f"prompt ({idx_BT.shape[1]}) + max_new_tokens ({max_new_tokens}) "
-                                f"exceeds the model's {self.cfg.max_seq_len} positions")
-        ids_BT, mask_BT = idx_BT, attention_mask_BT
-        for _ in range(max_new_tokens):
-            logits_BV = self(ids_BT, mode=mode, attention_mask_BT=mask_BT).logits_BTV[:, -1]
-            if temperature == 0:
-                next_B = logits_BV.argmax(dim=-1)
-            else:
-                probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
-                next_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-            ids_BT = torch.cat([ids_BT, next_B[:, None].to(ids_BT.dtype)], dim=1)
-            if mask_BT is not None:
-                mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], dim=1)
-        return ids_BT
+        valid_BT = self._check_inputs(idx_BT, None, mode, attention_mask_BT)
+        rows = [r[m].tolist() for r, m in zip(idx_BT, valid_BT)] if valid_BT is not None \
+            else idx_BT.tolist()
+        seed = None if generator is None else int(torch.randint(
+            0, 2**62, (), generator=generator))
+        try:
+            result = Engine(self, mode).generate(rows, max_new_tokens, temperature=temperature,
+                                                 seed=seed)
+        except GenerationError as e:
+            raise RetrofitError(str(e)) from None
+        new_BN = torch.tensor(result.tokens, dtype=idx_BT.dtype, device=idx_BT.device)
+        return torch.cat([idx_BT, new_BN], dim=1)
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied embeddings once."""

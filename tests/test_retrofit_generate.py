@@ -1,0 +1,178 @@
+"""Retrofitted Hugging Face models generate through modlm's engine (modlm/generate.py) with the
+token-skipping KV cache: prefill + decode equals the retrofit's full causal forward, routed caches
+hold exactly the routed tokens, decode runs a routed layer only for routed rows, and the wrapped
+decoder layers compute what Hugging Face's own layers compute.
+
+Offline, tiny random models (tests/support.py `tiny_hf_model`), float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from support import tiny_hf_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from modlm.config import RoutingConfig  # noqa: E402
+from modlm.generate import Engine, GenerationError  # noqa: E402
+from modlm.hf.retrofit import MoDLayer, retrofit  # noqa: E402
+
+V = 99
+PROMPTS = [[5, 17, 3, 88, 41, 2, 60], [9, 30], [71, 4, 4, 12, 90, 33, 8, 51, 26, 19, 77]]
+# Grouped-query attention with 3 query heads per key/value head, head width 8 != width / heads.
+GQA = dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+KINDS = {"llama": ("llama", {}), "llama-gqa": ("llama", GQA), "mistral": ("mistral", {}),
+         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", GQA), "gpt2": ("gpt2", {})}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def retrofitted(kind: str, capacity: float = 0.5, seed: int = 0, **routing):
+    """A retrofitted tiny model whose routers and predictors are scaled so decisions vary."""
+    family, kw = KINDS[kind]
+    torch.manual_seed(seed)
+    model = retrofit(tiny_hf_model(family, vocab=V, **kw),
+                     RoutingConfig(capacity=capacity, **routing)).eval()
+    with torch.no_grad():
+        for layer in model.routed_layers():
+            layer.router.weight.mul_(3.0)
+            if layer.predictor is not None:
+                layer.predictor.head.weight.normal_(0.0, 3.0)
+            if layer.gain is not None:
+                layer.gain.fill_(0.7)     # trained-looking weights: not exactly 1 everywhere
+    return model
+
+
+def full_forward(model, ids: list[int], mode: str):
+    with torch.no_grad():
+        return model(torch.tensor([ids]), mode=mode)
+
+
+def teacher_forced(engine: Engine, prompts, n_steps: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    cont = torch.randint(0, V, (len(prompts), n_steps), generator=g)
+    state, logits = engine.prefill(prompts, all_logits=True)
+    rows = [[logits[b, :len(p)]] for b, p in enumerate(prompts)]
+    for t in range(n_steps):
+        step_logits = engine.decode_step(state, cont[:, t])
+        for b in range(len(prompts)):
+            rows[b].append(step_logits[b:b + 1])
+    return state, [torch.cat(r) for r in rows], [p + cont[b].tolist()
+                                                 for b, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("mode", ["router", "predictor"])
+def test_prefill_and_decode_equal_the_full_causal_forward(kind, mode):
+    model = retrofitted(kind)
+    engine = Engine(model, mode)
+    state, logits, full = teacher_forced(engine, PROMPTS, n_steps=9)
+    routed = [l.index for l in model.routed_layers()]
+    assert routed == [1, 3]
+    for b, ids in enumerate(full):
+        ref = full_forward(model, ids, mode)
+        assert logits[b].shape == ref.logits_BTV[0].shape
+        torch.testing.assert_close(logits[b], ref.logits_BTV[0], atol=1e-5, rtol=0)
+        for layer, stats in zip(routed, ref.routing):
+            assert 0.0 < float(stats.fraction) < 1.0        # routing really varies
+            # the cache of a routed layer holds exactly the tokens that layer routed
+            want = stats.mask_BT[0].nonzero().squeeze(-1)
+            n = int(state.caches[layer].n_B[b])
+            assert state.caches[layer].pos_BC[b, :n].tolist() == want.tolist()
+        for layer in (0, 2):
+            assert int(state.caches[layer].n_B[b]) == len(ids)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
+def test_greedy_generation_equals_recomputing_the_full_forward(kind):
+    model = retrofitted(kind)
+    result = Engine(model, "router").generate(PROMPTS, 8)
+    for b, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        for _ in range(8):
+            seq.append(int(full_forward(model, seq, "router").logits_BTV[0, -1].argmax()))
+        assert list(result.tokens[b]) == seq[len(prompt):]
+    assert set(result.routed_fraction) == {1, 3}
+    assert all(0.0 < f < 1.0 for f in result.routed_fraction.values())
+    assert 0 < result.kv_cache_bytes < result.dense_kv_cache_bytes
+    # RetrofitLM.generate is the same engine
+    ids = torch.tensor([PROMPTS[0]])
+    out = model.generate(ids, 8, mode="router")
+    assert out[0, len(PROMPTS[0]):].tolist() == list(result.tokens[0])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_wrapped_layers_compute_what_hugging_face_layers_compute(kind):
+    """With no routed layer the engine drives every original layer step by step (projections,
+    rotary, grouped-query attention over its cache, MLP): it must reproduce the original
+    model's own logits at every position."""
+    family, kw = KINDS[kind]
+    torch.manual_seed(0)
+    original = tiny_hf_model(family, vocab=V, **kw)
+    model = retrofit(copy.deepcopy(original), RoutingConfig(router="none"))
+    _, logits, full = teacher_forced(Engine(model, "router"), PROMPTS, n_steps=4)
+    for b, ids in enumerate(full):
+        with torch.no_grad():
+            ref = original(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(logits[b], ref, atol=1e-5, rtol=0)
+
+
+def test_decode_runs_a_routed_layer_only_for_the_rows_whose_token_routes():
+    model = retrofitted("llama-gqa")
+    engine = Engine(model, "router")
+    state, _ = engine.prefill(PROMPTS)
+    calls = {l.index: [] for l in model.routed_layers()}
+    for layer in model.routed_layers():
+        layer.layer.mlp.register_forward_pre_hook(
+            lambda m, args, i=layer.index: calls[i].append(args[0].shape[0]))
+    cont = torch.randint(0, V, (len(PROMPTS), 10), generator=torch.Generator().manual_seed(3))
+    refs = [full_forward(model, p + cont[b].tolist(), "router").routing
+            for b, p in enumerate(PROMPTS)]
+    sizes = set()
+    for t in range(10):
+        before = {i: len(c) for i, c in calls.items()}
+        engine.decode_step(state, cont[:, t])
+        for j, (i, c) in enumerate(calls.items()):
+            routed = sum(bool(refs[b][j].mask_BT[0, len(p) + t]) for b, p in enumerate(PROMPTS))
+            sizes.add(routed)
+            assert c[before[i]:] == ([routed] if routed else [])
+    assert len(sizes) > 1
+
+
+def test_batch_rows_generate_what_they_generate_alone_with_sampling():
+    model = retrofitted("qwen3")
+    engine = Engine(model, "predictor")
+    batch = engine.generate(PROMPTS, 6, temperature=1.0, seed=[1, 2, 3])
+    for b, prompt in enumerate(PROMPTS):
+        assert engine.generate([prompt], 6, temperature=1.0, seed=[b + 1]).tokens[0] \
+            == batch.tokens[b]
+
+
+def test_sliding_window_models_generate_within_their_window():
+    torch.manual_seed(0)
+    model = retrofit(tiny_hf_model("mistral", vocab=V, sliding_window=16),
+                     RoutingConfig(capacity=0.5)).eval()
+    engine = Engine(model, "router")
+    assert engine.context == 16
+    with pytest.raises(GenerationError, match="attention window"):
+        engine.generate([list(range(10))], 8)
+    result = engine.generate([list(range(10))], 8, truncate=True)
+    assert result.finish_reasons == ("context",) and len(result.tokens[0]) == 6
+
+
+def test_retrofit_layers_refuse_hugging_face_forward_with_the_way_out():
+    model = retrofitted("llama")
+    assert isinstance(model.hf.model.layers[1], MoDLayer)
+    with pytest.raises(Exception, match="from_modlm"):
+        model.hf(torch.tensor([PROMPTS[0]]))
