@@ -60,7 +60,7 @@ from modlm.tokenizer import (
     load_tokenizer,
 )
 
-TokenizerName = Literal["bytes", "bpe", "gpt2"]
+TokenizerName = Literal["auto", "bytes", "bpe", "gpt2", "hf"]
 
 CACHE_DIR_ENV = "MODLM_CACHE_DIR"
 # Part of every cache key: bump it when the cache's file layout changes. Changes to the text itself
@@ -80,7 +80,10 @@ class DataConfig:
     extensions:      which files a folder of text files contributes.
     val_fraction:    share of a user corpus's characters held out at its end (the built-in corpus
                      is split by plays instead).
-    tokenizer:       "bytes", "bpe" (trained on the training split) or "gpt2".
+    tokenizer:       "bytes", "bpe" (trained on the training split), "gpt2", "hf" (a Hugging Face
+                     model's own, from a retrofit run's `retrofit.source`), or "auto" (the
+                     default): "hf" for a retrofit run whose source folder has a tokenizer,
+                     else "bytes". A run records the resolved name.
     bpe_vocab_size:  the BPE's target vocabulary, special token included.
     bpe_train_chars: the BPE trains on this many leading characters of the training split.
     cache_dir:       token cache folder; None means $MODLM_CACHE_DIR or ~/.cache/modlm/tokens.
@@ -93,7 +96,7 @@ class DataConfig:
     text_field: str = "text"
     extensions: tuple[str, ...] = (".txt", ".md")
     val_fraction: float = 0.05
-    tokenizer: TokenizerName = "bytes"
+    tokenizer: TokenizerName = "auto"
     bpe_vocab_size: int = 4096
     bpe_train_chars: int = 20_000_000
     cache_dir: str | None = None
@@ -123,8 +126,8 @@ class DataConfig:
         check(isinstance(self.val_fraction, (int, float))
                and not isinstance(self.val_fraction, bool) and 0.0 < self.val_fraction <= 0.5,
                f"val_fraction must be in (0, 0.5], got {self.val_fraction!r}")
-        check(self.tokenizer in TOKENIZER_NAMES,
-               f"tokenizer must be one of {TOKENIZER_NAMES}, got {self.tokenizer!r}")
+        check(self.tokenizer in ("auto", *TOKENIZER_NAMES),
+               f"tokenizer must be one of {('auto', *TOKENIZER_NAMES)}, got {self.tokenizer!r}")
         try:
             check_bpe_vocab_size(self.bpe_vocab_size)
         except TokenizerError as e:
@@ -267,8 +270,9 @@ def prepare_data(config: DataConfig, tokenizer: Tokenizer | None = None) -> Prep
             tokenizer, trained = cached_bpe(corpus.train[:config.bpe_train_chars],
                                             config.bpe_vocab_size, cache_dir)
         else:
-            tokenizer = build_tokenizer(config.tokenizer)
-    elif tokenizer.name != config.tokenizer:
+            tokenizer = build_tokenizer("bytes" if config.tokenizer == "auto"
+                                        else config.tokenizer)
+    elif config.tokenizer not in ("auto", tokenizer.name):
         raise DataError(f"the data config names tokenizer {config.tokenizer!r} but a "
                         f"{tokenizer.name!r} tokenizer was passed; make them agree")
     pydoc_text = load_pydoc_text()

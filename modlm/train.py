@@ -52,6 +52,7 @@ from modlm.hf.retrofit import RetrofitConfig
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
 from modlm.presets import base_preset, get_preset
+from modlm.tokenizer import PretrainedTokenizer, Tokenizer, TokenizerError, has_hf_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -115,6 +116,14 @@ class TrainConfig:
             object.__setattr__(self, "retrofit", RetrofitConfig(**self.retrofit))
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
+        if self.data.tokenizer == "auto":
+            # A retrofit run reads its source model's own tokenizer when the folder has one.
+            name = ("hf" if self.retrofit.source is not None
+                    and has_hf_tokenizer(self.retrofit.source) else "bytes")
+            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer=name))
+        check(self.data.tokenizer != "hf" or self.retrofit.enabled,
+               "data.tokenizer 'hf' is a Hugging Face model's own tokenizer, read from "
+               "retrofit.source; set retrofit.source or choose bytes, bpe or gpt2")
         lengths = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
         check(len(lengths) == 1,
                "set the training length one way: steps=N, tokens=N or flops=X (a training-FLOP "
@@ -394,6 +403,16 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     return TrainResult(s.run_dir, state.step, s.steps_total, interrupted, final_eval, last_ckpt)
 
 
+def _source_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """A new retrofit run's tokenizer: the one in its source folder (saved with the run)."""
+    if cfg.retrofit.source is None:
+        raise ConfigError("data.tokenizer 'hf' reads the tokenizer of retrofit.source; set it")
+    try:
+        return PretrainedTokenizer.from_folder(cfg.retrofit.source)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _start(cfg: TrainConfig, d: runtime.Dist,
            resume: Path | None) -> tuple[_Session, TrainState, bool]:
     """Set a run up (new, or resumed from its latest checkpoint) and write its folder."""
@@ -407,8 +426,11 @@ def _start(cfg: TrainConfig, d: runtime.Dist,
     loaded = ckpt.load_checkpoint(ckpt.resolve_checkpoint(run_dir), expected_model_cfg=cfg.model) \
         if resume is not None else None
 
+    tokenizer = loaded.tokenizer if loaded else None
+    if tokenizer is None and cfg.data.tokenizer == "hf":
+        tokenizer = _source_tokenizer(cfg)
     with runtime.rank_zero_first(d):
-        data = prepare_data(cfg.data, tokenizer=loaded.tokenizer if loaded else None)
+        data = prepare_data(cfg.data, tokenizer=tokenizer)
     if not cfg.retrofit.enabled and cfg.model.vocab_size != data.tokenizer.vocab_size:
         if loaded is not None:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) differs from the run's "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -358,3 +359,60 @@ def test_a_dense_routing_config_drives_the_unpatched_model():
         out = model(x_BT, x_BT)
         torch.testing.assert_close(out.logits_BTV, original(x_BT).logits, rtol=0, atol=1e-6)
     assert out.routing == () and out.router_aux_loss is None and out.loss == out.lm_loss
+
+
+# ---- the model's own tokenizer -----------------------------------------------------------------
+
+def _hf_tokenizer(text: str, vocab_size: int):
+    """A byte-level BPE trained here, offline, as a transformers tokenizer with an eos token."""
+    import tokenizers
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def test_a_retrofit_run_trains_evaluates_and_samples_with_the_models_own_tokenizer(
+        hf_run, tmp_path, capsys):
+    from modlm.cli import main
+    from modlm.tokenizer import PretrainedTokenizer
+    corpus = (tmp_path / "corpus.txt").read_text()
+    tok = _hf_tokenizer(corpus, 300)
+    n = len(tok)
+    assert 257 < n <= 300          # merges were learned: not a byte vocabulary
+    folder = tmp_path / "hf-own-tokenizer"
+    hf_model("llama", vocab=n).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = hf_run("llama", retrofit=RetrofitConfig(source=str(folder)), run_name="own")
+    assert cfg.data.tokenizer == "hf"             # "auto": the source folder's tokenizer
+    result = train(cfg)
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["data"]["tokenizer"] == "hf"
+    # saved with the run and every checkpoint, and it is the source's tokenizer
+    model, loaded = load_model(result.run_dir)
+    assert isinstance(loaded.tokenizer, PretrainedTokenizer)
+    text = "the router picks tokens"
+    assert loaded.tokenizer.encode(text) == tok.encode(text, add_special_tokens=False)
+    assert len(loaded.tokenizer.encode(text)) < len(text.encode())
+    assert (latest_checkpoint(result.run_dir) / "tokenizer" / "tokenizer.json").is_file()
+    ev = result.final_eval["val"]["router"]
+    # bits per byte are per UTF-8 byte: loss / ln 2 / (bytes per token), with > 1 byte a token
+    assert 0 < ev["bpb"] < ev["loss"] / math.log(2)
+    # and it samples from the run, decoding with the model's own tokenizer
+    capsys.readouterr()
+    assert main(["sample", str(result.run_dir), "--prompt", "the router", "--max-new-tokens",
+                 "6", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the router") and len(captured.out) > len("the router")
+    assert "routed per block: 1:" in captured.err
+
+    # A tokenizer larger than the model's embedding is refused with the fix.
+    small = tmp_path / "hf-small"
+    hf_model("llama", vocab=n - 20).save_pretrained(small)
+    tok.save_pretrained(small)
+    with pytest.raises(ConfigError, match=f"tokenizer has {n} ids but the Hugging Face model "
+                                          f"embeds {n - 20}"):
+        train(hf_run("llama", retrofit=RetrofitConfig(source=str(small)), run_name="small"))

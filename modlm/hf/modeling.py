@@ -37,6 +37,7 @@ loss plus the weighted auxiliary losses), `lm_loss` the LM part alone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ class ModLMConfig(PreTrainedConfig):
     model_type = MODEL_TYPE
 
     modlm: dict | None = None
+    retrofit: dict | None = None
     routing_mode: str = "router"
     vocab_size: int = 256
     hidden_size: int = 256
@@ -88,6 +90,13 @@ class ModLMConfig(PreTrainedConfig):
                                  f"{getattr(cfg, modlm_name)!r}; set it in the modlm config "
                                  f"(the Hugging Face fields mirror it)")
             setattr(self, hf_name, getattr(cfg, modlm_name))
+        if self.retrofit is not None:
+            from modlm.hf.retrofit import RetrofitConfig
+            retro = RetrofitConfig(**self.retrofit)
+            if retro.hf_config is None:
+                raise ValueError("retrofit must record hf_config (the patched model's Hugging "
+                                 "Face config); build the config with from_modlm(model)")
+            self.retrofit = dataclasses.asdict(dataclasses.replace(retro, source=None))
         if self.routing_mode not in GENERATION_MODES:
             raise ValueError(
                 f"routing_mode must be one of {GENERATION_MODES} (the causal rules of paper Sec "
@@ -100,6 +109,14 @@ class ModLMConfig(PreTrainedConfig):
     def model_config(self) -> ModelConfig:
         """The modlm `ModelConfig` this configuration carries."""
         return ModelConfig.from_dict(self.modlm)
+
+    def build_model(self) -> MoDLM | Any:
+        """An untrained model of this architecture: a `MoDLM`, or with `retrofit` the patched
+        Hugging Face decoder it records (`modlm.hf.retrofit.RetrofitLM`)."""
+        if self.retrofit is None:
+            return MoDLM(self.model_config())
+        from modlm.hf.retrofit import model_from_run_config
+        return model_from_run_config(self.model_config(), self.retrofit)
 
 
 @dataclass
@@ -287,15 +304,20 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
     # `attn_implementation` says; declaring it lets callers ask for "sdpa" without an error.
     _supports_sdpa = True
 
-    def __init__(self, config: ModLMConfig, modlm_model: MoDLM | None = None) -> None:
+    def __init__(self, config: ModLMConfig, modlm_model: MoDLM | Any | None = None) -> None:
         super().__init__(config)
         cfg = config.model_config()
         if modlm_model is None:
-            modlm_model = MoDLM(cfg)
+            modlm_model = config.build_model()
         elif modlm_model.cfg != cfg:
             raise ValueError("modlm_model.cfg differs from config.modlm; build the config with "
                              "ModLMConfig(modlm=model.cfg.to_dict()) or use from_modlm(model)")
         self.model = modlm_model
+        self._retrofit = config.retrofit is not None
+        if self._retrofit:
+            # The patched Hugging Face model ties (or not) as it always did, under `model.hf.`.
+            inner = getattr(modlm_model.hf, "_tied_weights_keys", None) or {}
+            self._tied_weights_keys = {f"model.hf.{k}": f"model.hf.{v}" for k, v in inner.items()}
         self.post_init()
 
     # ---- weights --------------------------------------------------------------------------------
@@ -309,6 +331,8 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
                 fresh = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             with torch.no_grad():
                 module.cos_sin_TR2.copy_(fresh.cos_sin_TR2)
+        elif "RotaryEmbedding" in type(module).__name__:
+            super()._init_weights(module)   # a retrofitted model's own (non-persistent) table
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -325,10 +349,10 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
         return (model, info) if wants_info else model
 
     def get_input_embeddings(self) -> torch.nn.Module:
-        return self.model.embed
+        return self.model.hf.get_input_embeddings() if self._retrofit else self.model.embed
 
     def get_output_embeddings(self) -> torch.nn.Module:
-        return self.model.lm_head
+        return self.model.hf.get_output_embeddings() if self._retrofit else self.model.lm_head
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("a modlm model's vocabulary is fixed by its ModelConfig; "
@@ -404,8 +428,11 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
         if labels_BT is not None and labels_BT.shape != ids_BT.shape:
             raise ValueError(f"labels shape {tuple(labels_BT.shape)} must equal input_ids' "
                              f"{tuple(ids_BT.shape)}")
-        if mask_BT is None or bool(mask_BT.all()):
-            out = self.model(ids_BT, _targets(labels_BT), mode=mode)
+        if mask_BT is None or bool(mask_BT.all()) or self._retrofit:
+            # A retrofitted model takes the padding mask itself (positions count real tokens,
+            # padding is never routed, top-k over each row's real tokens).
+            extra = {"attention_mask_BT": mask_BT} if self._retrofit else {}
+            out = self.model(ids_BT, _targets(labels_BT), mode=mode, **extra)
             return ModLMCausalLMOutput(
                 loss=out.loss, logits=_keep(out.logits_BTV, logits_to_keep), lm_loss=out.lm_loss,
                 router_aux_loss=out.router_aux_loss, predictor_loss=out.predictor_loss,
@@ -506,12 +533,20 @@ def default_routing_mode(cfg: ModelConfig) -> str:
     return "router"   # neither was trained: generation will refuse, with the reason
 
 
-def from_modlm(model: MoDLM, routing_mode: str | None = None, **config_fields: Any
+def from_modlm(model: MoDLM | Any, routing_mode: str | None = None, **config_fields: Any
                ) -> ModLMForCausalLM:
-    """Wrap a `MoDLM` (sharing its parameters) as a `ModLMForCausalLM`. routing_mode: the causal
-    rule for evaluation and generation (default: `default_routing_mode`); other keyword
-    arguments are `ModLMConfig` fields (e.g. pad_token_id=0)."""
-    config = ModLMConfig(modlm=model.cfg.to_dict(),
+    """Wrap a `MoDLM` or a retrofitted Hugging Face model (`modlm.hf.retrofit.RetrofitLM`),
+    sharing its parameters, as a `ModLMForCausalLM`. routing_mode: the causal rule for evaluation
+    and generation (default: `default_routing_mode`); other keyword arguments are `ModLMConfig`
+    fields (e.g. pad_token_id=0)."""
+    retrofit = None
+    if not isinstance(model, MoDLM):
+        from modlm.hf.retrofit import RetrofitLM
+        if not isinstance(model, RetrofitLM):
+            raise TypeError(f"from_modlm wraps a MoDLM or a RetrofitLM, got "
+                            f"{type(model).__name__}")
+        retrofit = model.run_config().to_dict()
+    config = ModLMConfig(modlm=model.cfg.to_dict(), retrofit=retrofit,
                          routing_mode=routing_mode or default_routing_mode(model.cfg),
                          **config_fields)
     wrapper = ModLMForCausalLM(config, modlm_model=model)

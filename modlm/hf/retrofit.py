@@ -408,6 +408,12 @@ class RetrofitLM(nn.Module):
     def hf_config(self) -> Any:
         return self.hf.config
 
+    def run_config(self) -> RetrofitConfig:
+        """The `RetrofitConfig` that rebuilds this architecture (no source folder needed)."""
+        return RetrofitConfig(attn_implementation=self.hf.config._attn_implementation,
+                              identity_init=self.identity_init,
+                              hf_config=self.hf.config.to_dict())
+
     def routed_layers(self) -> list[MoDLayer]:
         return [l for l in self.family.layers(self.hf) if isinstance(l, MoDLayer)]
 
