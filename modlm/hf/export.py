@@ -22,12 +22,13 @@ How transformers 5.24 treats the shim (transformers/dynamic_module_utils.py):
   `type(model) is modlm.hf.modeling.ModLMForCausalLM`, as after `register()`.
 - `check_imports` first imports every top-level package the file imports outside a `try` block
   and, if one is missing, says `pip install <name>`. The shim imports inside a `try` so the error
-  names the real install command (the PyPI name "modlm" with its extra) instead.
+  names modlm's install command (`pip install 'modlm[hf]'`) instead.
 - Loading through the remote code marks the classes (`register_for_auto_class` sets
   `_auto_class` on them, for the rest of the process). A later `save_pretrained` of such a class
-  then copies its source file (for modlm: modlm/hf/modeling.py) into the folder and points
-  auto_map at that copy, whose classes are then separate copies of modlm's. `export_checkpoint`
-  saves under `installed_classes_only` so an export always holds the shim alone.
+  then copies its source file (for modlm: all of modlm/hf/modeling.py) into the folder and points
+  auto_map at that copy, whose classes are then separate copies of modlm's (checked with
+  transformers 5.24: `model.save_pretrained(dir)` of a remote-loaded model does this).
+  `export_checkpoint` saves under `installed_classes_only`, so an export holds the shim alone.
 """
 
 from __future__ import annotations
