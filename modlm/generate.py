@@ -142,17 +142,27 @@ class LayerCache:
         self.pos_BC[:, :K] = pos_BK
         self.n_B.copy_(n_B)
 
-    def append(self, rows_N: Tensor, k_NHd: Tensor, v_NHd: Tensor, pos_N: Tensor) -> Tensor:
-        """Write one token for each given row at its next free slot; return their new counts."""
-        n_N = self.n_B[rows_N]
-        need = int(n_N.max()) + 1
-        if need > self.slots:
-            self._grow(need)
-        self.k_BHCd[rows_N, :, n_N] = k_NHd
-        self.v_BHCd[rows_N, :, n_N] = v_NHd
-        self.pos_BC[rows_N, n_N] = pos_N
+    def append(self, rows_N: Tensor | None, k_NHd: Tensor, v_NHd: Tensor,
+               pos_N: Tensor) -> Tensor:
+        """Write one token for each given row (None: every row) at its next free slot; return
+        their new counts."""
+        n_N = self.n_B if rows_N is None else self.n_B[rows_N]
+        lo, hi = (int(n) for n in torch.aminmax(n_N))
+        if hi + 1 > self.slots:
+            self._grow(hi + 1)
+        if rows_N is None and lo == hi:
+            # Every row at the same slot (the common case): plain slice writes, no scatter.
+            self.k_BHCd[:, :, lo] = k_NHd
+            self.v_BHCd[:, :, lo] = v_NHd
+            self.pos_BC[:, lo] = pos_N
+            self.n_B += 1
+            return self.n_B
+        rows = torch.arange(n_N.shape[0], device=n_N.device) if rows_N is None else rows_N
+        self.k_BHCd[rows, :, n_N] = k_NHd
+        self.v_BHCd[rows, :, n_N] = v_NHd
+        self.pos_BC[rows, n_N] = pos_N
         n_N = n_N + 1
-        self.n_B[rows_N] = n_N
+        self.n_B[rows] = n_N
         return n_N
 
     def _grow(self, need: int) -> None:
@@ -540,13 +550,12 @@ class Engine:
         pos_B = state.pos_B
         x_B1D = self.model.embed_tokens(tok_B[:, None], pos_B[:, None])
         pe_B1 = self.model.encode_positions(pos_B[:, None])
-        all_B = torch.arange(B, device=self.device)
         dense_mask: Tensor | None = None      # shared by every dense layer in this step
         for i, (layer, cache) in enumerate(zip(self.layers, state.caches)):
             state.seen_tokens[i] += B
             if not isinstance(layer, RoutedLayer):
                 q, k, v = layer.project(x_B1D, pe_B1)
-                n_B = cache.append(all_B, k[:, 0], v[:, 0], pos_B)
+                n_B = cache.append(None, k[:, 0], v[:, 0], pos_B)
                 if dense_mask is None:
                     dense_mask = _length_mask(n_B)
                 y = _attend_cached(layer, q, cache, None, n_B, dense_mask)

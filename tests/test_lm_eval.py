@@ -333,3 +333,68 @@ def test_lm_eval_cli_scores_the_export_offline_like_modlm_at_any_batch_size(expo
                                            list(continuation.encode()))
             assert math.isclose(float(ll_str), ll, rel_tol=1e-5, abs_tol=1e-3)
             assert (greedy == "True") == is_greedy
+
+
+@pytest.fixture(scope="module")
+def exported_retrofit(tmp_path_factory):
+    """(the retrofitted tiny Llama, its export folder): a checkpoint of a retrofit run."""
+    pytest.importorskip("transformers")
+    from support import tiny_hf_model
+
+    from modlm import hf
+    from modlm.checkpoint import save_checkpoint
+    from modlm.config import RoutingConfig
+    from modlm.hf.retrofit import retrofit
+    from modlm.tokenizer import ByteTokenizer
+    torch.manual_seed(0)
+    model = retrofit(tiny_hf_model("llama", vocab=256, max_position_embeddings=CONTEXT,
+                                   initializer_range=0.2),
+                     RoutingConfig(capacity=0.5)).eval()
+    with torch.no_grad():
+        for layer in model.routed_layers():
+            layer.router.weight.mul_(3.0)
+            layer.gain.fill_(0.5)
+    root = tmp_path_factory.mktemp("lm_eval_retrofit")
+    save_checkpoint(root / "run", step=1, model=model, optimizer_state=None,
+                    trainer_state={"step": 1}, model_cfg=model.cfg, tokenizer=ByteTokenizer(),
+                    run_config={"retrofit": model.run_config().to_dict()})
+    return model, hf.export_checkpoint(root / "run", root / "hf")
+
+
+def test_a_retrofit_export_loads_with_trust_remote_code_and_generates_identically(
+        exported_retrofit):
+    from transformers import AutoModelForCausalLM
+
+    from modlm.generate import Engine
+    model, out = exported_retrofit
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(loaded.model).__name__ == "RetrofitLM"
+    ids = torch.tensor([[5, 17, 33, 2, 91, 40, 7, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids, mode="router").logits_BTV,
+                                   rtol=0, atol=0)
+    new = loaded.generate(ids, max_new_tokens=6, do_sample=False)[0, 8:].tolist()
+    assert new == list(Engine(model, "router").generate(ids.tolist(), 6).tokens[0])
+
+
+@pytest.mark.slow
+@needs_lm_eval
+def test_lm_eval_cli_scores_a_retrofit_export_alike_at_any_batch_size(exported_retrofit,
+                                                                       tmp_path):
+    model, out = exported_retrofit
+    tasks = _task_dir(tmp_path)
+    (r1, s1), (r4, s4) = (_run_lm_eval(out, tasks, bs, tmp_path) for bs in (1, 4))
+    for task in TASKS:
+        m1, m4 = _metrics(r1, task), _metrics(r4, task)
+        assert m1 and all(math.isfinite(v) for v in m1.values())
+        for key in m1:
+            assert math.isclose(m1[key], m4[key], rel_tol=1e-5), (task, key, m1[key], m4[key])
+    # the perplexity of a short document is the retrofit's own causal forward
+    row = next(r for r in s1["modlm_ppl"].values()
+               if len(r["doc"]["text"].encode("utf-8")) < CONTEXT)
+    data = list(row["doc"]["text"].encode("utf-8"))
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([[0] + data[:-1]]), mode="router")
+                             .logits_BTV[0].double(), dim=-1)
+    ll = logp.gather(1, torch.tensor(data)[:, None]).sum().item()
+    assert math.isclose(float(row["filtered_resps"][0]), ll, rel_tol=1e-5, abs_tol=1e-3)

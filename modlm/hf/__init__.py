@@ -1,8 +1,10 @@
 """modlm and the Hugging Face ecosystem (optional: `pip install 'modlm[hf]'`).
 
-- `modlm.hf.modeling`: `ModLMConfig` / `ModLMForCausalLM`, a modlm model as a transformers model
-  (save_pretrained / from_pretrained in safetensors, `generate` through modlm's causal routing and
-  its token-skipping KV cache).
+- `modlm.hf.modeling`: `ModLMConfig` / `ModLMForCausalLM`, a modlm model or a retrofitted Hugging
+  Face model as a transformers model (save_pretrained / from_pretrained in safetensors, `generate`
+  through modlm's causal routing and its token-skipping KV cache).
+- `modlm.hf.retrofit`: a pretrained Hugging Face decoder (Llama family, GPT-2) with MoD routers.
+- `modlm.hf.export`: the shim that lets stock clients load exported folders.
 - `modlm.hf.tokenizer`: modlm tokenizers exported as transformers tokenizers.
 - `modlm.hf.llama`: the dense modlm model <-> Hugging Face Llama weight mapping and converters.
 
@@ -51,8 +53,11 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     """Write a modlm checkpoint as a transformers model folder and return it (`modlm export-hf`).
 
     path: a run folder (its latest checkpoint, or the best with which="best") or a checkpoint
-    folder. routing_mode: the causal rule `generate` and evaluation use ("router" or
-    "predictor"; default: the one the model was trained for). The weights keep their dtype.
+    folder, of a modlm model or of a retrofitted Hugging Face model (exported as the patched
+    model with its routers: it loads again as a `RetrofitLM` and generates through the skipping
+    cache; with the source model's own tokenizer, and its eos in the generation config).
+    routing_mode: the causal rule `generate` and evaluation use ("router" or "predictor";
+    default: the one the model was trained for). The weights keep their dtype.
 
     The folder loads two ways, offline (HF_HUB_OFFLINE=1 is fine), both needing modlm installed:
     after `modlm.hf.register()`, `AutoModelForCausalLM.from_pretrained(out_dir)`; or with no
@@ -72,28 +77,23 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     """
     require_transformers()
     from modlm.checkpoint import load_model, resolve_checkpoint
-    from modlm.hf.export import installed_classes_only, make_remote_loadable
-    from modlm.hf.modeling import ModLMConfig, ModLMForCausalLM, from_modlm
+    from modlm.hf.modeling import from_modlm
     from modlm.hf.tokenizer import save_hf_tokenizer, special_token_ids
-    from modlm.model import MoDLM
+    from modlm.tokenizer import PretrainedTokenizer
 
     model, loaded = load_model(resolve_checkpoint(path, which))  # type: ignore[arg-type]
-    if not isinstance(model, MoDLM):
-        raise ValueError(f"{path} is a run of a retrofitted Hugging Face model; export-hf writes "
-                         f"modlm's own models only. Load the run with "
-                         f"modlm.checkpoint.load_model (a RetrofitLM, whose `.hf` is the patched "
-                         f"transformers model) instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Deviation: no eos_token_id in the model's config (hence its generation config), though the
     # tokenizer declares one: modlm's training text has no end-of-text separators, so generation
     # stops only where asked to (for byte runs the eos is byte 0, which a model may well emit).
     ids = special_token_ids(loaded.tokenizer)
-    wrapper = from_modlm(model, routing_mode, pad_token_id=ids["pad_token_id"])
-    with installed_classes_only(ModLMConfig, ModLMForCausalLM):
-        wrapper.save_pretrained(out)
-    make_remote_loadable(out, config_class="ModLMConfig", model_class="ModLMForCausalLM",
-                         source_module="modlm.hf.modeling")
+    fields = {"pad_token_id": ids["pad_token_id"]}
+    if isinstance(loaded.tokenizer, PretrainedTokenizer):
+        # A pretrained model's own tokenizer: the model was trained to end text with its eos.
+        fields["eos_token_id"] = ids["eos_token_id"]
+    wrapper = from_modlm(model, routing_mode, **fields)
+    wrapper.save_pretrained(out)      # with the trust_remote_code shim (modlm.hf.export)
     save_hf_tokenizer(loaded.tokenizer, out, model_max_length=model.cfg.max_seq_len)
     return out
 

@@ -334,6 +334,17 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
         elif "RotaryEmbedding" in type(module).__name__:
             super()._init_weights(module)   # a retrofitted model's own (non-persistent) table
 
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `save_pretrained`, and the folder's `trust_remote_code` shim
+        (modlm.hf.export): it loads in stock clients (lm-evaluation-harness) as these classes,
+        and never carries a copy of modlm's code."""
+        from modlm.hf.export import installed_classes_only, make_remote_loadable
+        with installed_classes_only(ModLMConfig, ModLMForCausalLM):
+            out = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            make_remote_loadable(save_directory)
+        return out
+
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' `from_pretrained`, made strict: a missing, unexpected or mis-shaped

@@ -217,15 +217,16 @@ class _RotaryLayer:
 
     def project(self, x_BKD: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         attn = self.module.self_attn
-        h_BKD = self.module.input_layernorm(x_BKD)
+        h_BKD = _rms_norm(self.module.input_layernorm, x_BKD)
         B, K, _ = h_BKD.shape
         q = attn.q_proj(h_BKD).view(B, K, -1, self.head_dim)
         k = attn.k_proj(h_BKD).view(B, K, -1, self.head_dim)
         v = attn.v_proj(h_BKD).view(B, K, -1, self.head_dim)
         if self._qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = pe[0][:, :, None, :], pe[1][:, :, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+        # Queries and keys rotate together (one set of kernels for both).
+        qk = _rotate(torch.cat((q, k), dim=2), pe[0][:, :, None, :], pe[1][:, :, None, :])
+        return qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], v
 
     def attention_dropout(self) -> float:
         return float(self.module.self_attn.attention_dropout) if self.module.training else 0.0
@@ -235,7 +236,17 @@ class _RotaryLayer:
         B, H, K, Dh = y_BHKd.shape
         layer = self.module
         attn_BKD = layer.self_attn.o_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh))
-        return attn_BKD + layer.mlp(layer.post_attention_layernorm(x_BKD + attn_BKD)), None
+        h_BKD = _rms_norm(layer.post_attention_layernorm, x_BKD + attn_BKD)
+        return attn_BKD + layer.mlp(h_BKD), None
+
+
+def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """A Llama-family RMSNorm as one fused call (the same maths as its Python forward, fewer
+    kernels per decode step); any other norm module runs as it is."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or not type(norm).__name__.endswith("RMSNorm"):
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
 
 
 def _rotate(x_BKHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

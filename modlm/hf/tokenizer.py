@@ -30,6 +30,7 @@ the eos is only declared (encoding never adds it, and a NUL in the text still en
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from modlm.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     GPT2Tokenizer,
+    PretrainedTokenizer,
     Tokenizer,
     TokenizerError,
 )
@@ -52,6 +54,12 @@ def to_hf_tokenizer(tokenizer: Tokenizer, *, model_max_length: int | None = None
     import tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    if isinstance(tokenizer, PretrainedTokenizer):
+        # A Hugging Face model's own tokenizer is exported as it is (special tokens, template).
+        hf = copy.deepcopy(tokenizer.transformers_tokenizer)
+        if model_max_length is not None:
+            hf.model_max_length = model_max_length
+        return hf
     if isinstance(tokenizer, ByteTokenizer):
         backend = _byte_backend(tokenizers)
         # Deviation: byte 0 (NUL) doubles as end-of-text and padding (module docstring).
@@ -95,6 +103,11 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     if isinstance(tokenizer, (BPETokenizer, GPT2Tokenizer)):
         eot = tokenizer._hf.token_to_id(END_OF_TEXT)
         return {"pad_token_id": eot, "eos_token_id": eot}
+    if isinstance(tokenizer, PretrainedTokenizer):
+        tok = tokenizer.transformers_tokenizer
+        eos = tok.eos_token_id
+        return {"pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos,
+                "eos_token_id": eos}
     raise TokenizerError(f"unknown tokenizer kind {type(tokenizer).__name__}")
 
 
