@@ -74,18 +74,26 @@ class HFLlama:
             num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
             tie_word_embeddings=True, attn_implementation="sdpa")).eval()
 
-    def _time(self, ids: torch.Tensor, n: int) -> float:
+    def decode_tokens_per_s(self, prompts: list[list[int]], new_tokens: int) -> float:
+        return hf_decode_tokens_per_s(self.model, prompts, new_tokens, self.sample)
+
+
+def hf_decode_tokens_per_s(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int,
+                           sample: bool) -> float:
+    """Decode tokens/s of Hugging Face `generate` with its own KV cache, prefill excluded:
+    (time(n new) - time(1 new)) / (n - 1) steps; sampling at temperature 1 or greedy."""
+    ids = torch.tensor(prompts)
+
+    def seconds(n: int) -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                min_new_tokens=n, do_sample=self.sample, pad_token_id=0,
-                                **({"temperature": 1.0, "top_k": 0} if self.sample else {}))
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=sample, pad_token_id=0,
+                           **({"temperature": 1.0, "top_k": 0} if sample else {}))
         return time.perf_counter() - t0
 
-    def decode_tokens_per_s(self, prompts: list[list[int]], new_tokens: int) -> float:
-        ids = torch.tensor(prompts)
-        full, one = self._time(ids, new_tokens), self._time(ids, 1)
-        return len(prompts) * (new_tokens - 1) / (full - one)
+    full, one = seconds(new_tokens), seconds(1)
+    return len(prompts) * (new_tokens - 1) / (full - one)
 
 
 def main() -> None:

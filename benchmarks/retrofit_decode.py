@@ -9,7 +9,8 @@ weights repeats one token, on which a router routes all or nothing), interleaved
 first round warms up, the order alternates, medians of `--repeats`):
 
 - "hf": `LlamaForCausalLM.generate` on the original model with its own KV cache (DynamicCache),
-  decode tokens/s = (time(n new) - time(1 new)) / (n - 1) steps, so its prefill is excluded;
+  decode tokens/s = (time(n new) - time(1 new)) / (n - 1) steps, so its prefill is excluded
+  (top_k 0, top_p 1: plain sampling, as the engine's);
 - "engine": modlm's engine on the same model retrofitted with no routed layer (every layer runs
   every token through the `DecoderLayer` interface: what the engine costs unrouted);
 - "mod": modlm's engine on a copy retrofitted with routers on every other layer (1, 3, ..., 29)
@@ -37,6 +38,7 @@ import statistics
 import time
 
 import torch
+from decode import hf_decode_tokens_per_s  # benchmarks/decode.py: HF generate, prefill excluded
 
 from modlm.config import RoutingConfig
 from modlm.generate import Engine
@@ -129,24 +131,6 @@ def decode_bytes(shape: dict, batch: int, context: float, routed: dict[int, floa
     return total
 
 
-class HFGenerate:
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def _time(self, ids: torch.Tensor, n: int) -> float:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
-                                top_p=1.0, pad_token_id=0)
-        return time.perf_counter() - t0
-
-    def decode_tokens_per_s(self, prompts: list[list[int]], new_tokens: int) -> float:
-        ids = torch.tensor(prompts)
-        full, one = self._time(ids, new_tokens), self._time(ids, 1)
-        return len(prompts) * (new_tokens - 1) / (full - one)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--prompt-len", type=int, default=512)
@@ -177,7 +161,6 @@ def main() -> None:
         layer.layer.mlp.register_forward_pre_hook(
             lambda m, a, i=layer.index: runs.__setitem__(i, runs[i] + (a[0].shape[1] == 1)))
     engines = {"engine": Engine(unrouted, "router"), "mod": Engine(mod, "router")}
-    hf = HFGenerate(original)
 
     results = {}
     g = torch.Generator().manual_seed(1)
@@ -191,7 +174,7 @@ def main() -> None:
         for r in range(args.repeats + 1):           # the first round warms up
             for name in (names if r % 2 == 0 else names[::-1]):
                 if name == "hf":
-                    speed = hf.decode_tokens_per_s(prompts, args.new_tokens)
+                    speed = hf_decode_tokens_per_s(original, prompts, args.new_tokens, True)
                 else:
                     for i in runs:
                         runs[i] = 0

@@ -357,10 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model",
-                       description="Write a run's checkpoint (model and tokenizer) as a folder "
-                       "that transformers loads: after `modlm.hf.register()`, "
-                       "AutoModelForCausalLM.from_pretrained(OUT_DIR) and "
-                       "AutoTokenizer.from_pretrained(OUT_DIR). Needs `pip install 'modlm[hf]'`.")
+                       description="Write a run's checkpoint (model and tokenizer; a modlm run "
+                       "or a retrofit run) as a folder that transformers loads: "
+                       "AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) "
+                       "(or without it after `modlm.hf.register()`) and "
+                       "AutoTokenizer.from_pretrained(OUT_DIR); the stock lm-evaluation-harness "
+                       "command line loads it with --model hf --model_args "
+                       "pretrained=OUT_DIR,trust_remote_code=True. Needs "
+                       "`pip install 'modlm[hf]'`.")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--which", default="latest", choices=("latest", "best"),

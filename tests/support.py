@@ -53,3 +53,20 @@ def tiny_hf_model(kind: str, impl: str = "sdpa", vocab: int = 99, **kw):
         model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**fields, **kw}))
     model.config._attn_implementation = impl   # what attn_implementation=... at load time sets
     return model.eval()
+
+
+def teacher_forced(engine, prompts, n_steps: int, seed: int = 1, vocab: int = 99):
+    """Prefill, then feed random continuation tokens one decode step at a time; return the
+    engine's state, each row's logits at every fed position (prompt and decoded) and the rows'
+    full token lists."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    cont = torch.randint(0, vocab, (len(prompts), n_steps), generator=g)
+    state, logits = engine.prefill(prompts, all_logits=True)
+    rows = [[logits[b, :len(p)]] for b, p in enumerate(prompts)]
+    for t in range(n_steps):
+        step_logits = engine.decode_step(state, cont[:, t])
+        for b in range(len(prompts)):
+            rows[b].append(step_logits[b:b + 1])
+    full = [p + cont[b].tolist() for b, p in enumerate(prompts)]
+    return state, [torch.cat(r) for r in rows], full

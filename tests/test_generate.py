@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import teacher_forced
 
 from modlm.config import ModelConfig, RoutingConfig
 from modlm.generate import Engine, GenerationError, sample_next
@@ -47,20 +48,6 @@ def engine_for(kind: str, **kw) -> Engine:
 def full_forward(engine: Engine, ids: list[int]):
     with torch.no_grad():
         return engine.model(torch.tensor([ids]), mode=engine.mode)
-
-
-def teacher_forced(engine: Engine, prompts, n_steps: int, seed: int = 1):
-    """Prefill, then feed random continuation tokens; return the state, per-row logits and ids."""
-    g = torch.Generator().manual_seed(seed)
-    cont = torch.randint(0, 99, (len(prompts), n_steps), generator=g)
-    state, logits = engine.prefill(prompts, all_logits=True)
-    rows = [[logits[b, :len(p)]] for b, p in enumerate(prompts)]
-    for t in range(n_steps):
-        step_logits = engine.decode_step(state, cont[:, t])
-        for b in range(len(prompts)):
-            rows[b].append(step_logits[b:b + 1])
-    full = [p + cont[b].tolist() for b, p in enumerate(prompts)]
-    return state, [torch.cat(r) for r in rows], full
 
 
 def routed_fractions(engine: Engine, ids: list[int]) -> list[float]:

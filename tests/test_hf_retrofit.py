@@ -21,6 +21,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from support import tiny_hf_model  # noqa: E402
+
 from modlm.checkpoint import latest_checkpoint, load_model  # noqa: E402
 from modlm.config import ConfigError, ModelConfig, RoutingConfig  # noqa: E402
 from modlm.data import DataConfig  # noqa: E402
@@ -34,7 +36,6 @@ from modlm.hf.retrofit import (  # noqa: E402
     retrofit,
 )
 from modlm.train import TrainConfig, load_run_config, train  # noqa: E402
-from support import tiny_hf_model  # noqa: E402
 
 V, T = 99, 13
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from support import tiny_hf_model
+from support import teacher_forced, tiny_hf_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -57,19 +57,6 @@ def retrofitted(kind: str, capacity: float = 0.5, seed: int = 0, **routing):
 def full_forward(model, ids: list[int], mode: str):
     with torch.no_grad():
         return model(torch.tensor([ids]), mode=mode)
-
-
-def teacher_forced(engine: Engine, prompts, n_steps: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    cont = torch.randint(0, V, (len(prompts), n_steps), generator=g)
-    state, logits = engine.prefill(prompts, all_logits=True)
-    rows = [[logits[b, :len(p)]] for b, p in enumerate(prompts)]
-    for t in range(n_steps):
-        step_logits = engine.decode_step(state, cont[:, t])
-        for b in range(len(prompts)):
-            rows[b].append(step_logits[b:b + 1])
-    return state, [torch.cat(r) for r in rows], [p + cont[b].tolist()
-                                                 for b, p in enumerate(prompts)]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -9,7 +9,11 @@ in one decode call, V vocabulary.
   generation: "router" (sigmoid(r) > 0.5) or "predictor"; "topk" is not causal and is refused.
 - `ModLMForCausalLM`: holds a `modlm.model.MoDLM` as `model`, so the safetensors file holds
   modlm's own state-dict names under the prefix `model.`; a tied LM head is stored once
-  (`_tied_weights_keys`) and tied again on load. `from_pretrained` is strict: a missing or
+  (`_tied_weights_keys`) and tied again on load. With `config.retrofit` (the patched model's
+  Hugging Face config, as a retrofit run records it) `model` is a retrofitted Hugging Face model
+  (`modlm.hf.retrofit.RetrofitLM`, its weights under `model.hf.`), which generates, saves and
+  loads the same way. `save_pretrained` also writes the `trust_remote_code` shim
+  (modlm.hf.export), so stock clients load the folder. `from_pretrained` is strict: a missing or
   unexpected weight is an error, never a silently initialised tensor.
 - `ModLMCache`: what `generate` carries between steps. It wraps `modlm.generate.Engine`'s
   `DecodeState`, so a routed block's cache holds only the tokens routed into it, a decode step

@@ -12,12 +12,19 @@ work on it unchanged (`TrainConfig.retrofit`, or `modlm train --set retrofit.sou
 
 `RetrofitLM` drives the Hugging Face backbone layer by layer with Hugging Face's own modules
 (embeddings, rotary table, decoder layers, final norm, LM head) and mask utilities. A routed layer
-does what modlm's `RoutedBlock` does (paper Sec 3.4, Eq. 1): score every token, take each
-sequence's top-k (or, in the causal modes of Sec 3.5, each token's own decision), gather only the
-chosen tokens in time order, run the original decoder layer on them alone with a causal mask over
-the gathered axis and their true positions (Llama's cos/sin are gathered at the chosen positions;
-GPT-2 adds its positions before the first layer), weight the layer's update (output - input) and
-scatter-add it back. Unchosen tokens pass through bit for bit; nothing is computed for them.
+is a `modlm.block.RoutedLayer`, the same routed update as modlm's `RoutedBlock` (paper Sec 3.4,
+Eq. 1): score every token, take each sequence's top-k (or, in the causal modes of Sec 3.5, each
+token's own decision), gather only the chosen tokens in time order, run the original decoder layer
+on them alone with a causal mask over the gathered axis and their true positions (Llama's cos/sin
+at the chosen positions; GPT-2 adds its positions before the first layer), weight the layer's
+update (output - input) and scatter-add it back. Unchosen tokens pass through bit for bit; nothing
+is computed for them.
+
+Generation: `RetrofitLM` is a `modlm.generate.Backbone`, so modlm's engine (`Engine(model, mode)`,
+`modlm sample`, and Hugging Face `generate` through `modlm.hf.modeling.from_modlm(model)`) runs it
+with the KV cache that holds only routed tokens. The engine drives every decoder layer through
+`modlm.block.DecoderLayer` (`_RotaryLayer`, `_GPT2Layer` below: the layer's own modules in pieces,
+grouped-query attention over its cache); tests hold prefill + decode equal to the full forward.
 
 Starting close to the original (our choice; the paper trains from scratch): by default the weight
 on a routed update is `2 * sigmoid(g * r)` with a learned gain g per routed layer that starts at 0
@@ -31,12 +38,11 @@ Padding: `forward(..., attention_mask_BT=...)` takes a 2-D padding mask (1 = rea
 right padding). Positions count real tokens only, padding is never routed, and each row's top-k is
 taken over its real tokens, so a padded batch computes what its rows compute alone.
 
-Not supported: Hugging Face's own `forward` / `generate` on a patched model (a routed layer needs
-the routing inputs only `RetrofitLM` provides, and a KV cache holding only routed tokens is not
-written): a patched layer called by Hugging Face raises `RetrofitError`. `RetrofitLM.generate`
-samples causally by recomputing the full forward per token (no cache). Attention implementations:
-"sdpa" and "eager" (what Hugging Face offers on CPU); sliding-window models only for sequences
-within their window.
+Not supported: Hugging Face's own `forward` / `generate` on the patched model itself (a routed
+layer needs the routing inputs only `RetrofitLM` provides, and Hugging Face's cache would not
+skip tokens): a patched layer called by Hugging Face raises `RetrofitError` naming `from_modlm`.
+Attention implementations: "sdpa" and "eager" (what Hugging Face offers on CPU); sliding-window
+models only for sequences within their window.
 
 Importing this module loads nothing from `transformers`; building or loading a model does.
 """
