@@ -410,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--no-identity-init", dest="identity_init", action="store_false",
                    help="modlm's plain router weight sigmoid(r) instead of starting at 1")
-    p.add_argument("--tokenizer", default="bytes", choices=("bytes", "gpt2"),
-                   help="how to turn the text into the model's token ids (default bytes)")
+    p.add_argument("--tokenizer", default="auto", choices=("auto", "hf", "bytes", "gpt2"),
+                   help="how to turn the text into the model's token ids: hf = the folder's own "
+                        "tokenizer; auto (default) = hf if the folder has one, else bytes")
     p.add_argument("--data", default=None, help="a text file (default: CPython's pydoc text)")
     p.add_argument("--seq-len", type=_positive, default=128)
     p.add_argument("--windows", type=_positive, default=8, help="windows of text to compare on")
@@ -430,13 +431,17 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     from modlm.config import RoutingConfig
     from modlm.corpus import load_pydoc_text
     from modlm.hf import retrofit as rf
-    from modlm.tokenizer import build_tokenizer
+    from modlm.tokenizer import PretrainedTokenizer, build_tokenizer, has_hf_tokenizer
 
     routing_cfg = apply_overrides(RoutingConfig(), _parse_overrides(args.overrides))
     original = rf.load_hf_model(args.hf_folder, args.attn_implementation)
     text = open(args.data, encoding="utf-8").read() if args.data else load_pydoc_text()
-    ids = torch.from_numpy(np.asarray(build_tokenizer(args.tokenizer).encode_array(text),
-                                      dtype=np.int64).copy())
+    name = args.tokenizer
+    if name == "auto":
+        name = "hf" if has_hf_tokenizer(args.hf_folder) else "bytes"
+    tokenizer = (PretrainedTokenizer.from_folder(args.hf_folder) if name == "hf"
+                 else build_tokenizer(name))
+    ids = torch.from_numpy(np.asarray(tokenizer.encode_array(text), dtype=np.int64).copy())
     n = args.windows * (args.seq_len + 1)
     if len(ids) < n:
         raise ConfigError(f"the text has {len(ids)} tokens, fewer than --windows x (--seq-len + "
@@ -444,7 +449,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     ids_BT1 = ids[:n].view(args.windows, args.seq_len + 1)
     print(f"{original.config.model_type} from {args.hf_folder}, "
           f"{args.attn_implementation} attention; {args.windows} windows of {args.seq_len} "
-          f"{args.tokenizer} tokens; top-k routing (the training forward)")
+          f"{name} tokens; top-k routing (the training forward)")
     print(f"{'capacity':>8s} {'routed layers':>14s} {'max |dlogit|':>12s} {'mean |dlogit|':>13s} "
           f"{'loss original':>13s} {'loss retrofit':>13s} {'top-1 agree':>11s}")
     for capacity in sorted({routing_cfg.capacity, 1.0}, reverse=True):
@@ -460,7 +465,8 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     added = model.num_parameters() - original.num_parameters()
     print(f"routers, predictors and gains add {added:,d} parameters. Train it with: modlm train "
           f"--set retrofit.source={args.hf_folder} --set model.routing.capacity="
-          f"{routing_cfg.capacity:g} --set data.tokenizer={args.tokenizer} --set data.corpus=...")
+          f"{routing_cfg.capacity:g}"
+          + ("" if name == "hf" else f" --set data.tokenizer={name}") + " --set data.corpus=...")
     return 0
 
 

@@ -82,8 +82,8 @@ class DataConfig:
                      is split by plays instead).
     tokenizer:       "bytes", "bpe" (trained on the training split), "gpt2", "hf" (a Hugging Face
                      model's own, from a retrofit run's `retrofit.source`), or "auto" (the
-                     default): "hf" for a retrofit run whose source folder has a tokenizer,
-                     else "bytes". A run records the resolved name.
+                     default): "bytes" for a modlm model; for a retrofit run "hf", refused when
+                     the source folder has no tokenizer. A run records the resolved name.
     bpe_vocab_size:  the BPE's target vocabulary, special token included.
     bpe_train_chars: the BPE trains on this many leading characters of the training split.
     cache_dir:       token cache folder; None means $MODLM_CACHE_DIR or ~/.cache/modlm/tokens.

@@ -6,11 +6,15 @@ K routed tokens, N rows processed by a routed layer in one decode step, V vocabu
 Paper Sec 3.5: top-k routing is not causal, so generation routes each token alone, in one of the
 two causal modes the model was trained for: "router" (sigmoid(r) > 0.5, needs the auxiliary BCE
 loss) or "predictor" (the stop-gradient predictor's logit > 0). "topk" is refused. Because a
-token's decision depends only on its own residual, prefill + incremental decode computes exactly
-what `model(ids, mode=mode)` computes over the whole sequence (a test checks every logit).
+token's decision depends only on its own residual, prefill + incremental decode computes what
+`model(ids, mode=mode)` computes over the whole sequence (tests check every logit in float32, to
+1e-5; in bfloat16 different kernels round differently, so a decision near its threshold may flip).
 
-The engine reads the model's weights and calls its submodules (norms, qkv / out projections, MLPs,
-routers, predictors) but does its own attention, because it needs the keys and values:
+The engine drives any `Backbone` (a `MoDLM`, or a retrofitted Hugging Face model) layer by layer
+through `modlm.block.DecoderLayer` (project the tokens to queries, keys and values at their
+positions; attend over the layer's cache; finish the layer), takes routing decisions from
+`RoutedLayer.causal_decision`, and applies Eq. 1 with `routing.routed_update`, the same functions
+the full-sequence forward uses; it does the attention itself, because it keeps the keys and values:
 
 - Prefill takes right-padded prompts of different lengths. Dense blocks run causally over the
   padded batch (a valid token never attends to the padding after it); routed blocks route only
@@ -400,12 +404,17 @@ class Engine:
                     "mode 'predictor' needs a model trained with routing.predictor=true and "
                     "routing.predictor_loss_weight > 0; this model's predictor is absent or "
                     "untrained. Use mode='router' (needs the auxiliary loss)")
+        if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                                  for m in model.modules()):
+            raise GenerationError(f"the {type(model).__name__} is in training mode and has "
+                                  f"dropout, which would make generation random; call "
+                                  f"model.eval() first")
         self.model = model
         self.mode = mode
         self.cfg = cfg
         self.layers = model.decoder_layers()
         self.context = model.context_length
-        self._context_name = (f"max_seq_len={self.context}" if self.context == cfg.max_seq_len
+        self.context_name = (f"max_seq_len={self.context}" if self.context == cfg.max_seq_len
                               else f"of {self.context} tokens (its attention window)")
         self.device = next(model.parameters()).device
 
@@ -442,7 +451,7 @@ class Engine:
                                       f"(e.g. a beginning-of-text id)")
             if len(ids) >= L:
                 raise GenerationError(f"prompt {b} has {len(ids)} tokens but the model's context "
-                                      f"is {self._context_name}, which must hold the prompt and at "
+                                      f"is {self.context_name}, which must hold the prompt and at "
                                       f"least one new token; shorten it to at most {L - 1}")
             bad = [t for t in ids if not 0 <= t < V]
             if bad:
@@ -707,7 +716,7 @@ class Engine:
             if max_new_tokens > room and not truncate:
                 raise GenerationError(
                     f"prompt {b} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
-                    f"would exceed the context {self._context_name} (room for {room} new tokens). "
+                    f"would exceed the context {self.context_name} (room for {room} new tokens). "
                     f"Lower max_new_tokens, shorten the prompt, or pass truncate=True to stop "
                     f"each row at the context")
             budgets.append(min(max_new_tokens, room))
@@ -723,8 +732,8 @@ class Engine:
         # seed=[s_b]); one int seeds row b with (seed, b).
         gens = None
         if seed is not None and temperature > 0:
-            row_seeds = ([seed * 1_000_003 + row for row in range(len(ids))]
-                         if isinstance(seed, int) else list(seed))
+            row_seeds = ([(seed * 1_000_003 + row) % 2**63 for row in range(len(ids))]
+                         if isinstance(seed, int) else [s % 2**63 for s in seed])
             gens = [torch.Generator(device=self.device).manual_seed(s) for s in row_seeds]
 
         def sample(logits_BV: Tensor) -> Tensor:

@@ -305,7 +305,11 @@ class PretrainedTokenizer(_HFTokenizer):
                                  f"tokenizer as tokenizer.json")
         tk = _import_tokenizers("a Hugging Face model's tokenizer")
         # A copy: modlm's encoding settings never touch the transformers tokenizer it saves.
-        super().__init__(tk.Tokenizer.from_str(backend.to_str()))
+        # Truncation or padding saved in the tokenizer would cut or pad a whole corpus.
+        pipeline = tk.Tokenizer.from_str(backend.to_str())
+        pipeline.no_truncation()
+        pipeline.no_padding()
+        super().__init__(pipeline)
         self.transformers_tokenizer = transformers_tokenizer
 
     @classmethod

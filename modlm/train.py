@@ -116,11 +116,10 @@ class TrainConfig:
             object.__setattr__(self, "retrofit", RetrofitConfig(**self.retrofit))
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
-        if self.data.tokenizer == "auto":
-            # A retrofit run reads its source model's own tokenizer when the folder has one.
-            name = ("hf" if self.retrofit.source is not None
-                    and has_hf_tokenizer(self.retrofit.source) else "bytes")
-            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer=name))
+        if self.data.tokenizer == "auto" and not self.retrofit.enabled:
+            # What "auto" means for a modlm model, resolved now so records and run hashes name
+            # it; a retrofit run resolves it when it starts (it reads the source folder).
+            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer="bytes"))
         check(self.data.tokenizer != "hf" or self.retrofit.enabled,
                "data.tokenizer 'hf' is a Hugging Face model's own tokenizer, read from "
                "retrofit.source; set retrofit.source or choose bytes, bpe or gpt2")
@@ -197,10 +196,13 @@ def train_preset(name: str) -> TrainConfig:
 
 def configure(preset: str, overrides: Mapping[str, Any]) -> TrainConfig:
     """A training preset with dotted overrides (the CLI's `--preset` and `--set`). A length given
-    as `tokens` or `flops` replaces the preset's `steps`."""
+    as `tokens` or `flops` replaces the preset's `steps`; a `retrofit.source` without a
+    `data.tokenizer` trains with the source model's own tokenizer."""
     overrides = dict(overrides)
     if ("tokens" in overrides or "flops" in overrides) and "steps" not in overrides:
         overrides["steps"] = None
+    if "retrofit.source" in overrides and "data.tokenizer" not in overrides:
+        overrides["data.tokenizer"] = "auto"   # the source model's own tokenizer (_start)
     return apply_overrides(train_preset(preset), overrides)
 
 
@@ -403,6 +405,25 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     return TrainResult(s.run_dir, state.step, s.steps_total, interrupted, final_eval, last_ckpt)
 
 
+def _resolve_tokenizer(cfg: TrainConfig) -> TrainConfig:
+    """data.tokenizer "auto" made concrete (what config.json records): a retrofit run reads its
+    source model's own tokenizer ("hf"), any other run bytes. A retrofit source folder without a
+    tokenizer is refused: byte or GPT-2 ids would mean nothing to a pretrained model unless the
+    user chose them on purpose."""
+    if cfg.data.tokenizer != "auto":
+        return cfg
+    if not cfg.retrofit.enabled:
+        name = "bytes"
+    elif cfg.retrofit.source is not None and has_hf_tokenizer(cfg.retrofit.source):
+        name = "hf"
+    else:
+        raise ConfigError(f"retrofit.source {cfg.retrofit.source} holds no Hugging Face "
+                          f"tokenizer (tokenizer.json or tokenizer_config.json): save the "
+                          f"model's tokenizer there (tokenizer.save_pretrained), or choose one "
+                          f"with --set data.tokenizer=bytes|bpe|gpt2")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=name))
+
+
 def _source_tokenizer(cfg: TrainConfig) -> Tokenizer:
     """A new retrofit run's tokenizer: the one in its source folder (saved with the run)."""
     if cfg.retrofit.source is None:
@@ -417,6 +438,7 @@ def _start(cfg: TrainConfig, d: runtime.Dist,
            resume: Path | None) -> tuple[_Session, TrainState, bool]:
     """Set a run up (new, or resumed from its latest checkpoint) and write its folder."""
     device = runtime.resolve_device(cfg.device, d.local_rank)
+    cfg = _resolve_tokenizer(cfg)
     if resume is not None and (resume / "meta.json").exists():
         raise ConfigError(f"--resume takes a run folder, got the checkpoint {resume}; its run "
                           f"folder is {resume.parents[1]} (it resumes from its latest checkpoint)")

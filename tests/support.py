@@ -32,11 +32,15 @@ def write(path: Path, content: str | bytes) -> str:
     return str(path)
 
 
-def tiny_hf_model(kind: str, impl: str = "sdpa", vocab: int = 99, **kw):
+def tiny_hf_model(kind: str, impl: str = "sdpa", vocab: int = 99, perturb: bool = False, **kw):
     """A tiny randomly initialised Hugging Face causal LM in eval mode: GPT-2 or a Llama-family
     model (llama, mistral, qwen2, qwen3) with sizes that differ from each other (width 32, MLP 37,
     2 query heads and 1 key/value head of width 16, 4 layers, 48 positions), so a swapped
-    dimension fails loudly. Keyword arguments override the config."""
+    dimension fails loudly. Keyword arguments override the config. perturb: norm weights in
+    [0.5, 1.5] and the norms' and query/key projections' biases N(0, 0.1) rather than 1 and 0, so
+    a norm applied in the wrong place or a dropped bias changes the outputs (a unit-weight RMSNorm
+    commutes with rotary). Value and output biases stay 0: they shift every token's residual
+    alike, which would make a random router route all tokens or none."""
     import transformers
     if kind == "gpt2":
         fields = dict(vocab_size=vocab, n_embd=32, n_layer=4, n_head=2, n_inner=37,
@@ -52,6 +56,18 @@ def tiny_hf_model(kind: str, impl: str = "sdpa", vocab: int = 99, **kw):
                       pad_token_id=None)
         model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**fields, **kw}))
     model.config._attn_implementation = impl   # what attn_implementation=... at load time sets
+    if perturb:
+        import torch
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+                    p.copy_(0.5 + torch.rand(p.shape, generator=g))
+                elif name.endswith(("ln_1.bias", "ln_2.bias", "q_proj.bias", "k_proj.bias")):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                elif name.endswith("c_attn.bias"):   # GPT-2's fused q, k, v: q and k only
+                    p[:2 * p.shape[0] // 3].copy_(0.1 * torch.randn(2 * p.shape[0] // 3,
+                                                                    generator=g))
     return model.eval()
 
 

@@ -42,7 +42,8 @@ class CountingBytes(ByteTokenizer):
 @pytest.mark.parametrize("field, value, message", [
     ("val_fraction", 0.9, r"val_fraction must be in \(0, 0.5\], got 0.9"),
     ("val_fraction", 0.0, r"val_fraction must be in \(0, 0.5\], got 0.0"),
-    ("tokenizer", "wordpiece", r"tokenizer must be one of \('auto', 'bytes', 'bpe', 'gpt2', 'hf'\)"),
+    ("tokenizer", "wordpiece",
+     r"tokenizer must be one of \('auto', 'bytes', 'bpe', 'gpt2', 'hf'\)"),
     ("bpe_vocab_size", 200, r"at least 257"),
     ("seq_len", 0, r"seq_len must be an integer >= 1, got 0"),
     ("seed", -1, r"seed must be an integer >= 0"),

@@ -107,14 +107,21 @@ def test_every_pretrained_weight_is_kept_under_its_name():
 @pytest.mark.parametrize("kind,impl", KINDS_IMPLS)
 def test_routed_layers_process_only_their_tokens_and_skipped_ones_pass_bit_for_bit(kind, impl):
     model = retrofit(hf_model(kind, impl), RoutingConfig(capacity=0.25)).eval()
-    seen, io = {}, {}
+    seen, io, positions = {}, {}, []
     for layer in model.routed_layers():
-        layer.layer.register_forward_pre_hook(
-            lambda m, args, kwargs, i=layer.index: seen.__setitem__(i, (args, kwargs)),
-            with_kwargs=True)
+        first = layer.layer.attn.c_attn if kind == "gpt2" else layer.layer.self_attn.q_proj
+        first.register_forward_pre_hook(
+            lambda m, args, i=layer.index: seen.__setitem__(i, args[0]))
         layer.register_forward_hook(
             lambda m, args, kwargs, out, i=layer.index: io.__setitem__(i, (args[0], out[0])),
             with_kwargs=True)
+    encode = model.encode_positions
+
+    def spy(pos):   # the positions a routed layer's tokens are encoded at
+        positions.append(pos)
+        return encode(pos)
+
+    model.encode_positions = spy
     B, k = 3, 3   # floor(0.25 * 13)
     with torch.no_grad():
         out = model(ids(B))
@@ -122,13 +129,13 @@ def test_routed_layers_process_only_their_tokens_and_skipped_ones_pass_bit_for_b
     if kind == "llama":
         pos = torch.arange(T).expand(B, T)
         full_cos = model.hf.model.rotary_emb(torch.zeros(1), position_ids=pos)[0]
-    for s in out.routing:
-        args, kwargs = seen[s.layer]
-        assert args[0].shape == (B, k, 32)                     # only the routed tokens
+    assert len(positions) == len(out.routing) == 2
+    for s, pos_BK in zip(out.routing, positions):
+        assert seen[s.layer].shape == (B, k, 32)               # only the routed tokens
         idx_BK = s.mask_BT.nonzero()[:, 1].view(B, k)         # in time order
-        if kind == "llama":   # their true positions, not 0..k-1
-            assert torch.equal(kwargs["position_ids"], idx_BK)
-            cos = kwargs["position_embeddings"][0]
+        assert torch.equal(pos_BK, idx_BK)                     # their true positions, not 0..k-1
+        if kind == "llama":
+            cos = encode(pos_BK)[0]
             assert torch.equal(cos, torch.gather(full_cos, 1, idx_BK[..., None].expand(-1, -1, 16)))
         x_in, x_out = io[s.layer]
         assert torch.equal(x_out[~s.mask_BT], x_in[~s.mask_BT])
@@ -275,7 +282,8 @@ def hf_run(tmp_path: Path):
         if not folder.exists():
             hf_model(kind, vocab=256).save_pretrained(folder)
         data = DataConfig(corpus=str(tmp_path / "corpus.txt"), seq_len=32,
-                          cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+                          cache_dir=str(tmp_path / "cache"), val_fraction=0.1,
+                          tokenizer=kw.pop("tokenizer", "bytes"))
         base = dict(model=ModelConfig(routing=RoutingConfig(capacity=0.25)), data=data, steps=6,
                     batch_size=4, lr=1e-2, warmup_steps=1, eval_every=3, eval_batches=1,
                     checkpoint_every=3, log_every=1, device="cpu",
@@ -387,8 +395,9 @@ def test_a_retrofit_run_trains_evaluates_and_samples_with_the_models_own_tokeniz
     folder = tmp_path / "hf-own-tokenizer"
     hf_model("llama", vocab=n).save_pretrained(folder)
     tok.save_pretrained(folder)
-    cfg = hf_run("llama", retrofit=RetrofitConfig(source=str(folder)), run_name="own")
-    assert cfg.data.tokenizer == "hf"             # "auto": the source folder's tokenizer
+    cfg = hf_run("llama", retrofit=RetrofitConfig(source=str(folder)), run_name="own",
+                 tokenizer="auto")
+    assert cfg.data.tokenizer == "auto"           # resolved when the run starts
     result = train(cfg)
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert saved["data"]["tokenizer"] == "hf"
@@ -416,4 +425,31 @@ def test_a_retrofit_run_trains_evaluates_and_samples_with_the_models_own_tokeniz
     tok.save_pretrained(small)
     with pytest.raises(ConfigError, match=f"tokenizer has {n} ids but the Hugging Face model "
                                           f"embeds {n - 20}"):
-        train(hf_run("llama", retrofit=RetrofitConfig(source=str(small)), run_name="small"))
+        train(hf_run("llama", retrofit=RetrofitConfig(source=str(small)), run_name="small",
+                     tokenizer="auto"))
+    # "auto" refuses a source folder without a tokenizer rather than feed it byte ids.
+    bare = tmp_path / "hf-bare"
+    hf_model("llama", vocab=256).save_pretrained(bare)
+    with pytest.raises(ConfigError, match="holds no Hugging Face tokenizer"):
+        train(hf_run("llama", retrofit=RetrofitConfig(source=str(bare)), run_name="bare",
+                     tokenizer="auto"))
+    assert not (tmp_path / "runs" / "bare").exists()     # nothing written
+    # The CLI's presets leave "auto" for the run to resolve.
+    from modlm.train import configure
+    assert configure("small", {"retrofit.source": str(folder)}).data.tokenizer == "auto"
+
+
+def test_a_models_tokenizer_never_truncates_or_pads_the_corpus(tmp_path):
+    from modlm.tokenizer import PretrainedTokenizer, load_tokenizer
+    text = " ".join(["the router picks tokens and layers skip others"] * 40)
+    tok = _hf_tokenizer(text, 280)
+    tok.backend_tokenizer.enable_truncation(16)       # saved in tokenizer.json
+    tok.backend_tokenizer.enable_padding(length=64)
+    tok.save_pretrained(tmp_path / "tok")
+    assert len(tok.backend_tokenizer.encode(text).ids) == 64      # cut to 16, padded to 64
+    ours = PretrainedTokenizer.from_folder(tmp_path / "tok")
+    ids = ours.encode_array(text)
+    assert len(ids) > 100 and ours.decode(ids.tolist()) == text
+    again = load_tokenizer(ours.save(tmp_path / "saved"))     # as a run folder stores it
+    assert isinstance(again, PretrainedTokenizer) and again.identity == ours.identity
+    assert again.encode(text) == ids.tolist()

@@ -27,7 +27,8 @@ PROMPTS = [[5, 17, 3, 88, 41, 2, 60], [9, 30], [71, 4, 4, 12, 90, 33, 8, 51, 26,
 # Grouped-query attention with 3 query heads per key/value head, head width 8 != width / heads.
 GQA = dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
 KINDS = {"llama": ("llama", {}), "llama-gqa": ("llama", GQA), "mistral": ("mistral", {}),
-         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", GQA), "gpt2": ("gpt2", {})}
+         "qwen2": ("qwen2", {}), "qwen3": ("qwen3", GQA), "gpt2": ("gpt2", {}),
+         "gpt2-scaled": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True))}
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,7 @@ def retrofitted(kind: str, capacity: float = 0.5, seed: int = 0, **routing):
     """A retrofitted tiny model whose routers and predictors are scaled so decisions vary."""
     family, kw = KINDS[kind]
     torch.manual_seed(seed)
-    model = retrofit(tiny_hf_model(family, vocab=V, **kw),
+    model = retrofit(tiny_hf_model(family, vocab=V, perturb=True, **kw),
                      RoutingConfig(capacity=capacity, **routing)).eval()
     with torch.no_grad():
         for layer in model.routed_layers():
@@ -106,7 +107,7 @@ def test_wrapped_layers_compute_what_hugging_face_layers_compute(kind):
     model's own logits at every position."""
     family, kw = KINDS[kind]
     torch.manual_seed(0)
-    original = tiny_hf_model(family, vocab=V, **kw)
+    original = tiny_hf_model(family, vocab=V, perturb=True, **kw)
     model = retrofit(copy.deepcopy(original), RoutingConfig(router="none"))
     _, logits, full = teacher_forced(Engine(model, "router"), PROMPTS, n_steps=4)
     for b, ids in enumerate(full):
@@ -235,3 +236,47 @@ def test_a_saved_retrofitted_model_loads_and_generates_identically(kind, tmp_pat
     a = wrapper.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     b = again.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
+
+
+# ---- what must not go silently wrong -----------------------------------------------------------
+
+def test_sampling_with_a_generator_and_refusing_dropout_in_training_mode():
+    model = retrofitted("gpt2")
+    ids = torch.tensor([PROMPTS[0]])
+    a = model.generate(ids, 6, mode="router", temperature=1.0,
+                       generator=torch.Generator().manual_seed(5))
+    b = model.generate(ids, 6, mode="router", temperature=1.0,
+                       generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    with pytest.raises(Exception, match="left-padded"):
+        model.generate(torch.tensor([[5, 6, 0]]), 2, attention_mask_BT=torch.tensor([[1, 1, 0]]))
+    # GPT-2 has dropout: generating in training mode would be random, so it is refused
+    torch.manual_seed(0)
+    trainable = retrofit(tiny_hf_model("gpt2", vocab=V, attn_pdrop=0.1, resid_pdrop=0.1),
+                         RoutingConfig(capacity=0.5))
+    assert not trainable.training            # follows the loaded model's mode (eval)
+    with pytest.raises(GenerationError, match="model.eval"):
+        Engine(trainable.train(), "router")
+    Engine(trainable.eval(), "router").generate(PROMPTS, 2)
+
+
+def test_hugging_face_generate_on_a_sliding_window_model_stays_in_the_window():
+    from modlm.hf.modeling import ModLMCache, from_modlm
+    torch.manual_seed(0)
+    model = retrofit(tiny_hf_model("mistral", vocab=V, sliding_window=16),
+                     RoutingConfig(capacity=0.5)).eval()
+    wrapper = from_modlm(model).eval()
+    ids = torch.tensor([list(range(1, 11))])
+    out = wrapper.generate(ids, max_new_tokens=6, do_sample=False, cache=ModLMCache())
+    assert out.shape == (1, 16)
+    with pytest.raises(GenerationError, match="attention window"):
+        wrapper.generate(ids, max_new_tokens=8, do_sample=False)   # 17 tokens fed > 16
+
+
+def test_a_bfloat16_retrofit_generates_through_the_cache():
+    model = retrofitted("llama-gqa").to(torch.bfloat16)
+    result = Engine(model, "router").generate(PROMPTS, 5)
+    assert all(len(t) == 5 and all(0 <= i < V for i in t) for t in result.tokens)
+    assert 0 < result.kv_cache_bytes < result.dense_kv_cache_bytes
+    # keys and values are cached in the model's dtype: 2 bytes per value
+    assert result.kv_cache_allocated_bytes % 2 == 0

@@ -68,12 +68,12 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         lm_eval --model hf --model_args pretrained=OUT_DIR,trust_remote_code=True \
             --tasks TASKS --device cpu --batch_size 4
 
-    The tokenizer is the folder's own (`AutoTokenizer.from_pretrained(out_dir)`, no remote code
-    in it; but pass trust_remote_code=True there too, or call `register()` first: AutoTokenizer
-    reads config.json, and with neither, transformers asks on a terminal whether to run the shim,
-    waiting up to 15 s, before it loads the tokenizer anyway). Its eos token (`<|endoftext|>`, or
-    byte 0 for byte-level runs) is what such tools use as the end-of-text and perplexity-prefix
-    token.
+    The tokenizer is the folder's own: `AutoTokenizer.from_pretrained(out_dir)` after
+    `register()` (without it, AutoTokenizer reads config.json's auto_map and asks on a terminal
+    whether to run the shim, waiting up to 15 s, then loads it anyway), or
+    `PreTrainedTokenizerFast.from_pretrained(out_dir)`, which reads no config. Its eos token
+    (`<|endoftext|>`, byte 0 for byte-level runs, or a retrofitted model's own) is what such tools
+    use as the end-of-text and perplexity-prefix token.
     """
     require_transformers()
     from modlm.checkpoint import load_model, resolve_checkpoint

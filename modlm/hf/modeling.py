@@ -236,7 +236,7 @@ class ModLMCache(Cache):
         if self.state is not None:
             raise GenerationError("this ModLMCache is already filled; pass a new one")
         engine = Engine(model, mode)   # refuses 'topk' and rules the model was not trained for
-        L = model.cfg.max_seq_len
+        L = engine.context          # max_seq_len, or a sliding-window model's window
         longest = max(map(len, prompts))
         capacity = L
         if self.max_cache_len is not None:
@@ -246,7 +246,7 @@ class ModLMCache(Cache):
             if capacity > L or longest >= L:
                 raise GenerationError(
                     f"the longest prompt has {longest} real tokens; with {later + 1} new tokens "
-                    f"it would exceed the model's context max_seq_len={L} (room for "
+                    f"it would exceed the model's context {engine.context_name} (room for "
                     f"{max(L - longest, 0)} new tokens); lower max_new_tokens or shorten it")
         self.state, logits = engine.prefill(prompts, capacity=capacity, all_logits=all_logits)
         self.engine = engine
@@ -265,10 +265,11 @@ class ModLMCache(Cache):
         if need > self.state.capacity:
             # A cache passed back to generate to continue: let it grow (lazily, by doubling) up
             # to the context.
-            L = self.engine.cfg.max_seq_len
+            L = self.engine.context
             if need > L:
                 raise GenerationError(f"a row would hold {need} tokens, beyond the model's "
-                                      f"context max_seq_len={L}; lower max_new_tokens")
+                                      f"context {self.engine.context_name}; lower "
+                                      f"max_new_tokens")
             self.state.capacity = L
             for layer_cache in self.state.caches:
                 layer_cache.limit = L

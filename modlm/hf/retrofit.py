@@ -61,7 +61,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modlm import routing
 from modlm.block import DecoderLayer, LayerRouting, RoutedLayer, RoutingMode
 from modlm.config import ConfigError, ModelConfig, RoutingConfig, check
 from modlm.model import ModelOutput, assemble_output, check_token_inputs
@@ -136,9 +135,6 @@ class _Family:
         """What a layer needs about positions besides the hidden states (None for GPT-2)."""
         return None
 
-    def gather_positions(self, pe: Any, idx_BK: Tensor) -> Any:
-        return None
-
     def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
              pe: Any) -> Tensor:
         raise NotImplementedError
@@ -164,10 +160,6 @@ class _RotaryFamily(_Family):
 
     def positions(self, hf: nn.Module, x_BTD: Tensor, pos_BT: Tensor) -> tuple[Tensor, Tensor]:
         return hf.model.rotary_emb(x_BTD, position_ids=pos_BT)     # cos, sin: (B, T, Dh)
-
-    def gather_positions(self, pe: tuple[Tensor, Tensor], idx_BK: Tensor) -> tuple[Tensor, Tensor]:
-        # Paper Sec 3.4 / paper.md: routed tokens keep their true positions.
-        return routing.gather_tokens(pe[0], idx_BK), routing.gather_tokens(pe[1], idx_BK)
 
     def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
              pe: tuple[Tensor, Tensor]) -> Tensor:
@@ -247,12 +239,13 @@ class _RotaryLayer:
 
 
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """A Llama-family RMSNorm as one fused call (the same maths as its Python forward, fewer
-    kernels per decode step); any other norm module runs as it is."""
+    """A Llama-family RMSNorm with fewer kernels than its Python forward and the same rounding:
+    normalise in float32, cast back to the input's dtype, then scale by the weight. Any other
+    norm module runs as it is."""
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None or not type(norm).__name__.endswith("RMSNorm"):
         return norm(x)
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def _rotate(x_BKHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -314,10 +307,9 @@ def _family(hf_config: Any) -> _Family:
 
 
 def _causal_mask(hf_config: Any, x_BKD: Tensor, padding_BK: Tensor | None) -> Tensor | None:
-    """The attention mask Hugging Face builds for a causal forward over these tokens, in the form
-    the configured implementation takes (None: sdpa's is_causal; a 4-D float mask for eager).
-    No position ids are passed: gathered positions have gaps that Hugging Face would read as
-    packed sequences."""
+    """The attention mask Hugging Face builds for a causal forward over these tokens (the
+    unrouted layers of a full-sequence forward), in the form the configured implementation takes
+    (None: sdpa's is_causal; a 4-D float mask for eager, with padding)."""
     from transformers.masking_utils import create_causal_mask
     return create_causal_mask(config=hf_config, inputs_embeds=x_BKD, attention_mask=padding_BK,
                               cache=None)
@@ -340,29 +332,20 @@ class MoDLayer(RoutedLayer):
     `layer` is the original layer (same module, same weights); `router` scores tokens (Sec 3.4);
     `predictor` learns top-k membership from stop-gradient inputs (Sec 3.5, fix 2); `gain` (with
     identity_init) scales the router logit inside the update weight and starts at 0. The routed
-    update is modlm's (`RoutedLayer`, Eq. 1); f is the layer's own forward on the gathered tokens
-    (full sequences) or the same layer driven step by step through `inner` (generation).
+    update is modlm's (`RoutedLayer`, Eq. 1); f is the layer's own modules driven through `inner`
+    (`_RotaryLayer` / `_GPT2Layer`), in the full forward and in generation alike, so both compute
+    the same thing in every dtype.
     """
 
     def __init__(self, layer: nn.Module, index: int, cfg: ModelConfig, identity_init: bool,
                  family: _Family, hf_config: Any) -> None:
         super().__init__(cfg, index, gain=identity_init)
         self.layer = layer
-        self._family = family
-        self._hf_config = hf_config
         self._step = family.step(layer, hf_config)
 
     @property
     def inner(self) -> DecoderLayer:
         return self._step
-
-    def update(self, x_NKD: Tensor, pe: Any, pos_NK: Tensor, valid_NK: Tensor | None,
-               enforce_capacity: bool) -> tuple[Tensor, None]:
-        # Gathered tokens are in time order and all real (padding entries of a causal batch sit
-        # after every valid one), so a plain causal mask over the gathered axis is right.
-        mask = _causal_mask(self._hf_config, x_NKD, None)
-        y_NKD = self._family.call(self.layer, x_NKD, mask, pos_NK, pe)
-        return y_NKD - x_NKD, None        # f = the layer's update
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any
                 ) -> tuple[Tensor, LayerRouting]:
@@ -410,6 +393,7 @@ class RetrofitLM(nn.Module):
         self._steps = [l if isinstance(l, MoDLayer) else self.family.step(l, hf_config)
                        for l in layers]
         self._init_routers()
+        self.train(hf_model.training)     # a model loaded for inference stays in eval mode
 
     def _init_routers(self) -> None:
         std = self.cfg.init_std
@@ -429,7 +413,7 @@ class RetrofitLM(nn.Module):
         """The `RetrofitConfig` that rebuilds this architecture (no source folder needed)."""
         return RetrofitConfig(attn_implementation=self.hf.config._attn_implementation,
                               identity_init=self.identity_init,
-                              hf_config=self.hf.config.to_dict())
+                              hf_config=_portable(self.hf.config.to_dict()))
 
     def routed_layers(self) -> list[MoDLayer]:
         return [l for l in self.family.layers(self.hf) if isinstance(l, MoDLayer)]
@@ -537,15 +521,15 @@ class RetrofitLM(nn.Module):
         (B, T + max_new_tokens).
         """
         from modlm.generate import Engine, GenerationError
-        if mode == "topk":
-            raise RetrofitError("mode 'topk' is not causal (whether a token is routed depends on "
-                                "later tokens) and cannot generate; use 'router' or 'predictor' "
-                                "(paper Sec 3.5)")
         valid_BT = self._check_inputs(idx_BT, None, mode, attention_mask_BT)
+        if valid_BT is not None and bool((valid_BT[:, :-1] & ~valid_BT[:, 1:]).any()):
+            raise RetrofitError("generate takes left-padded prompts (the new tokens are appended "
+                                "at the right); pad on the left or use modlm's Engine with a "
+                                "list of prompts")
         rows = [r[m].tolist() for r, m in zip(idx_BT, valid_BT)] if valid_BT is not None \
             else idx_BT.tolist()
         seed = None if generator is None else int(torch.randint(
-            0, 2**62, (), generator=generator))
+            0, 2**31, (), generator=generator))
         try:
             result = Engine(self, mode).generate(rows, max_new_tokens, temperature=temperature,
                                                  seed=seed)
@@ -682,8 +666,14 @@ def build_for_training(cfg: Any, tokenizer: Any, *, pretrained: bool) -> tuple[A
     if cfg.data.seq_len > mirror.max_seq_len:
         raise RetrofitError(f"data.seq_len ({cfg.data.seq_len}) exceeds the Hugging Face model's "
                             f"{mirror.max_seq_len} positions; lower data.seq_len")
-    recorded = dataclasses.replace(retro, hf_config=model.hf.config.to_dict())
+    recorded = dataclasses.replace(retro, hf_config=_portable(model.hf.config.to_dict()))
     return dataclasses.replace(cfg, model=mirror, retrofit=recorded), model
+
+
+def _portable(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face config dict without the local folder it was read from (a run or an export
+    describes the architecture, not where its source lay on someone's disk)."""
+    return {k: v for k, v in hf_config.items() if k != "_name_or_path"}
 
 
 def _read_source_config(source: str | None) -> dict[str, Any]:

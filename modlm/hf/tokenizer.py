@@ -10,14 +10,17 @@ without modlm installed:
 - "bpe": the run's trained `tokenizer.json` pipeline as is; `<|endoftext|>` (id 0) is the eos and
   pad token.
 - "gpt2": GPT-2's vocabulary and merges; `<|endoftext|>` (50256) is the eos and pad token.
+- "hf" (a retrofit run's model's own tokenizer): exported as it is, with its own special tokens
+  (bos, eos, pad), template and settings; the rest of this docstring is about the three modlm
+  kinds. (Training encoded its corpus as plain text, special tokens included, without a bos.)
 
 Special tokens are encoded as plain text, as modlm's tokenizers do (a text that contains
 "<|endoftext|>" gets its characters, not the reserved id): the exported tokenizer sets
 `split_special_tokens=True`, which transformers saves and restores. So `encode` and `decode` of the
 exported tokenizer equal modlm's for every text (tests check all three kinds).
 
-Every exported tokenizer declares an end-of-text token, its eos (and pad) token: evaluation clients
-need one, e.g. lm-evaluation-harness feeds it as the first token of a perplexity window (its
+Every exported modlm tokenizer declares an end-of-text token, its eos (and pad) token: evaluation
+clients need one, e.g. lm-evaluation-harness feeds it as the first token of a perplexity window (its
 `prefix_token_id`: the bos token, else the eos) and stops generation at it. No kind declares a bos
 token: modlm never prepends one, and a declared bos would be what such clients feed instead.
 
@@ -47,7 +50,8 @@ from modlm.tokenizer import (
 
 
 def to_hf_tokenizer(tokenizer: Tokenizer, *, model_max_length: int | None = None) -> Any:
-    """A transformers fast tokenizer that encodes and decodes exactly like `tokenizer`.
+    """A transformers fast tokenizer that encodes and decodes exactly like `tokenizer` (a
+    model's own tokenizer: a copy of it as it is).
 
     model_max_length: the model's context (max_seq_len), recorded for transformers' truncation.
     """
@@ -96,8 +100,9 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike[str], *
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """The pad and eos ids the exported tokenizer declares (for the model's config); the same
-    id for every kind: its end-of-text token."""
+    """The pad and eos ids the exported tokenizer declares (for the model's config): for modlm's
+    kinds one id, the end-of-text token; for a model's own tokenizer its eos, and its pad (the
+    eos when it has none)."""
     if isinstance(tokenizer, ByteTokenizer):
         return {"pad_token_id": 0, "eos_token_id": 0}   # Deviation: NUL (module docstring)
     if isinstance(tokenizer, (BPETokenizer, GPT2Tokenizer)):
