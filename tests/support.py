@@ -86,3 +86,19 @@ def teacher_forced(engine, prompts, n_steps: int, seed: int = 1, vocab: int = 99
             rows[b].append(step_logits[b:b + 1])
     full = [p + cont[b].tolist() for b, p in enumerate(prompts)]
     return state, [torch.cat(r) for r in rows], full
+
+
+def decode_routed_row_counts(engine, state, calls: dict, refs: list, prompts, cont) -> set[int]:
+    """Feed `cont` (B, steps) one decode step at a time and check that each routed layer ran
+    its MLP once, on exactly the rows whose token the full forward routes (`refs[b][j]` is row
+    b's LayerRouting of routed layer j; `calls[i]` records the row counts layer i's MLP saw),
+    and not at all in a step where no row routes. Returns the routed-row counts seen."""
+    sizes = set()
+    for t in range(cont.shape[1]):
+        before = {i: len(c) for i, c in calls.items()}
+        engine.decode_step(state, cont[:, t])
+        for j, (i, c) in enumerate(calls.items()):
+            routed = sum(bool(refs[b][j].mask_BT[0, len(p) + t]) for b, p in enumerate(prompts))
+            sizes.add(routed)
+            assert c[before[i]:] == ([routed] if routed else [])
+    return sizes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import teacher_forced
+from support import decode_routed_row_counts, teacher_forced
 
 from modlm.config import ModelConfig, RoutingConfig
 from modlm.generate import Engine, GenerationError, sample_next
@@ -174,14 +174,7 @@ def test_decode_step_runs_a_routed_block_only_for_routed_rows():
     g = torch.Generator().manual_seed(3)
     cont = torch.randint(0, 99, (len(PROMPTS), 10), generator=g)
     refs = [full_forward(engine, p + cont[b].tolist()).routing for b, p in enumerate(PROMPTS)]
-    seen_sizes = set()
-    for t in range(10):
-        before = {i: len(c) for i, c in calls.items()}
-        engine.decode_step(state, cont[:, t])
-        for j, (i, c) in enumerate(calls.items()):
-            routed = sum(bool(refs[b][j].mask_BT[0, len(p) + t]) for b, p in enumerate(PROMPTS))
-            seen_sizes.add(routed)
-            assert c[before[i]:] == ([routed] if routed else [])
+    seen_sizes = decode_routed_row_counts(engine, state, calls, refs, PROMPTS, cont)
     assert len(seen_sizes) > 1  # steps differed in how many rows routed
 
     # A model whose routers route nothing: decode never enters a routed block's MLP.
