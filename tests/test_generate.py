@@ -20,12 +20,8 @@ MODES = ["dense", "router", "predictor"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread start-up costs on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest's `one_thread`)."""
 
 
 def make_model(kind: str = "router", seed: int = 0, **routing) -> MoDLM:

@@ -32,11 +32,8 @@ KINDS = {"llama": ("llama", {}), "llama-gqa": ("llama", GQA), "mistral": ("mistr
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest's `one_thread`)."""
 
 
 def retrofitted(kind: str, capacity: float = 0.5, seed: int = 0, **routing):
