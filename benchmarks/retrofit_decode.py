@@ -38,11 +38,11 @@ import statistics
 import time
 
 import torch
-from decode import hf_decode_tokens_per_s  # benchmarks/decode.py: HF generate, prefill excluded
 
 from modlm.config import RoutingConfig
 from modlm.generate import Engine
 from modlm.hf.retrofit import retrofit
+from modlm.measure import hf_decode_tokens_per_s  # HF generate, prefill excluded
 from modlm.router import LinearRouter
 
 SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -5,8 +5,9 @@ heads, Dh head width, N rows taking part.
 
 Every layer is driven through one narrow interface, `DecoderLayer`: `project` (queries, keys and
 values of the given tokens at their true positions), attention (`layers.attend`, over the tokens
-themselves or a KV cache), `finish` (the rest of the layer: out projection, residual, MLP). Its
-update f(x) is `causal_update`. modlm's own `Block` implements it, and so do the wrapped Hugging
+themselves or a KV cache), `attn_out` (the out projection) and `mlp_update` (the MLP sublayer with
+its norm), which `finish` combines into the layer's update. Its update f(x) is `causal_update`.
+modlm's own `Block` implements it, and so do the wrapped Hugging
 Face decoder layers of a retrofitted model (modlm.hf.retrofit), which is how the generation engine
 runs both with one code path.
 
@@ -17,6 +18,9 @@ applies Eq. 1 through `routing.routed_update`:
 
 with f computed on the gathered tokens alone (queries, keys and values from X~, positions and
 causal mask by original position). Nothing is computed for unselected tokens and then masked away.
+With `routing.skip = "attention"` only the attention sublayer is routed (Eq. 1 applied to the
+attention update); the MLP sublayer then runs on every token, as in router-tuning of pretrained
+models, which skips attention only.
 `RoutedBlock` is the routed layer around a modlm `Block`; a block's MLP may be a mixture of experts
 (modlm/moe.py), and an MoD-routed block with an MoE MLP is the paper's staged MoDE (Sec 4.3).
 """
@@ -71,22 +75,39 @@ class DecoderLayer(Protocol):
         """Dropout on attention probabilities now (0 in eval mode)."""
         ...
 
-    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
-               enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
-        """f(x) given the attention heads' output: the update, never the residual itself."""
+    def attn_out(self, y_BHKd: Tensor) -> Tensor:
+        """The attention sublayer's update from the heads' output (the out projection)."""
         ...
+
+    def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
+                   enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+        """The MLP sublayer's update of the residual stream h (its norm included)."""
+        ...
+
+
+def finish(layer: DecoderLayer, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
+           enforce_capacity: bool = True, mlp: bool = True) -> tuple[Tensor, MoERouting | None]:
+    """f(x) given the attention heads' output: the update (never the residual itself), with the
+    MLP sublayer, or without it (`mlp=False`: the attention update alone, for routing that skips
+    attention only)."""
+    attn_BKD = layer.attn_out(y_BHKd)
+    if not mlp:
+        return attn_BKD, None
+    mlp_BKD, moe = layer.mlp_update(x_BKD + attn_BKD, valid_BK, enforce_capacity)
+    return attn_BKD + mlp_BKD, moe
 
 
 def causal_update(layer: DecoderLayer, x_BKD: Tensor, pe: PositionEncoding,
                   valid_BK: Tensor | None = None, enforce_capacity: bool = True,
-                  ) -> tuple[Tensor, MoERouting | None, tuple[Tensor, Tensor]]:
+                  mlp: bool = True) -> tuple[Tensor, MoERouting | None, tuple[Tensor, Tensor]]:
     """f(x) for tokens in time order attending causally among themselves: (update, MoE
-    statistics, (keys, values)). The keys and values are what a KV cache stores."""
+    statistics, (keys, values)). The keys and values are what a KV cache stores. mlp=False:
+    the attention update alone (see `finish`)."""
     q_BKHd, k_BKGd, v_BKGd = layer.project(x_BKD, pe)
     # The K axis is in time order, so is_causal masks by original position.
     y_BHKd = attend(q_BKHd.transpose(1, 2), k_BKGd.transpose(1, 2), v_BKGd.transpose(1, 2),
                     scale=layer.attn_scale, is_causal=True, dropout_p=layer.attention_dropout())
-    delta_BKD, moe = layer.finish(x_BKD, y_BHKd, valid_BK, enforce_capacity)
+    delta_BKD, moe = finish(layer, x_BKD, y_BHKd, valid_BK, enforce_capacity, mlp)
     return delta_BKD, moe, (k_BKGd, v_BKGd)
 
 
@@ -123,14 +144,14 @@ class Block(nn.Module):
         """
         return causal_update(self, x_BKD, rot, valid_BK, enforce_capacity)[:2]
 
-    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
-               enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
-        attn_BKD = self.attn.merge(y_BHKd)
-        h_BKD = self.mlp_norm(x_BKD + attn_BKD)
+    def attn_out(self, y_BHKd: Tensor) -> Tensor:
+        return self.attn.merge(y_BHKd)
+
+    def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
+                   enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
         if isinstance(self.mlp, MoE):
-            mlp_BKD, stats = self.mlp(h_BKD, valid_BK, enforce_capacity)
-            return attn_BKD + mlp_BKD, stats
-        return attn_BKD + self.mlp(h_BKD), None
+            return self.mlp(self.mlp_norm(h_BKD), valid_BK, enforce_capacity)
+        return self.mlp(self.mlp_norm(h_BKD)), None
 
     def forward(self, x_BTD: Tensor, rotary: Rotary,
                 mode: RoutingMode = "topk") -> tuple[Tensor, MoERouting | None]:
@@ -175,7 +196,8 @@ class RoutedLayer(nn.Module):
         super().__init__()
         r = cfg.routing
         self.index = layer
-        self.capacity = r.capacity
+        self.capacity = cfg.capacity_of(layer)
+        self.attention_only = r.skip == "attention"
         self.learned = r.router == "learned"
         self.weighting = "constant" if r.router == "random" else r.router_weight
         self.router: nn.Module = LinearRouter(cfg.d_model) if self.learned else RandomRouter()
@@ -251,13 +273,26 @@ class RoutedLayer(nn.Module):
 
         out_BTD, moe = routing.routed_update(
             x_BTD, sel, self.router_weights(sel.gather(logits_BT)), compute)
-        return out_BTD, self._stats(k, logits_BT, pred_BT, topk_BT, mask_BT, valid_BT, moe)
+        out_BTD, dense_moe = self.unrouted_mlp(out_BTD, valid_BT, enforce_capacity=mode == "topk")
+        return out_BTD, self._stats(k, logits_BT, pred_BT, topk_BT, mask_BT, valid_BT,
+                                    moe or dense_moe)
 
     def update(self, x_NKD: Tensor, pe: PositionEncoding, pos_NK: Tensor,
                valid_NK: Tensor | None, enforce_capacity: bool) -> tuple[Tensor, MoERouting | None]:
         """f of the full-sequence forward on the gathered tokens (time order, true positions):
-        the inner layer's causal update. A wrapped Hugging Face layer runs its own forward."""
-        return causal_update(self.inner, x_NKD, pe, valid_NK, enforce_capacity)[:2]
+        the inner layer's causal update (its attention update alone when only attention is
+        routed)."""
+        return causal_update(self.inner, x_NKD, pe, valid_NK, enforce_capacity,
+                             mlp=not self.attention_only)[:2]
+
+    def unrouted_mlp(self, x_BTD: Tensor, valid_BT: Tensor | None = None,
+                     enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+        """After the routed update: with `skip = "attention"` the MLP sublayer on every token
+        (skipped tokens skip attention only); otherwise nothing."""
+        if not self.attention_only:
+            return x_BTD, None
+        mlp_BTD, moe = self.inner.mlp_update(x_BTD, valid_BT, enforce_capacity)
+        return x_BTD + mlp_BTD, moe
 
     def _stats(self, k: int, logits_BT: Tensor, pred_BT: Tensor | None, topk_BT: Tensor,
                mask_BT: Tensor, valid_BT: Tensor | None, moe: MoERouting | None) -> LayerRouting:

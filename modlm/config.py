@@ -22,13 +22,15 @@ from typing import Any, Literal, Union
 
 RouterKind = Literal["learned", "random", "none"]
 RouterWeight = Literal["sigmoid", "raw", "constant"]
-RoutedLayers = Union[Literal["every_other", "all", "none"], tuple[int, ...]]
+RoutedLayers = Union[Literal["every_other", "all", "upper_half", "none"], tuple[int, ...]]
+RoutingSkip = Literal["block", "attention"]
 MlpKind = Literal["swiglu", "gelu"]
 MoELayers = Union[Literal["all", "every_other", "routed", "none"], tuple[int, ...]]
 
 ROUTER_KINDS = ("learned", "random", "none")
 ROUTER_WEIGHTS = ("sigmoid", "raw", "constant")
-LAYER_PATTERNS = ("every_other", "all", "none")
+LAYER_PATTERNS = ("every_other", "all", "upper_half", "none")
+ROUTING_SKIPS = ("block", "attention")
 MLP_KINDS = ("swiglu", "gelu")
 MOE_LAYER_PATTERNS = ("all", "every_other", "routed", "none")
 
@@ -64,12 +66,18 @@ class RoutingConfig:
 
     router:        "learned" (MoD: r = w^T x, Sec 3.4), "random" (the stochastic-routing control of
                    Sec 4.1: top-k of Gaussian scores), or "none" (dense model).
-    layers:        "every_other" (the paper's best, Fig 3), "all", "none", or an explicit tuple of
-                   block indices.
+    layers:        "every_other" (the paper's best, Fig 3), "all", "upper_half" (every block of the
+                   upper half of the stack, n_layers // 2 .. n_layers - 1: where a pretrained
+                   model is most redundant), "none", or an explicit tuple of block indices.
     first_layer_dense: keep block 0 dense under "every_other" / "all" (so "every_other" routes
                    blocks 1, 3, 5, ...).
     capacity:      fraction of the sequence each routed block processes; k = max(1, floor(c * T))
                    from the batch's actual length T (Sec 3.4: 12.5% = top 256 of 2048).
+    capacities:    optional per-layer capacities, one per routed block in index order (each in
+                   (0, 1]); null gives every routed block `capacity`.
+    skip:          what a token that is not routed skips: "block" (the whole block, the paper's
+                   MoD) or "attention" (only the attention sublayer; the MLP runs on every token,
+                   as router-tuning of pretrained models does).
     router_weight: what multiplies the block's update for selected tokens: "sigmoid" (sigmoid(r),
                    default), "raw" (r itself, Eq. 1 as written), or "constant" (1: the router then
                    gets no gradient from the LM loss, an ablation of Sec 3.4's remark).
@@ -87,6 +95,8 @@ class RoutingConfig:
     # every token gets one full block of context before any routing decision.
     first_layer_dense: bool = True
     capacity: float = 0.125
+    capacities: tuple[float, ...] | None = None
+    skip: RoutingSkip = "block"
     router_weight: RouterWeight = "sigmoid"
     # Deviation: the paper does not state the aux-loss weight (Sec 3.5); 0.01 keeps its share of
     # the objective small while centring sigmoid(r) on the top-k boundary.
@@ -99,6 +109,8 @@ class RoutingConfig:
         # JSON gives lists; the config stores tuples so it stays hashable and frozen.
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.capacities, list):
+            object.__setattr__(self, "capacities", tuple(self.capacities))
         check(self.router in ROUTER_KINDS,
                f"routing.router must be one of {ROUTER_KINDS}, got {self.router!r}")
         check(self.router_weight in ROUTER_WEIGHTS,
@@ -106,6 +118,14 @@ class RoutingConfig:
         check_layers(self.layers, LAYER_PATTERNS, "routing.layers")
         check(isinstance(self.capacity, (int, float)) and 0.0 < self.capacity <= 1.0,
                f"routing.capacity must be in (0, 1], got {self.capacity!r}")
+        check(self.capacities is None or (
+            isinstance(self.capacities, tuple) and len(self.capacities) > 0
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 < c <= 1.0
+                    for c in self.capacities)),
+              f"routing.capacities must be null or a list of capacities in (0, 1], one per "
+              f"routed block, got {self.capacities!r}")
+        check(self.skip in ROUTING_SKIPS,
+              f"routing.skip must be one of {ROUTING_SKIPS}, got {self.skip!r}")
         check(self.aux_loss_weight >= 0.0,
                f"routing.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         check(self.predictor_loss_weight >= 0.0,
@@ -233,6 +253,11 @@ class ModelConfig:
             check(not (self.routing.first_layer_dense and 0 in layers),
                    "routing.layers includes block 0 but routing.first_layer_dense is true; "
                    "remove 0 from the list or set routing.first_layer_dense=false")
+        caps = self.routing.capacities
+        check(caps is None or len(caps) == len(self.routed_layers),
+              f"routing.capacities has {len(caps or ())} entries but the model routes "
+              f"{len(self.routed_layers)} blocks {list(self.routed_layers)}; give one capacity "
+              f"per routed block")
         if isinstance(self.moe.layers, tuple):
             bad = [i for i in self.moe.layers if not 0 <= i < self.n_layers]
             check(not bad, f"moe.layers has block indices {bad} outside 0..{self.n_layers - 1}")
@@ -262,9 +287,19 @@ class ModelConfig:
             return ()
         if isinstance(r.layers, tuple):
             return tuple(sorted(r.layers))
+        if r.layers == "upper_half":
+            return tuple(range(max(self.n_layers // 2, 1 if r.first_layer_dense else 0),
+                               self.n_layers))
         start = 1 if r.first_layer_dense else 0
         step = 2 if r.layers == "every_other" else 1
         return tuple(range(start, self.n_layers, step))
+
+    def capacity_of(self, layer: int) -> float:
+        """The capacity of routed block `layer` (routing.capacities, else routing.capacity)."""
+        caps = self.routing.capacities
+        if caps is None:
+            return self.routing.capacity
+        return caps[self.routed_layers.index(layer)]
 
     @property
     def is_dense(self) -> bool:

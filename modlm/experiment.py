@@ -347,15 +347,19 @@ class Context:
             return cfg
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
-    def data(self, data_cfg: DataConfig | None = None) -> Any:
+    def data(self, data_cfg: DataConfig | None = None, tokenizer: Any = None) -> Any:
         """The prepared data (modlm.data.PreparedData) of a data config (default: the built-in
-        corpus with the --set overrides), prepared once per process."""
+        corpus with the --set overrides), prepared once per process; `tokenizer` reads it with a
+        given tokenizer (a pretrained model's own) instead of the config's."""
         from modlm.data import prepare_data
         if data_cfg is None:
             data_cfg = self.spec_data_config()
-        key = json.dumps({**data_cfg.to_dict(), "seed": 0}, sort_keys=True)  # seed: order only
+        key = json.dumps({**data_cfg.to_dict(), "seed": 0,  # seed: order only
+                          "tokenizer": None if tokenizer is None else
+                          [tokenizer.name, tokenizer.vocab_size, id(type(tokenizer))]},
+                         sort_keys=True)
         if key not in self._data:
-            self._data[key] = prepare_data(data_cfg)
+            self._data[key] = prepare_data(data_cfg, tokenizer=tokenizer)
         return self._data[key]
 
     def spec_data_config(self) -> DataConfig:
@@ -450,18 +454,12 @@ def run_spec(ctx: Context, spec: RunSpec, index: int = 0, total: int = 0) -> Run
 def _evaluate_run(ctx: Context, spec: RunSpec, cfg: Any, run_dir: Path, steps: int,
                   wall: float, resumed: bool) -> RunResult:
     from modlm.checkpoint import latest_checkpoint, load_model
-    from modlm.evaluate import evaluate
     last = latest_checkpoint(run_dir)
-    model, _ = load_model(last)
-    data = ctx.data(cfg.data)
+    model, loaded = load_model(last)
+    # The model as trained (a retrofit run's shape comes from its Hugging Face config).
+    cfg = dataclasses.replace(cfg, model=loaded.model_cfg)
+    evals = evaluate_splits(ctx, model, cfg.data, loaded.tokenizer)
     T = cfg.data.seq_len
-    evals = {}
-    for split, ids, n_bytes, windows in (("val", data.val, data.val_bytes, ctx.options.windows),
-                                         ("pydoc", data.pydoc, data.pydoc_bytes,
-                                          min(PYDOC_WINDOWS, ctx.options.windows))):
-        modes = evaluate(model, ids, n_bytes=n_bytes, seq_len=T, batch_size=EVAL_BATCH,
-                         max_batches=math.ceil(windows / EVAL_BATCH))
-        evals[split] = {m: r.as_dict() for m, r in modes.items()}
     step_s, n_samples = median_step_time(run_dir, cfg)
     lm, aux = train_loss_tail(run_dir, cfg)
     params = flop_count.param_count(cfg.model)
@@ -478,6 +476,24 @@ def _evaluate_run(ctx: Context, spec: RunSpec, cfg: Any, run_dir: Path, steps: i
         headline_mode=headline_mode(cfg.model),
         run_dir=str(run_dir.relative_to(ctx.root)),
         checkpoint=str(last.relative_to(ctx.root)))
+
+
+def evaluate_splits(ctx: Context, model: Any, data_cfg: DataConfig, tokenizer: Any = None
+                    ) -> dict[str, dict[str, Any]]:
+    """The final evaluation of a model: the fixed held-out windows of the training text ("val")
+    and of CPython's pydoc text ("pydoc"), in every routing mode the model has. `tokenizer`: the
+    run's own (a retrofit run's Hugging Face tokenizer; None builds the data config's)."""
+    from modlm.evaluate import evaluate
+    data = ctx.data(data_cfg, tokenizer)
+    T = data_cfg.seq_len
+    evals = {}
+    for split, ids, n_bytes, windows in (("val", data.val, data.val_bytes, ctx.options.windows),
+                                         ("pydoc", data.pydoc, data.pydoc_bytes,
+                                          min(PYDOC_WINDOWS, ctx.options.windows))):
+        modes = evaluate(model, ids, n_bytes=n_bytes, seq_len=T, batch_size=EVAL_BATCH,
+                         max_batches=math.ceil(windows / EVAL_BATCH))
+        evals[split] = {m: r.as_dict() for m, r in modes.items()}
+    return evals
 
 
 def _step_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -72,8 +72,8 @@ class FlopBreakdown:
 def tokens_per_block(cfg: ModelConfig, seq_len: int) -> list[int]:
     """How many tokens take part in each block: T in dense blocks, k in routed ones."""
     routed = set(cfg.routed_layers)
-    k = capacity_k(seq_len, cfg.routing.capacity)
-    return [k if i in routed else seq_len for i in range(cfg.n_layers)]
+    return [capacity_k(seq_len, cfg.capacity_of(i)) if i in routed else seq_len
+            for i in range(cfg.n_layers)]
 
 
 def expected_expert_tokens(cfg: ModelConfig, tokens: int) -> float:
@@ -97,9 +97,12 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown
     mlp_mats = 3 if cfg.mlp == "swiglu" else 2
     moe_layers = set(cfg.moe_layers)
     proj = scores = mlp = moe_router = 0.0
+    attention_only = cfg.routing.skip == "attention"
     for i, n in enumerate(tokens_per_block(cfg, T)):
         proj += 2 * n * 4 * D * D                 # q, k, v and output projections
         scores += 2 * 2 * n * n * D               # Q K^T and P V over all heads
+        if attention_only:
+            n = T                                 # the MLP runs on every token
         if i in moe_layers:
             moe_router += 2 * n * D * cfg.moe.choices
             mlp += moe_mlp_flops(cfg, expected_expert_tokens(cfg, n))

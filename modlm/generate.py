@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from modlm import routing
-from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, causal_update
+from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, causal_update, finish
 from modlm.config import ModelConfig
 from modlm.layers import attend
 
@@ -532,12 +532,14 @@ class Engine:
             # original position and never lets a routed token see padding.
             delta_BKD, _, (k, v) = causal_update(layer.inner, x_BKD,
                                                  self.model.encode_positions(pos_BK),
-                                                 sel.valid_NK, enforce_capacity=False)
+                                                 sel.valid_NK, enforce_capacity=False,
+                                                 mlp=not layer.attention_only)
             cache.fill(k, v, pos_BK, n_B)
             return delta_BKD, None
 
         x_BTD, _ = routing.routed_update(x_BTD, sel, layer.router_weights(sel.gather(logits_BT)),
                                          compute)
+        x_BTD = layer.unrouted_mlp(x_BTD, valid_BT, enforce_capacity=False)[0]
         return x_BTD, cache, int(n_B.sum())
 
     @torch.inference_mode()
@@ -568,7 +570,7 @@ class Engine:
                 if dense_mask is None:
                     dense_mask = _length_mask(n_B)
                 y = _attend_cached(layer, q, cache, None, n_B, dense_mask)
-                x_B1D = x_B1D + layer.finish(x_B1D, y, None, enforce_capacity=False)[0]
+                x_B1D = x_B1D + finish(layer, x_B1D, y, None, enforce_capacity=False)[0]
                 state.routed_tokens[i] += B
                 continue
             logits_B1, _, mask_B1 = layer.causal_decision(x_B1D, self.mode)
@@ -584,11 +586,14 @@ class Engine:
                 n_N = cache.append(rows_N, k[:, 0], v[:, 0], pos_B[rows_N])
                 y = _attend_cached(step, q, cache, None if N == B else rows_N, n_N,
                                    _length_mask(n_N))
-                return step.finish(x_N1D, y, None, enforce_capacity=False)[0], None
+                return finish(step, x_N1D, y, None, enforce_capacity=False,
+                              mlp=not layer.attention_only)[0], None
 
-            # A step in which no row routes does no work in this layer at all.
+            # A step in which no row routes does no work in this layer at all (the MLP aside
+            # when only attention is routed).
             x_B1D, _ = routing.routed_update(x_B1D, sel,
                                              layer.router_weights(sel.gather(logits_B1)), compute)
+            x_B1D = layer.unrouted_mlp(x_B1D, enforce_capacity=False)[0]
         state.pos_B = pos_B + 1
         return self.model.head(x_B1D[:, 0])
 

@@ -105,3 +105,21 @@ def prefill_seconds(engine: Any, prompts: list[list[int]]) -> float:
     t0 = time.perf_counter()
     engine.prefill(prompts)
     return time.perf_counter() - t0
+
+
+def hf_decode_tokens_per_s(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int,
+                           sample: bool) -> float:
+    """Decode tokens/s of Hugging Face `generate` with its own KV cache, prefill excluded:
+    (time(n new) - time(1 new)) / (n - 1) steps; sampling at temperature 1 or greedy."""
+    ids = torch.tensor(prompts)
+
+    def seconds(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=sample, pad_token_id=0,
+                           **({"temperature": 1.0, "top_k": 0} if sample else {}))
+        return time.perf_counter() - t0
+
+    full, one = seconds(new_tokens), seconds(1)
+    return len(prompts) * (new_tokens - 1) / (full - one)

@@ -314,7 +314,9 @@ class PretrainedTokenizer(_HFTokenizer):
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str]) -> PretrainedTokenizer:
-        """`AutoTokenizer.from_pretrained(folder)`, offline and without remote code."""
+        """`AutoTokenizer.from_pretrained(folder)`, offline and without remote code (a named
+        source, modlm.hf.sources, is its prepared folder)."""
+        folder = _source_folder(folder)
         if not has_hf_tokenizer(folder):
             raise TokenizerError(f"{folder} holds no Hugging Face tokenizer ({HF_FILENAME} or "
                                  f"tokenizer_config.json); save the model's tokenizer there "
@@ -338,9 +340,15 @@ class PretrainedTokenizer(_HFTokenizer):
 
 
 def has_hf_tokenizer(folder: str | os.PathLike[str]) -> bool:
-    """Whether a folder holds a Hugging Face tokenizer that `AutoTokenizer` reads."""
-    folder = Path(folder)
+    """Whether a folder (or a named source, modlm.hf.sources) holds a Hugging Face tokenizer that
+    `AutoTokenizer` reads."""
+    folder = Path(_source_folder(folder))
     return (folder / HF_FILENAME).is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def _source_folder(folder: str | os.PathLike[str]) -> str:
+    from modlm.hf.sources import resolve_source
+    return resolve_source(folder)
 
 
 class GPT2Files(NamedTuple):

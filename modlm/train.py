@@ -492,8 +492,11 @@ def _start(cfg: TrainConfig, d: runtime.Dist,
 
     train_model = _parallelize(model, cfg, d, device)
     # After sharding: FSDP2 replaces the parameters with sharded ones the optimizer must see.
+    lr_scales = (model.parameter_lr_scales(cfg.lr, cfg.retrofit.pretrained_lr)
+                 if cfg.retrofit.enabled else None)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                betas=cfg.betas, eps=cfg.eps, decay_all=cfg.decay_all)
+                                betas=cfg.betas, eps=cfg.eps, decay_all=cfg.decay_all,
+                                lr_scales=lr_scales)
     if loaded is not None:
         _load_optimizer_state(model, optimizer, loaded.state["optimizer"], cfg.fsdp)
     if cfg.compile:

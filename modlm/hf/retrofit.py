@@ -68,6 +68,8 @@ from modlm.router import LinearRouter, Predictor
 
 AttnImplementation = Literal["sdpa", "eager"]
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+RetrofitTrain = Literal["routing", "all"]
+RETROFIT_TRAIN = ("routing", "all")
 ROTARY_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*ROTARY_FAMILY, "gpt2")
 
@@ -81,13 +83,21 @@ class RetrofitConfig:
     """Train a retrofitted Hugging Face decoder instead of a fresh `MoDLM` (TrainConfig.retrofit).
 
     source:        a local folder holding a Hugging Face causal LM (config.json and weights, as
-                   `save_pretrained` writes them); null trains a modlm model as usual. Nothing is
-                   ever downloaded. Routing options come from `model.routing` (capacity, layers,
+                   `save_pretrained` writes them), or a name from `modlm.hf.sources.SOURCES`
+                   (e.g. "smollm2-135m", converted once from its PyPI package into a cached
+                   folder); null trains a modlm model as usual. Nothing is ever downloaded.
+                   Routing options come from `model.routing` (capacity, layers, skip,
                    router weight, aux loss, predictor); the model's shape comes from the folder.
     attn_implementation: "sdpa" or "eager".
     identity_init: routed updates start with weight exactly 1 (`2 * sigmoid(g * r)`, or
                    `1 + g * r` for router_weight "raw", with a learned gain g = 0 at the start);
                    false uses modlm's plain weights (sigmoid(r) halves every routed update).
+    train:         what the optimizer updates: "all" (every weight; the pretrained ones at
+                   `pretrained_lr`) or "routing" (routers, predictors and gains only; every
+                   pretrained weight stays bit for bit as loaded: router-tuning).
+    pretrained_lr: the peak learning rate of the pretrained weights under train "all"; null
+                   means the run's `lr`, which the routing parameters use (both groups follow
+                   the same schedule). Fine-tuning usually wants far less than a router does.
     hf_config:     the Hugging Face config as a dict, recorded by the trainer when a run starts so
                    that resuming and loading its checkpoints need no source folder. Leave unset.
     """
@@ -95,6 +105,8 @@ class RetrofitConfig:
     source: str | None = None
     attn_implementation: AttnImplementation = "sdpa"
     identity_init: bool = True
+    train: RetrofitTrain = "all"
+    pretrained_lr: float | None = None
     hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -107,6 +119,15 @@ class RetrofitConfig:
               f"implementations Hugging Face offers on CPU), got {self.attn_implementation!r}")
         check(isinstance(self.identity_init, bool),
               f"retrofit.identity_init must be true or false, got {self.identity_init!r}")
+        check(self.train in RETROFIT_TRAIN,
+              f"retrofit.train must be one of {RETROFIT_TRAIN} (the routing parameters alone, or "
+              f"every weight), got {self.train!r}")
+        check(self.pretrained_lr is None or (
+            isinstance(self.pretrained_lr, (int, float)) and not isinstance(
+                self.pretrained_lr, bool) and math.isfinite(self.pretrained_lr)
+            and self.pretrained_lr > 0),
+              f"retrofit.pretrained_lr must be a positive number or null (the run's lr), got "
+              f"{self.pretrained_lr!r}")
         check(self.hf_config is None or (isinstance(self.hf_config, Mapping)
                                          and "model_type" in self.hf_config),
               "retrofit.hf_config must be a Hugging Face config dict with a model_type (the "
@@ -229,13 +250,14 @@ class _RotaryLayer:
     def attention_dropout(self) -> float:
         return float(self.module.self_attn.attention_dropout) if self.module.training else 0.0
 
-    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
-               enforce_capacity: bool = True) -> tuple[Tensor, None]:
+    def attn_out(self, y_BHKd: Tensor) -> Tensor:
         B, H, K, Dh = y_BHKd.shape
+        return self.module.self_attn.o_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh))
+
+    def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
+                   enforce_capacity: bool = True) -> tuple[Tensor, None]:
         layer = self.module
-        attn_BKD = layer.self_attn.o_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh))
-        h_BKD = _rms_norm(layer.post_attention_layernorm, x_BKD + attn_BKD)
-        return attn_BKD + layer.mlp(h_BKD), None
+        return layer.mlp(_rms_norm(layer.post_attention_layernorm, h_BKD)), None
 
 
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
@@ -278,13 +300,14 @@ class _GPT2Layer:
     def attention_dropout(self) -> float:
         return float(self.module.attn.attn_dropout.p) if self.module.training else 0.0
 
-    def finish(self, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
-               enforce_capacity: bool = True) -> tuple[Tensor, None]:
+    def attn_out(self, y_BHKd: Tensor) -> Tensor:
         B, H, K, Dh = y_BHKd.shape
-        layer = self.module
-        attn_BKD = layer.attn.resid_dropout(
-            layer.attn.c_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh)))
-        return attn_BKD + layer.mlp(layer.ln_2(x_BKD + attn_BKD)), None
+        attn = self.module.attn
+        return attn.resid_dropout(attn.c_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh)))
+
+    def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
+                   enforce_capacity: bool = True) -> tuple[Tensor, None]:
+        return self.module.mlp(self.module.ln_2(h_BKD)), None
 
 
 def _hidden(out: Any) -> Tensor:
@@ -417,6 +440,25 @@ class RetrofitLM(nn.Module):
 
     def routed_layers(self) -> list[MoDLayer]:
         return [l for l in self.family.layers(self.hf) if isinstance(l, MoDLayer)]
+
+    def routing_parameters(self) -> list[nn.Parameter]:
+        """What MoD adds to the pretrained model: routers, predictors, gains."""
+        pretrained = {id(p) for l in self.routed_layers() for p in l.layer.parameters()}
+        return [p for l in self.routed_layers() for p in l.parameters()
+                if id(p) not in pretrained]
+
+    def set_trainable(self, train: RetrofitTrain) -> None:
+        """requires_grad for `retrofit.train`: the routing parameters alone, or everything."""
+        routing_ids = {id(p) for p in self.routing_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(train == "all" or id(p) in routing_ids)
+
+    def parameter_lr_scales(self, lr: float, pretrained_lr: float | None) -> dict[int, float]:
+        """Per-parameter multipliers of the run's learning rate: the pretrained weights train at
+        pretrained_lr (None: lr), the routing parameters at lr (build_optimizer's lr_scales)."""
+        routing_ids = {id(p) for p in self.routing_parameters()}
+        scale = 1.0 if pretrained_lr is None else pretrained_lr / lr
+        return {id(p): 1.0 if id(p) in routing_ids else scale for p in self.parameters()}
 
     def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None,
                 mode: RoutingMode = "topk", generator: torch.Generator | None = None,
@@ -599,8 +641,10 @@ def retrofit(hf_model: nn.Module, routing_cfg: RoutingConfig | None = None, *,
 
 def load_hf_model(folder: str | os.PathLike[str],
                   attn_implementation: AttnImplementation = "sdpa") -> nn.Module:
-    """A Hugging Face causal LM from a local folder (never downloaded), float32, on the CPU."""
-    path = Path(folder)
+    """A Hugging Face causal LM from a local folder or a named source (modlm.hf.sources; never
+    downloaded), float32, on the CPU."""
+    from modlm.hf.sources import resolve_source
+    path = Path(resolve_source(folder))
     if not (path / "config.json").is_file():
         raise RetrofitError(f"{folder} is not a Hugging Face model folder (no config.json); "
                             f"pass a local folder written by save_pretrained (models are never "
@@ -666,6 +710,12 @@ def build_for_training(cfg: Any, tokenizer: Any, *, pretrained: bool) -> tuple[A
     if cfg.data.seq_len > mirror.max_seq_len:
         raise RetrofitError(f"data.seq_len ({cfg.data.seq_len}) exceeds the Hugging Face model's "
                             f"{mirror.max_seq_len} positions; lower data.seq_len")
+    model.set_trainable(retro.train)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RetrofitError("nothing to train: retrofit.train='routing' trains the routers, "
+                            "predictors and gains, and this routing has none (a random router "
+                            "or no routed layer); evaluate the model as it is (modlm retrofit), "
+                            "or set retrofit.train=all")
     recorded = dataclasses.replace(retro, hf_config=_portable(model.hf.config.to_dict()))
     return dataclasses.replace(cfg, model=mirror, retrofit=recorded), model
 
@@ -680,7 +730,9 @@ def _read_source_config(source: str | None) -> dict[str, Any]:
     if source is None:
         raise RetrofitError("retrofit needs retrofit.source (a local Hugging Face model folder)")
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(source, local_files_only=True).to_dict()
+
+    from modlm.hf.sources import resolve_source
+    return AutoConfig.from_pretrained(resolve_source(source), local_files_only=True).to_dict()
 
 
 def model_from_run_config(model_cfg: ModelConfig, retrofit_section: Mapping[str, Any]
