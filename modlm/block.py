@@ -197,6 +197,8 @@ class RoutedLayer(nn.Module):
         r = cfg.routing
         self.index = layer
         self.capacity = cfg.capacity_of(layer)
+        # Deviation: the paper's routed token skips the whole block; skip="attention" routes
+        # the attention sublayer alone (router-tuning of pretrained models; docs/design.md).
         self.attention_only = r.skip == "attention"
         self.learned = r.router == "learned"
         self.weighting = "constant" if r.router == "random" else r.router_weight

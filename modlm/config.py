@@ -288,6 +288,7 @@ class ModelConfig:
         if isinstance(r.layers, tuple):
             return tuple(sorted(r.layers))
         if r.layers == "upper_half":
+            # Deviation: not in the paper (every other block, Sec 4.1); for pretrained models.
             return tuple(range(max(self.n_layers // 2, 1 if r.first_layer_dense else 0),
                                self.n_layers))
         start = 1 if r.first_layer_dense else 0

@@ -258,6 +258,7 @@ class Experiment:
     report: Callable[[Context, dict[str, RunResult]], Report]
     extra_minutes: float = 0.0
     figures: bool = True
+    eval_windows: int | None = None   # this experiment's default held-out windows (see Options)
 
 
 class Context:
@@ -268,6 +269,15 @@ class Context:
         self.options = options
         self.root = Path(options.out) / experiment.name
         self._data: dict[str, Any] = {}
+
+    @property
+    def windows(self) -> int:
+        """Held-out windows of the final evaluation: --eval-windows, else the experiment's own
+        default (shrunk with the budget), else Options' default."""
+        if self.options.eval_windows is None and self.experiment.eval_windows is not None:
+            return max(EVAL_BATCH // 4, round(self.experiment.eval_windows
+                                              * min(1.0, self.options.budget_scale)))
+        return self.options.windows
 
     # -- folders --
 
@@ -487,9 +497,9 @@ def evaluate_splits(ctx: Context, model: Any, data_cfg: DataConfig, tokenizer: A
     data = ctx.data(data_cfg, tokenizer)
     T = data_cfg.seq_len
     evals = {}
-    for split, ids, n_bytes, windows in (("val", data.val, data.val_bytes, ctx.options.windows),
+    for split, ids, n_bytes, windows in (("val", data.val, data.val_bytes, ctx.windows),
                                          ("pydoc", data.pydoc, data.pydoc_bytes,
-                                          min(PYDOC_WINDOWS, ctx.options.windows))):
+                                          min(PYDOC_WINDOWS, ctx.windows))):
         modes = evaluate(model, ids, n_bytes=n_bytes, seq_len=T, batch_size=EVAL_BATCH,
                          max_batches=math.ceil(windows / EVAL_BATCH))
         evals[split] = {m: r.as_dict() for m, r in modes.items()}

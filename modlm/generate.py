@@ -390,13 +390,14 @@ class Engine:
             raise GenerationError(f"unknown generation mode {mode!r}; choose one of "
                                   f"{GENERATION_MODES}")
         if not cfg.is_dense:
-            if mode == "router" and (cfg.routing.router != "learned"
-                                     or cfg.routing.aux_loss_weight == 0):
+            # Deviation: the random control's causal rule routes each token with probability
+            # capacity (RandomRouter.causal_threshold), so it generates in mode 'router' too.
+            if mode == "router" and cfg.routing.router == "learned" \
+                    and cfg.routing.aux_loss_weight == 0:
                 raise GenerationError(
                     "mode 'router' routes a token iff sigmoid(r) > 0.5, which only means 'in the "
                     "top-k' for a learned router trained with the auxiliary BCE loss; this model "
-                    f"has routing.router={cfg.routing.router!r} and "
-                    f"routing.aux_loss_weight={cfg.routing.aux_loss_weight}. Use "
+                    f"has routing.aux_loss_weight={cfg.routing.aux_loss_weight}. Use "
                     "mode='predictor' if it has a predictor, or train with aux_loss_weight > 0")
             if mode == "predictor" and not (cfg.routing.predictor
                                             and cfg.routing.predictor_loss_weight > 0):

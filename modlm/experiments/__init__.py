@@ -13,6 +13,8 @@
             FLOP-predicted ratios.
 - mode:     paper Sec 4.3 / Fig 7: dense, MoD, MoE, staged and integrated MoDE and the
             reduced-capacity MoE foil at one budget.
+- retrofit: a pretrained model (SmolLM2-135M) retrofitted and router-tuned: held-out loss
+            against measured decode speed-up, learned routing beside the random control.
 
 Each module defines `EXPERIMENT` (a `modlm.experiment.Experiment`); modules are imported only
 when asked for. Adding an experiment: a module here whose stages return `ctx.spec(...)` runs (any
@@ -27,7 +29,7 @@ import importlib
 
 from modlm.config import ConfigError
 
-NAMES = ("demo", "isoflop", "controls", "causal", "routing", "speed", "mode")
+NAMES = ("demo", "isoflop", "controls", "causal", "routing", "speed", "mode", "retrofit")
 
 
 def get(name: str):

@@ -97,8 +97,8 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
          "predictor accuracy", "router accuracy"], rows, "llrrrlll")
     text = "\n".join([
         f"Run `{run.name}`: {run.params:,d} parameters, {run.steps} steps, "
-        f"{run.train_flops:.3g} training FLOPs. Final evaluation on {ctx.options.windows} "
-        f"held-out windows (val) and {min(64, ctx.options.windows)} pydoc windows; every mode "
+        f"{run.train_flops:.3g} training FLOPs. Final evaluation on {ctx.windows} "
+        f"held-out windows (val) and {min(64, ctx.windows)} pydoc windows; every mode "
         "sees the same tokens.", "", table, "",
         f"First of the {len(evals)} evaluations during training (32 held-out windows each) at "
         "which the predictor agrees with top-k >= 97%, per block: "

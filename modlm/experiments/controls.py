@@ -133,7 +133,7 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
                          aux["relative_on_minus_off_predictor"]))
     text = "\n".join([
         f"Budget {ctx.budget(BUDGET):.0e} training FLOPs per run; held-out loss on "
-        f"{ctx.options.windows} windows of 256 bytes of the held-out plays. Values per seed are "
+        f"{ctx.windows} windows of 256 bytes of the held-out plays. Values per seed are "
         "separated by /.", "", table, "", "![controls](figures/controls.png)", "",
         "## The auxiliary loss", "",
         f"- Weighted router BCE as a share of the training LM loss (last fifth of training, "

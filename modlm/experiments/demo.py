@@ -105,7 +105,7 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         samples += ["\n---\n".join(ex["samples"][name]), "```", ""]
     text = "\n".join([
         f"Both models trained for {mod.train_flops:.3g} (MoD) and {dense.train_flops:.3g} "
-        f"(dense) training FLOPs; evaluated on {ctx.options.windows} windows of 256 bytes of the "
+        f"(dense) training FLOPs; evaluated on {ctx.windows} windows of 256 bytes of the "
         "held-out plays. Step times: both models built fresh after training and timed one "
         "training step at a time, alternating, in one process (the logged times come from each "
         "run's own training log and are only comparable when the machine was equally loaded "

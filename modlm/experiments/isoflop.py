@@ -198,7 +198,7 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
          "MoD - dense, top-k", "step time MoD / dense (logged)"], head_rows, "llllllllll")
     text = [
         "## Headline: best MoD vs best dense at each budget", "",
-        f"Held-out loss on {ctx.options.windows} windows of 256 bytes of the held-out plays, "
+        f"Held-out loss on {ctx.windows} windows of 256 bytes of the held-out plays, "
         f"seeds {', '.join(map(str, SEEDS))} of the best model of each family (chosen on seed "
         "0). Dense models have one mode; MoD losses are causal (predictor) unless the column "
         "says otherwise. Negative differences mean MoD is better. Step time: the two models "

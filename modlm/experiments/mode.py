@@ -98,7 +98,7 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
          "MLP slots computed / dropped / no-op"], rows, "lllrrrrrll")
     text = "\n".join([
         f"Budget {ctx.budget(BUDGET):.0e} training FLOPs per model; held-out loss on "
-        f"{ctx.options.windows} windows of 256 bytes of the held-out plays. Step time: median "
+        f"{ctx.windows} windows of 256 bytes of the held-out plays. Step time: median "
         f"of {STEP_REPEATS} interleaved training steps per model, measured after training in "
         "one process.", "", table, "", "![MoDE](figures/mode.png)", "",
         f"- Lowest loss in the training forward: **{best}**.",

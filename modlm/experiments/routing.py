@@ -54,7 +54,7 @@ def analyse(ctx: Context, run: RunResult) -> dict[str, Any]:
     from modlm.data import eval_batches, split_windows
     net, tokenizer = ctx.load_model(run)
     data = ctx.data()
-    n_windows = min(ANALYSIS_WINDOWS, ctx.options.windows)
+    n_windows = min(ANALYSIS_WINDOWS, ctx.windows)
     out: dict[str, Any] = {"windows": n_windows}
     for mode in MODES:
         windows = [split_windows(w).inputs for w in

@@ -91,9 +91,9 @@ def prepare(name: str, *, force: bool = False) -> Path:
         raise SourceError(f"unknown model name {name!r}; known names: {sorted(SOURCES)} (or pass "
                           f"a local Hugging Face folder)")
     out = cache_root() / "models" / name
-    gguf = gguf_file(name)
     if not force and (out / MARKER).is_file():
-        return out
+        return out          # converted before: the package is no longer needed
+    gguf = gguf_file(name)
     print(f"preparing {name}: converting {gguf.name} into {out} (once; about a minute)",
           flush=True)
     convert_gguf(gguf, out, provenance={"name": name, "requirement": SOURCES[name].requirement})
@@ -136,6 +136,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str],
             tok.save_pretrained(tmp)
         meta = {"gguf": gguf_path.name, "gguf_sha256": _sha256(gguf_path), **(provenance or {})}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        _readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -143,6 +144,16 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str],
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _readable(folder: Path) -> None:
+    """The modes a plain mkdir / open would give under the umask (mkdtemp and safetensors make
+    owner-only files), so a shared cache is readable by whoever may read the cache folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _sha256(path: Path) -> str:
