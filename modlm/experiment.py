@@ -259,6 +259,10 @@ class Experiment:
     extra_minutes: float = 0.0
     figures: bool = True
     eval_windows: int | None = None   # this experiment's default held-out windows (see Options)
+    # Called after each run (also one finished before): measurements that need the trained
+    # weights are taken while they exist and cached (ctx.cached), so the report of a record
+    # continued in a fresh clone, without checkpoints, still has them.
+    after_run: Callable[[Context, RunResult], None] | None = None
 
 
 class Context:
@@ -584,6 +588,8 @@ def run_experiment(experiment: Experiment, options: Options) -> Path:
         _write_meta(ctx, planned)
         for i, spec in enumerate(specs, 1):
             results[spec.name] = ctx.run(spec, i, len(specs))
+            if experiment.after_run is not None:
+                experiment.after_run(ctx, results[spec.name])
     report = experiment.report(ctx, results)
     env = runtime.environment(torch.device("cpu"), "float32", runtime.Dist())
     header = (f"# {experiment.title}\n\n{experiment.description}\n\n"

@@ -219,6 +219,27 @@ def speed(ctx: Context, key: str, model_fn: Any, mode: str) -> dict[str, Any]:
     return ctx.cached(f"speed-{key}", compute)
 
 
+def measure_run(ctx: Context, result: RunResult) -> dict[str, Any]:
+    """A tuned run's speed, measured right after it trains (Experiment.after_run; cached)."""
+    return {"speed": speed(ctx, result.name, lambda: ctx.load_model(result)[0],
+                           result.headline_mode)}
+
+
+def measure_random_control(ctx: Context, result: RunResult) -> dict[str, Any]:
+    """The untuned random control of a router-tuned setting: evaluation and speed (cached)."""
+    t = result.tags
+    cfg = routing(t["capacity"], t["skip"], t["layers"], "random")
+    name = f"random-{setting_name(t['capacity'], t['skip'], t['layers'])}"
+    return {"eval": untuned_eval(ctx, name, cfg)["eval"],
+            "speed": speed(ctx, name, lambda: _untuned(ctx, cfg), "router")}
+
+
+def after_run(ctx: Context, result: RunResult) -> None:
+    measure_run(ctx, result)
+    if result.tags.get("train") == "routing":
+        measure_random_control(ctx, result)
+
+
 def _best_setting(ctx: Context, results: dict[str, RunResult], skip: str
                   ) -> tuple[float, str, str]:
     """Of the learned router-tuned settings with this skip kind: the fastest (lowest FLOPs)
@@ -273,23 +294,17 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
     rows = [_row("original", "none", {}, base_eval, "topk", base, base_speed, 1.0)]
     for r in results.values():
         t = r.tags
+        measured = measure_run(ctx, r)
+        rows.append(_row(r.name, t["router"], t, r.eval, r.headline_mode, base,
+                         measured["speed"], flops_ratio(r.model_config)))
         if t.get("train") != "routing":
             continue
-        name = setting_name(t["capacity"], t["skip"], t["layers"])
-        spd = speed(ctx, r.name, lambda r=r: ctx.load_model(r)[0], r.headline_mode)
-        rows.append(_row(r.name, "learned", t, r.eval, r.headline_mode, base, spd,
-                         flops_ratio(r.model_config)))
         rand_cfg = routing(t["capacity"], t["skip"], t["layers"], "random")
-        rand_eval = untuned_eval(ctx, f"random-{name}", rand_cfg)["eval"]
-        spd = speed(ctx, f"random-{name}", lambda c=rand_cfg: _untuned(ctx, c), "router")
-        rows.append(_row(f"random-{name}", "random", {**t, "router": "random"}, rand_eval,
-                         "router", base, spd,
+        rand = measure_random_control(ctx, r)
+        rows.append(_row(f"random-{setting_name(t['capacity'], t['skip'], t['layers'])}",
+                         "random", {**t, "router": "random"}, rand["eval"], "router", base,
+                         rand["speed"],
                          flops_ratio(dataclasses.replace(r.model_config, routing=rand_cfg))))
-    full = [r for r in results.values() if r.tags.get("train") == "all"]
-    for r in full:
-        spd = speed(ctx, r.name, lambda r=r: ctx.load_model(r)[0], r.headline_mode)
-        rows.append(_row(r.name, r.tags["router"], r.tags, r.eval, r.headline_mode, base, spd,
-                         flops_ratio(r.model_config)))
 
     # What routing alone buys: each speed-up over the unrouted engine's (both against HF generate).
     engine_b1 = rows[0]["decode_speedup_b1"]
@@ -394,4 +409,5 @@ EXPERIMENT = Experiment(
     report=report,
     extra_minutes=25.0,
     eval_windows=EVAL_WINDOWS,
+    after_run=after_run,
 )
