@@ -17,6 +17,7 @@ Nothing here computes FLOPs; predicted ratios come from modlm.flops.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -122,4 +123,5 @@ def hf_decode_tokens_per_s(model: torch.nn.Module, prompts: list[list[int]], new
         return time.perf_counter() - t0
 
     full, one = seconds(new_tokens), seconds(1)
-    return len(prompts) * (new_tokens - 1) / (full - one)
+    # Too few tokens for the machine's noise: no number rather than a negative one.
+    return len(prompts) * (new_tokens - 1) / (full - one) if full > one else math.nan

