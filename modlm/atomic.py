@@ -78,3 +78,43 @@ def fsync_tree(path: str | os.PathLike[str]) -> None:
         elif p.is_dir():
             fsync_dir(p)
     fsync_dir(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
+    """Write a whole folder: yield a hidden temporary sibling to fill; on success it becomes
+    `path` (fsynced). An existing `path` must be empty, or `replace` must be set: then it is
+    renamed aside, the new folder renamed in, and only then the old one deleted, so a crash
+    leaves the old folder or the new one (and at most a hidden `.NAME.*` sibling), never a mix.
+    On an error nothing at `path` changes."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not replace:
+        raise FileExistsError(f"{path} is not empty")
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if path.is_dir() and any(path.iterdir()):
+            if not replace:    # filled while we wrote
+                raise FileExistsError(f"{path} is not empty")
+            old = path.with_name(f".{path.name}.{tag}.old")
+            os.rename(path, old)
+        elif path.is_dir():
+            path.rmdir()       # empty: rename cannot put a folder over another
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+            raise
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

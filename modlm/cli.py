@@ -372,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=("router", "predictor"),
                    help="causal routing rule for generate and evaluation (default: the one the "
                         "model was trained for)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT_DIR (once the new export is complete; never a "
+                        "run or checkpoint folder)")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("experiment", help="run one of the paper's experiments (resumable)",
@@ -496,7 +499,8 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from modlm.hf import export_checkpoint
     try:
-        out = export_checkpoint(args.run, args.out_dir, which=args.which, routing_mode=args.mode)
+        out = export_checkpoint(args.run, args.out_dir, which=args.which, routing_mode=args.mode,
+                                overwrite=args.overwrite)
     except ImportError as e:
         print(f"modlm: error: {e}", file=sys.stderr)
         return 2
