@@ -6,6 +6,7 @@ Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --se
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -287,9 +288,22 @@ def _demo_batch(batch: int, length: int, vocab_size: int):
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -302,10 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="FLOP and parameter breakdown of a preset")
     _add_model_args(p, "small")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: preset's)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--seq-len", type=_positive, default=None,
+                   help="sequence length (default: preset's)")
+    p.add_argument("--budget", type=_positive_number, default=None,
                    help="a training FLOP budget to convert into steps (e.g. 6e14)")
-    p.add_argument("--batch", type=int, default=32, help="batch size for --budget (default 32)")
+    p.add_argument("--batch", type=_positive, default=32,
+                   help="batch size for --budget (default 32)")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("demo", help="build a MoD model and its dense twin, time and inspect them")
