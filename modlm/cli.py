@@ -562,30 +562,46 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error classes: their messages are written for the user. Anything else
-    is a bug and keeps its traceback."""
-    from modlm.checkpoint import CheckpointError
-    from modlm.corpus import DataError
-    from modlm.generate import GenerationError
-    from modlm.tokenizer import TokenizerError
-    from modlm.train import TrainingError
-    return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError,
-            GenerationError)
+_USER_ERRORS = {"modlm.config": "ConfigError", "modlm.corpus": "DataError",
+                "modlm.tokenizer": "TokenizerError", "modlm.checkpoint": "CheckpointError",
+                "modlm.train": "TrainingError", "modlm.generate": "GenerationError"}
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Whether `e` is one of the project's own error classes, whose messages are written for the
+    user (anything else is a bug and keeps its traceback). Decided from the class hierarchy
+    alone: importing the modules here could fail while an interrupted import is half done."""
+    return any(_USER_ERRORS.get(c.__module__) == c.__name__ for c in type(e).__mro__)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """A KeyboardInterrupt, or an error raised while one was being handled (Ctrl-C during an
+    import leaves half-imported modules that fail next)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__ or e.__cause__   # type: ignore[assignment]
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except _user_errors() as e:
-        print(f"modlm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Training handles Ctrl-C itself (checkpoint, clean exit); elsewhere, e.g. while a
-        # corpus is tokenized, nothing is half-written: the caches are written atomically.
-        print("modlm: interrupted", file=sys.stderr)
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if _interrupted(e):
+            # Training handles Ctrl-C itself (checkpoint, clean exit); elsewhere, e.g. while a
+            # corpus is tokenized, nothing is half-written: the caches are written atomically.
+            print("modlm: interrupted", file=sys.stderr)
+            return 130
+        if _is_user_error(e):
+            print(f"modlm: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

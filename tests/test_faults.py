@@ -96,3 +96,43 @@ def test_sampling_refuses_a_negative_or_nan_temperature():
         with pytest.raises(GenerationError, match="temperature must be >= 0"):
             sample_next(logits, temperature=bad)
     assert sample_next(logits, temperature=0.0).tolist() == [0, 0]
+
+
+def test_ctrl_c_during_start_up_is_reported_as_an_interrupt_not_an_import_error(monkeypatch,
+                                                                                capsys):
+    import argparse
+    import importlib
+
+    from modlm import cli
+
+    def half_imported(args):
+        try:
+            raise KeyboardInterrupt        # Ctrl-C inside `import torch` ...
+        except KeyboardInterrupt:
+            # ... and the next import finds the half-initialised module
+            raise ImportError("cannot import name 'Tensor' from partially initialized module "
+                              "'torch'") from None
+
+    def user_error(args):
+        from modlm.checkpoint import DamagedCheckpoint
+        raise DamagedCheckpoint("checkpoint x is unusable: y; z")
+
+    for func, code, says in ((half_imported, 130, "modlm: interrupted"),
+                             (user_error, 2, "modlm: error: checkpoint x is unusable")):
+        parser = argparse.ArgumentParser()
+        monkeypatch.setattr(parser, "parse_args", lambda argv, f=func: argparse.Namespace(func=f))
+        monkeypatch.setattr(cli, "build_parser", lambda p=parser: p)
+        assert cli.main([]) == code
+        err = capsys.readouterr().err
+        assert err.strip() == says or err.startswith(says), err
+    # a bug keeps its traceback
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(
+        func=lambda args: 1 / 0))
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    with pytest.raises(ZeroDivisionError):
+        cli.main([])
+    # every class the CLI reports as a user error is where the CLI looks for it
+    for module, name in cli._USER_ERRORS.items():
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Exception) and cls.__module__ == module
