@@ -288,8 +288,9 @@ def lm_eval_scores(ctx: Context, key: str, folder_fn: Any, trust_remote_code: bo
             results, _ = harness.run(folder, Path(tmp) / "tasks", tasks, work=Path(tmp) / "work",
                                      batch_size=LM_EVAL_BATCH,
                                      trust_remote_code=trust_remote_code)
+        from importlib.metadata import version
         return {"scores": harness.scores(results), "tasks": LM_EVAL_TASKS,
-                "lm_eval_version": results.get("lm_eval_version"),
+                "lm_eval_version": version("lm_eval"),
                 "max_length": results.get("max_length"), "wall_s": time.perf_counter() - t0}
     return ctx.cached(f"lmeval-{key}", compute)
 
