@@ -2,6 +2,10 @@
 
 import sys
 
-from modlm.cli import main
+try:
+    from modlm.cli import main
+except KeyboardInterrupt:     # Ctrl-C while the command line itself loads
+    print("modlm: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""Crash-safe file writes, used by every module that writes run state, caches or checkpoints.
+"""Crash-safe file writes, used by every module that writes run state, caches or checkpoints,
+and the lock that keeps one writer per run folder (`FolderLock`).
 
 A file is written under a hidden temporary name beside its target, flushed and fsynced, renamed
 over the target (`os.replace`, atomic on POSIX), and the folder is fsynced: a reader sees the
@@ -78,3 +79,110 @@ def fsync_tree(path: str | os.PathLike[str]) -> None:
         elif p.is_dir():
             fsync_dir(p)
     fsync_dir(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
+    """Write a whole folder: yield a hidden temporary sibling to fill; on success it becomes
+    `path` (fsynced). An existing `path` must be empty, or `replace` must be set: then it is
+    renamed aside, the new folder renamed in, and only then the old one deleted, so a crash
+    leaves the old folder or the new one (and at most a hidden `.NAME.*` sibling), never a mix.
+    On an error nothing at `path` changes."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not replace:
+        raise FileExistsError(f"{path} is not empty")
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if path.is_dir() and any(path.iterdir()):
+            if not replace:    # filled while we wrote
+                raise FileExistsError(f"{path} is not empty")
+            old = path.with_name(f".{path.name}.{tag}.old")
+            os.rename(path, old)
+        elif path.is_dir():
+            path.rmdir()       # empty: rename cannot put a folder over another
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+            raise
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+class FolderLock:
+    """One writer per folder: an exclusive `flock` on FOLDER/.lock, held from `acquire()` until
+    `release()` or the process ends. The kernel drops the lock of a process that dies, so a
+    killed writer never leaves it stuck; the file records the holder (pid, host, start) for
+    messages, and a file still naming a holder when the lock is free marks one that died
+    holding it (`acquire` then returns a message saying it took over)."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        import fcntl
+        import socket
+        import time
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                os.close(fd)
+                raise FolderBusy(f"{self.path.parent} is being written by another process "
+                                 f"({holder or 'unknown'})") from None
+            # A holder that released the lock may have removed the file meanwhile: lock the
+            # file that is at the path now.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        record = (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        self._fd = fd
+        if previous:
+            return (f"took over the lock of {self.path.parent} from a writer that ended without "
+                    f"releasing it ({previous})")
+        return None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self.path.unlink(missing_ok=True)   # while still held: no one locks a stale file
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

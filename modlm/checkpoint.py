@@ -86,6 +86,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be saved, found, verified or loaded; the message says what and why."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files fail verification (missing, truncated, corrupt, unreadable)."""
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """A complete checkpoint as listed from its meta.json."""
@@ -671,15 +675,58 @@ def _load_state(ckpt: Path, files: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _damaged(ckpt: Path, problem: str) -> CheckpointError:
-    """A CheckpointError for an unusable checkpoint that points at the others available."""
+def _damaged(ckpt: Path, problem: str) -> DamagedCheckpoint:
+    """A DamagedCheckpoint for an unusable checkpoint that points at the others available."""
     others = [i for i in reversed(_scan(ckpt.parent)) if i.path.resolve() != ckpt.resolve()]
     if others:
         listed = ", ".join(f"{i.path} (step {i.step})" for i in others)
-        hint = f"use an earlier checkpoint instead; available, newest first: {listed}"
+        hint = (f"pass an earlier checkpoint's folder in place of the run folder (`modlm train "
+                f"--resume RUN` falls back to the newest that verifies by itself); available, "
+                f"newest first: {listed}")
     else:
         hint = f"no other checkpoint is available in {ckpt.parent}"
-    return CheckpointError(f"checkpoint {ckpt} is unusable: {problem}; {hint}")
+    return DamagedCheckpoint(f"checkpoint {ckpt} is unusable: {problem}; {hint}")
+
+
+DAMAGED_PREFIX = "damaged-"
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint folder to `damaged-step_XXXXXXXX` (then -2, -3, ...) beside
+    it: kept for inspection, no longer a checkpoint (loaders, pruning and re-saves ignore it)."""
+    n, target = 1, ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}-{n}")
+    os.rename(ckpt, target)
+    atomic.fsync_dir(ckpt.parent)
+    return target
+
+
+def load_for_resume(run_dir: str | os.PathLike[str], *,
+                    expected_model_cfg: ModelConfig | None = None, set_aside_damaged: bool = True,
+                    say: Any = None) -> LoadedCheckpoint | None:
+    """The newest checkpoint of a run that verifies, for resuming; None when the run has none.
+    A newer checkpoint that fails verification is set aside (`set_aside`, when
+    set_aside_damaged) and reported through `say(message)`; one that verifies but does not fit
+    (another architecture) raises. Raises when checkpoints exist and none verifies."""
+    infos = list_checkpoints(run_dir)
+    problems = []
+    for info in reversed(infos):
+        try:
+            return load_checkpoint(info.path, expected_model_cfg=expected_model_cfg)
+        except DamagedCheckpoint as e:
+            where = set_aside(info.path) if set_aside_damaged else info.path
+            problems.append(f"step {info.step}")
+            if say is not None:
+                say(f"modlm: checkpoint step {info.step} is damaged ({str(e).split('; ')[0]}); "
+                    f"kept for inspection as {where}; trying the one before it")
+    if infos:
+        raise CheckpointError(
+            f"no checkpoint of {run_dir} verifies ({', '.join(problems)}; set aside as "
+            f"{DAMAGED_PREFIX}step_*); `modlm train --resume {run_dir}` again starts the run "
+            f"from step 0 with its recorded config")
+    return None
 
 
 def _describe_diff(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str, b_name: str) -> str:

@@ -6,6 +6,7 @@ Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --se
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -287,9 +288,22 @@ def _demo_batch(batch: int, length: int, vocab_size: int):
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -302,10 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="FLOP and parameter breakdown of a preset")
     _add_model_args(p, "small")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: preset's)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--seq-len", type=_positive, default=None,
+                   help="sequence length (default: preset's)")
+    p.add_argument("--budget", type=_positive_number, default=None,
                    help="a training FLOP budget to convert into steps (e.g. 6e14)")
-    p.add_argument("--batch", type=int, default=32, help="batch size for --budget (default 32)")
+    p.add_argument("--batch", type=_positive, default=32,
+                   help="batch size for --budget (default 32)")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("demo", help="build a MoD model and its dense twin, time and inspect them")
@@ -372,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=("router", "predictor"),
                    help="causal routing rule for generate and evaluation (default: the one the "
                         "model was trained for)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT_DIR (once the new export is complete; never a "
+                        "run or checkpoint folder)")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("experiment", help="run one of the paper's experiments (resumable)",
@@ -496,7 +515,8 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from modlm.hf import export_checkpoint
     try:
-        out = export_checkpoint(args.run, args.out_dir, which=args.which, routing_mode=args.mode)
+        out = export_checkpoint(args.run, args.out_dir, which=args.which, routing_mode=args.mode,
+                                overwrite=args.overwrite)
     except ImportError as e:
         print(f"modlm: error: {e}", file=sys.stderr)
         return 2
@@ -542,30 +562,46 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error classes: their messages are written for the user. Anything else
-    is a bug and keeps its traceback."""
-    from modlm.checkpoint import CheckpointError
-    from modlm.corpus import DataError
-    from modlm.generate import GenerationError
-    from modlm.tokenizer import TokenizerError
-    from modlm.train import TrainingError
-    return (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError,
-            GenerationError)
+_USER_ERRORS = {"modlm.config": "ConfigError", "modlm.corpus": "DataError",
+                "modlm.tokenizer": "TokenizerError", "modlm.checkpoint": "CheckpointError",
+                "modlm.train": "TrainingError", "modlm.generate": "GenerationError"}
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Whether `e` is one of the project's own error classes, whose messages are written for the
+    user (anything else is a bug and keeps its traceback). Decided from the class hierarchy
+    alone: importing the modules here could fail while an interrupted import is half done."""
+    return any(_USER_ERRORS.get(c.__module__) == c.__name__ for c in type(e).__mro__)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """A KeyboardInterrupt, or an error raised while one was being handled (Ctrl-C during an
+    import leaves half-imported modules that fail next)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__ or e.__cause__   # type: ignore[assignment]
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except _user_errors() as e:
-        print(f"modlm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Training handles Ctrl-C itself (checkpoint, clean exit); elsewhere, e.g. while a
-        # corpus is tokenized, nothing is half-written: the caches are written atomically.
-        print("modlm: interrupted", file=sys.stderr)
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if _interrupted(e):
+            # Training handles Ctrl-C itself (checkpoint, clean exit); elsewhere, e.g. while a
+            # corpus is tokenized, nothing is half-written: the caches are written atomically.
+            print("modlm: interrupted", file=sys.stderr)
+            return 130
+        if _is_user_error(e):
+            print(f"modlm: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -88,6 +88,10 @@ class RunSpec:
 
     @property
     def model(self) -> ModelConfig:
+        """The model the run trains: a retrofit run's shape comes from its source's config."""
+        if getattr(self.train, "retrofit", None) is not None and self.train.retrofit.enabled:
+            from modlm.hf.retrofit import planned_model
+            return planned_model(self.train)[0]
         return self.train.model
 
     @property
@@ -402,7 +406,14 @@ class Context:
         if result.checkpoint is None:
             raise ConfigError(f"run {result.name} kept no checkpoint; give its spec "
                               f"keep_checkpoint=True")
-        model, loaded = load_model(self.root / result.checkpoint)
+        path = self.root / result.checkpoint
+        if not path.exists():
+            raise ConfigError(
+                f"run {result.name} is done but its checkpoint {path} is not here (checkpoints "
+                f"stay out of git, so a record in a fresh clone has none), and a measurement not "
+                f"yet recorded needs it: delete {self.results_dir / (result.name + '.json')} to "
+                f"train the run again")
+        model, loaded = load_model(path)
         return model, loaded.tokenizer
 
 
@@ -442,7 +453,7 @@ def run_spec(ctx: Context, spec: RunSpec, index: int = 0, total: int = 0) -> Run
             resume = run_dir
     n_steps = total_steps(cfg, 1)
     print(f"{where}{spec.name}: {'continuing' if resume else 'training'} "
-          f"{flop_count.param_count(cfg.model).total:,d} parameters for {n_steps} steps "
+          f"{flop_count.param_count(spec.model).total:,d} parameters for {n_steps} steps "
           f"({cfg.batch_size} x {cfg.data.seq_len} tokens each)", flush=True)
     t0 = time.perf_counter()
     out = train(cfg, resume=resume)
@@ -684,9 +695,12 @@ def plan_experiment(experiment: Experiment, options: Options, measure: bool = Tr
     for s in specs:
         n = total_steps(s.train, 1)
         seqs = s.train.batch_size * s.train.grad_accum
-        tf = n * seqs * flop_count.training_flops(s.model, s.train.data.seq_len)
-        key = json.dumps([s.model.to_dict(), s.train.batch_size, s.train.grad_accum,
-                          s.train.data.seq_len], sort_keys=True)
+        model = s.model
+        tf = n * seqs * flop_count.training_flops(model, s.train.data.seq_len)
+        retro = getattr(s.train, "retrofit", None)   # what trains changes a step's time
+        key = json.dumps([model.to_dict(), s.train.batch_size, s.train.grad_accum,
+                          s.train.data.seq_len, retro.train if retro else None],
+                         sort_keys=True)
         if measure and key not in step_times:
             step_times[key] = _time_steps(s.train, timing_steps)
         out.append(PlannedRun(s, n, tf, step_times.get(key)))
@@ -695,16 +709,17 @@ def plan_experiment(experiment: Experiment, options: Options, measure: bool = Tr
 
 def _step_fn(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 1e-4,
              weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-             eps: float = 1e-8) -> Callable[[], float]:
-    """A fresh model and optimizer on fixed random tokens; the function times one training step
-    (forward, backward, clip, AdamW; modlm.measure.train_step_seconds)."""
+             eps: float = 1e-8, build: Callable[[], Any] | None = None) -> Callable[[], float]:
+    """A fresh model (`build()`, default a MoDLM of model_cfg) and optimizer on fixed random
+    tokens; the function times one training step (forward, backward, clip, AdamW;
+    modlm.measure.train_step_seconds)."""
     import torch
 
     from modlm.measure import train_step_seconds
     from modlm.model import MoDLM
     from modlm.optim import build_optimizer
     torch.manual_seed(0)
-    model = MoDLM(model_cfg)
+    model = build() if build is not None else MoDLM(model_cfg)
     opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g)
@@ -712,8 +727,12 @@ def _step_fn(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 1e-4,
 
 
 def _time_steps(cfg: Any, n: int) -> float:
-    step = _step_fn(cfg.model, cfg.batch_size, cfg.data.seq_len, lr=cfg.lr,
-                    weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+    model_cfg, build = cfg.model, None
+    if getattr(cfg, "retrofit", None) is not None and cfg.retrofit.enabled:
+        from modlm.hf.retrofit import planned_model
+        model_cfg, build = planned_model(cfg)
+    step = _step_fn(model_cfg, cfg.batch_size, cfg.data.seq_len, lr=cfg.lr,
+                    weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, build=build)
     times = [step() * cfg.grad_accum for _ in range(n + 1)]
     return statistics.median(times[1:])
 

@@ -237,6 +237,7 @@ def sample_next(logits_NV: Tensor, *, temperature: float = 0.0, top_k: int | Non
     probability reaches top_p (both applied when both are given, top-k first). `generator` may be
     one generator for the batch or one per row (each row then draws from its own stream, so a row
     samples the same tokens whatever else is in the batch)."""
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits_NV.argmax(dim=-1)
     logits_NV = logits_NV.float()

@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,17 +67,87 @@ class Dist:
         return self.world_size > 1
 
 
+_LAUNCH = ("launch with `torchrun --nproc_per_node=N -m modlm ...`, which sets RANK, WORLD_SIZE, "
+           "LOCAL_RANK, MASTER_ADDR and MASTER_PORT, or unset them for one process")
+
+
+def distributed_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's variables, or None for one process;
+    inconsistent or non-numeric values raise ConfigError naming the variable (before any
+    process group is set up, so nothing waits for peers that will never come)."""
+    env = os.environ if env is None else env
+
+    def number(name: str) -> int | None:
+        value = env.get(name)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a whole number; {_LAUNCH}") from None
+
+    world, rank, local = number("WORLD_SIZE"), number("RANK"), number("LOCAL_RANK")
+    if world is None:
+        if rank not in (None, 0):
+            raise ConfigError(f"RANK={rank} is set but WORLD_SIZE is not; {_LAUNCH}")
+        return None
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} must be at least 1; {_LAUNCH}")
+    if world == 1 and rank in (None, 0):
+        return None
+    if rank is None:
+        raise ConfigError(f"WORLD_SIZE={world} is set but RANK is not; {_LAUNCH}")
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}); "
+                          f"{_LAUNCH}")
+    if local is not None and local < 0:
+        raise ConfigError(f"LOCAL_RANK={local} must not be negative; {_LAUNCH}")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not set; {_LAUNCH}")
+    port = number("MASTER_PORT")
+    if port is None or not 0 < port < 65536:
+        raise ConfigError(f"MASTER_PORT={env.get('MASTER_PORT')!r} is not a port (1-65535); "
+                          f"{_LAUNCH}")
+    return rank, world, rank if local is None else local
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(n_params: int, bytes_per_param: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, a model whose parameters alone (n_params x bytes_per_param)
+    exceed this machine's memory."""
+    need, have = n_params * bytes_per_param, memory_bytes()
+    if have is not None and need > have:
+        raise ConfigError(f"{what} has {n_params:,d} parameters, about {need / 2**30:,.1f} GiB "
+                          f"to train ({bytes_per_param} bytes each: weights, gradients, AdamW "
+                          f"moments), more than this machine's {have / 2**30:,.1f} GiB; {fix}")
+
+
 def init_distributed(device_name: str) -> Dist:
     """Join the process group torchrun describes; a single process needs no group."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+    found = distributed_env()
+    if found is None:
         return Dist()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    rank, world, local = found
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        except (RuntimeError, ValueError) as e:   # torch's DistNetworkError is a RuntimeError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"could not join the process group at "
+                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} as rank "
+                              f"{rank} of {world} ({first}); {_LAUNCH}") from None
     return Dist(rank, world, local)
 
 

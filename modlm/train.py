@@ -52,7 +52,13 @@ from modlm.hf.retrofit import RetrofitConfig
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
 from modlm.presets import base_preset, get_preset
-from modlm.tokenizer import PretrainedTokenizer, Tokenizer, TokenizerError, has_hf_tokenizer
+from modlm.tokenizer import (
+    PretrainedTokenizer,
+    Tokenizer,
+    TokenizerError,
+    has_hf_tokenizer,
+    load_tokenizer,
+)
 
 
 class TrainingError(RuntimeError):
@@ -290,7 +296,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def new_run_dir(cfg: TrainConfig) -> Path:
     name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}"
     run_dir = Path(cfg.out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != atomic.FolderLock.NAME for p in run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; pick another run_name, or "
                           f"continue it with `modlm train --resume {run_dir}`")
     return run_dir
@@ -353,7 +359,40 @@ class _Session:
 
 
 def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResult:
-    s, state, resumed = _start(cfg, d, resume)
+    if resume is not None and (resume / "meta.json").exists():
+        raise ConfigError(f"--resume takes a run folder, got the checkpoint {resume}; its run "
+                          f"folder is {resume.parents[1]} (it resumes from its latest checkpoint)")
+    if resume is not None and not (resume / "config.json").exists():
+        raise ConfigError(f"--resume takes a run folder (with config.json), got {resume}")
+    run_dir = resume if resume is not None else new_run_dir(cfg)
+    lock = _lock_run(run_dir) if d.is_main else None
+    try:
+        return _run(cfg, d, run_dir, resume is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run(run_dir: Path) -> atomic.FolderLock:
+    """One writer per run folder (atomic.FolderLock), taken before anything is read or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {run_dir} ({e.strerror}); choose "
+                          f"another out_dir") from None
+    lock = atomic.FolderLock(run_dir)
+    try:
+        took_over = lock.acquire()
+    except atomic.FolderBusy as e:
+        raise ConfigError(f"{e}; wait for it to finish or stop it (two trainers in one run "
+                          f"folder would interleave their records)") from None
+    if took_over:
+        print(f"modlm: {took_over}", flush=True)
+    return lock
+
+
+def _run(cfg: TrainConfig, d: runtime.Dist, run_dir: Path, resume: bool) -> TrainResult:
+    s, state, resumed = _start(cfg, d, run_dir, resume)
     start_step = state.step
     progress = _Progress(s.steps_total, d.is_main)
     final_eval = None
@@ -434,21 +473,26 @@ def _source_tokenizer(cfg: TrainConfig) -> Tokenizer:
         raise ConfigError(str(e)) from None
 
 
-def _start(cfg: TrainConfig, d: runtime.Dist,
-           resume: Path | None) -> tuple[_Session, TrainState, bool]:
-    """Set a run up (new, or resumed from its latest checkpoint) and write its folder."""
+def _start(cfg: TrainConfig, d: runtime.Dist, run_dir: Path,
+           resume: bool) -> tuple[_Session, TrainState, bool]:
+    """Set a run up (new, or resumed from its newest checkpoint that verifies) and write its
+    folder. A resumed run with no checkpoint yet (killed before its first) starts again from
+    step 0 with its recorded config."""
     device = runtime.resolve_device(cfg.device, d.local_rank)
     cfg = _resolve_tokenizer(cfg)
-    if resume is not None and (resume / "meta.json").exists():
-        raise ConfigError(f"--resume takes a run folder, got the checkpoint {resume}; its run "
-                          f"folder is {resume.parents[1]} (it resumes from its latest checkpoint)")
-    if resume is not None and not (resume / "config.json").exists():
-        raise ConfigError(f"--resume takes a run folder (with config.json), got {resume}")
-    run_dir = resume if resume is not None else new_run_dir(cfg)
-    loaded = ckpt.load_checkpoint(ckpt.resolve_checkpoint(run_dir), expected_model_cfg=cfg.model) \
-        if resume is not None else None
+    loaded = None
+    if resume:
+        with runtime.rank_zero_first(d):     # rank 0 sets damaged checkpoints aside first
+            loaded = ckpt.load_for_resume(
+                run_dir, expected_model_cfg=cfg.model, set_aside_damaged=d.is_main,
+                say=(lambda m: print(m, flush=True)) if d.is_main else None)
+        if loaded is None and d.is_main:
+            print(f"modlm: {run_dir} has no checkpoint yet (stopped before its first); starting "
+                  f"it again from step 0 with its recorded config", flush=True)
 
     tokenizer = loaded.tokenizer if loaded else None
+    if tokenizer is None and resume and (run_dir / "tokenizer").is_dir():
+        tokenizer = load_tokenizer(run_dir / "tokenizer")     # the run's own, as recorded
     if tokenizer is None and cfg.data.tokenizer == "hf":
         tokenizer = _source_tokenizer(cfg)
     with runtime.rank_zero_first(d):
@@ -472,6 +516,8 @@ def _start(cfg: TrainConfig, d: runtime.Dist,
         from modlm.hf.retrofit import build_for_training
         cfg, model = build_for_training(cfg, data.tokenizer, pretrained=loaded is None)
     else:
+        runtime.check_fits(flop_count.param_count(cfg.model).total, 16, "the model",
+                           "lower model.d_model, model.n_layers, model.d_mlp or the vocabulary")
         model = MoDLM(cfg.model)
     model = model.to(device)
     # Routing randomness (the random-routing control) differs per rank, like the rows it scores.
@@ -506,11 +552,11 @@ def _start(cfg: TrainConfig, d: runtime.Dist,
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run_dir / "config.json", cfg.to_dict())
-        env_name = "env.json" if loaded is None else f"env.resume-{state.step:08d}.json"
+        env_name = "env.json" if not resume else f"env.resume-{state.step:08d}.json"
         atomic.write_json(run_dir / env_name, runtime.environment(device, cfg.dtype, d))
         if not (run_dir / "tokenizer").exists():
             data.tokenizer.save(run_dir / "tokenizer")
-        if loaded is not None:
+        if resume:
             _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         if cfg.tensorboard:
             tb = _tensorboard(run_dir / "tb")

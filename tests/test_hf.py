@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,6 +365,61 @@ def test_cli_export_hf(tmp_path, capsys):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     assert str(tmp_path / "out") in capsys.readouterr().out
     assert main(["export-hf", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_export_never_overwrites_without_asking_and_never_writes_into_a_run(tmp_path, capsys,
+                                                                            monkeypatch):
+    from modlm.cli import main
+    _, run = _saved_run(tmp_path)
+    (run / "config.json").write_text('{"the": "run config"}')
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    ckpt = next((run / "checkpoints").iterdir())
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("my notes")
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    for target, extra, says in (
+            (run, [], "holds the checkpoint being exported"),      # modlm export-hf RUN RUN
+            (run, ["--overwrite"], "holds the checkpoint being exported"),
+            (ckpt, ["--overwrite"], "holds the checkpoint being exported"),
+            (run / "checkpoints", ["--overwrite"], "holds the checkpoint being exported"),
+            (other, [], "not empty; give a new or empty folder, or pass --overwrite"),
+            (other / "notes.txt", [], "is a file")):
+        assert main(["export-hf", str(run), str(target), *extra]) == 2, target
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert _snapshot(tmp_path) == before, target       # every file byte-identical
+    # Another run folder is refused even with --overwrite.
+    second = tmp_path / "second"
+    _saved_run(second)
+    assert main(["export-hf", str(run), str(second / "run"), "--overwrite"]) == 2
+    assert "run or checkpoint folder" in capsys.readouterr().err
+
+    # An export that fails part-way leaves the target as it was, and no debris.
+    import modlm.hf.tokenizer as tokenizer_module
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(tokenizer_module, "save_hf_tokenizer", broken)
+    with pytest.raises(OSError, match="disk full"):
+        hf.export_checkpoint(run, other, overwrite=True)
+    assert _snapshot(other) == {"notes.txt": b"my notes"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run", "second"]
+    monkeypatch.undo()
+    # --overwrite replaces the folder whole once the export is complete.
+    assert main(["export-hf", str(run), str(other), "--overwrite"]) == 0
+    assert not (other / "notes.txt").exists() and (other / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run", "second"]
+    # An empty folder is fine without asking.
+    (tmp_path / "empty").mkdir()
+    assert main(["export-hf", str(run), str(tmp_path / "empty")]) == 0
 
 
 # ---- dense parity with Llama -------------------------------------------------------------------

@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +25,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from support import needs_gpt2_files, needs_tokenizers, needs_transformers
 
+from modlm.hf import harness
+from modlm.hf.harness import offline_env
 from modlm.model import MoDLM
 
 pytestmark = needs_transformers
@@ -37,15 +37,6 @@ needs_lm_eval = pytest.mark.skipif(
 DATA = Path(__file__).parent / "data" / "lm_eval"
 TASKS = ("modlm_ppl", "modlm_mc")
 CONTEXT = 64          # the model's max_seq_len, lm-eval's window
-
-
-def offline_env(home: Path) -> dict[str, str]:
-    """The environment of a client process: offline, caches under `home`."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_MODULES_CACHE", "HF_DATASETS_CACHE", "HF_HUB_CACHE")}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +214,6 @@ def test_every_exported_tokenizer_declares_an_end_of_text_token(kind, tmp_path):
 # ---- lm-evaluation-harness ---------------------------------------------------------------------
 
 
-def _lm_eval_command() -> list[str]:
-    script = Path(sys.executable).with_name("lm_eval")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("lm_eval")
-    return [found] if found else [sys.executable, "-m", "lm_eval"]
-
-
 def _task_dir(tmp_path: Path) -> Path:
     """The task files with their data_files made absolute."""
     tasks = tmp_path / "tasks"
@@ -243,23 +226,49 @@ def _task_dir(tmp_path: Path) -> Path:
     return tasks
 
 
+def test_text_tasks_are_deterministic_and_name_the_true_continuation(tmp_path):
+    import yaml
+    text = " ".join(f"w{i}" for i in range(2000))      # every word distinct
+    names = harness.write_text_tasks(tmp_path / "a", {"doc": text}, n_docs=3, doc_words=50,
+                                     n_questions=10, context_words=20, choice_words=5)
+    assert names == ["modlm_doc_ppl", "modlm_doc_cloze"]
+    harness.write_text_tasks(tmp_path / "b", {"doc": text}, n_docs=3, doc_words=50,
+                             n_questions=10, context_words=20, choice_words=5)
+    for name in names:
+        a, b = ((tmp_path / d / f"{name}.jsonl").read_text() for d in "ab")
+        assert a == b
+        config = yaml.safe_load((tmp_path / "a" / f"{name}.yaml").read_text())
+        assert config["task"] == name
+        assert config["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "a" /
+                                                                     f"{name}.jsonl")
+    docs = [json.loads(x) for x in (tmp_path / "a" / "modlm_doc_ppl.jsonl").open()]
+    assert [d["text"].split()[0] for d in docs] == ["w0", "w666", "w1332"]
+    assert all(len(d["text"].split()) == 50 for d in docs)
+    questions = [json.loads(x) for x in (tmp_path / "a" / "modlm_doc_cloze.jsonl").open()]
+    labels = set()
+    for i, q in enumerate(questions):
+        words = q["context"].split()
+        assert words[0] == f"w{200 * i}" and len(words) == 20
+        assert len(q["choices"]) == len(set(q["choices"])) == 4
+        true = q["choices"][q["label"]]
+        assert true.split() == [f"w{200 * i + 20 + k}" for k in range(5)]
+        assert all(c.startswith(" ") and len(c.split()) == 5 for c in q["choices"])
+        labels.add(q["label"])
+    assert len(labels) > 1          # the true continuation is not always in one place
+    with pytest.raises(ValueError, match="fewer than"):
+        harness.ppl_documents("a b c", 2, 5)
+    with pytest.raises(ValueError, match="questions"):
+        harness.cloze_questions(text, 3, 20, 5)
+    with pytest.raises(ValueError, match="repeats itself"):
+        harness.cloze_questions("same words " * 500, 10, 20, 5)
+    with pytest.raises(ValueError, match="lower-case"):
+        harness.write_text_tasks(tmp_path / "c", {"Doc-1": text})
+
+
 def _run_lm_eval(out: Path, tasks: Path, batch_size: int, work: Path) -> tuple[dict, dict]:
     """Run the stock CLI; (its results JSON, {task: its logged samples by doc_id})."""
-    results_dir = work / f"results_bs{batch_size}"
-    cmd = [*_lm_eval_command(), "--model", "hf",
-           "--model_args", f"pretrained={out},trust_remote_code=True",
-           "--include_path", str(tasks), "--tasks", ",".join(TASKS), "--device", "cpu",
-           "--batch_size", str(batch_size), "--output_path", str(results_dir), "--log_samples"]
-    proc = subprocess.run(cmd, env=offline_env(work / "home"), cwd=work, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    (results_file,) = results_dir.rglob("results_*.json")
-    samples = {}
-    for task in TASKS:
-        (f,) = results_dir.rglob(f"samples_{task}_*.jsonl")
-        rows = [json.loads(line) for line in f.read_text().splitlines()]
-        samples[task] = {row["doc_id"]: row for row in rows}
-    return json.loads(results_file.read_text()), samples
+    return harness.run(out, tasks, list(TASKS), work=work, batch_size=batch_size,
+                       log_samples=True, timeout=600)
 
 
 def _loglikelihood(model: MoDLM, context: list[int], continuation: list[int]
@@ -275,8 +284,7 @@ def _loglikelihood(model: MoDLM, context: list[int], continuation: list[int]
 
 
 def _metrics(results: dict, task: str) -> dict[str, float]:
-    return {k: v for k, v in results["results"][task].items()
-            if "," in k and "stderr" not in k}
+    return {f"{k},none": v for k, v in harness.scores(results)[task].items()}
 
 
 @pytest.mark.slow

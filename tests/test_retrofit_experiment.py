@@ -57,6 +57,8 @@ def test_the_retrofit_experiment_tunes_measures_and_reports_learned_beside_rando
     monkeypatch.setattr(exp, "PROMPT_LEN", 16)
     monkeypatch.setattr(exp, "NEW_TOKENS", 16)
     monkeypatch.setattr(exp, "SPEED_REPEATS", 1)
+    monkeypatch.setattr(exp, "LM_EVAL_TASKS", {"n_docs": 2, "doc_words": 40, "n_questions": 8,
+                                               "context_words": 16, "choice_words": 4})
     options = Options(out=str(tmp_path / "rec"), budget_scale=0.1, eval_windows=4,
                       overrides={"retrofit.source": str(src), "data.corpus": str(corpus),
                                  "data.cache_dir": str(tmp_path / "cache"),
@@ -101,6 +103,22 @@ def test_the_retrofit_experiment_tunes_measures_and_reports_learned_beside_rando
             continue
         assert value.equal(source[name]), key
     assert any(".router." in k for k in tuned)
+
+    # At capacity 1.0 the retrofit is the original: logits and greedy tokens.
+    assert summary["capacity_1"]["max_abs_logit_diff"] < 1e-4
+    assert summary["capacity_1"]["greedy_identical"] is True
+
+    # lm-eval scored the original (its own folder) and each fully tuned run (its export).
+    if exp.harness_available():
+        assert set(summary["lm_eval"]) == {"original", *full}
+        for scores in summary["lm_eval"].values():
+            assert set(scores) == {f"modlm_{d}_{k}" for d in ("plays", "pydoc")
+                                   for k in ("ppl", "cloze")}
+            assert all(s["bits_per_byte"] > 0 for t, s in scores.items() if t.endswith("_ppl"))
+            assert all(0 <= s["acc"] <= 1 for t, s in scores.items() if t.endswith("_cloze"))
+        # the untuned original and its tuned twin differ: the export is the tuned model
+        assert (summary["lm_eval"]["original"]["modlm_plays_ppl"]
+                != summary["lm_eval"]["all-original"]["modlm_plays_ppl"])
 
     report = (root / "report.md").read_text()
     assert "![frontier](figures/frontier.png)" in report and (root / "figures" /

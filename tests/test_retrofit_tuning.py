@@ -482,3 +482,24 @@ def test_the_random_control_trains_everything_and_refuses_routing_only(tuning_ru
                         generator=torch.Generator().manual_seed(1))
             assert math.isfinite(float(out.loss))
             assert all(0.0 < float(s.fraction) < 1.0 for s in out.routing)
+
+
+def test_a_retrofit_plan_counts_and_times_the_source_model_not_the_placeholder(tuning_run):
+    from modlm.experiment import PlannedRun, RunSpec, _time_steps, plan_table
+    from modlm.flops import param_count
+    make, folder = tuning_run
+    cfg = make("planned", train="routing")
+    spec = RunSpec("planned", cfg, "learned")
+    # The spec's model is the source's shape (4 layers of width 32, vocabulary 256), not the
+    # ModelConfig defaults the TrainConfig holds until the run starts.
+    assert (spec.model.d_model, spec.model.n_layers, spec.model.vocab_size) == (32, 4, 256)
+    assert cfg.model.d_model != 32
+    assert spec.model.routing == cfg.model.routing
+    trained = train(cfg)
+    model, loaded = load_model(trained.run_dir)
+    assert spec.model == loaded.model_cfg        # what the trainer recorded
+    assert param_count(spec.model).total != param_count(cfg.model).total
+    assert f"{param_count(spec.model).total:,d}" in plan_table([PlannedRun(spec, 4, 1.0, None)])
+    # Timing a planned step builds the retrofitted model with the run's trainable set.
+    step_s = _time_steps(make("timed", train="routing"), 1)
+    assert math.isfinite(step_s) and step_s > 0

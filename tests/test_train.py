@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from modlm import flops
-from modlm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from modlm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from modlm.config import ConfigError, ModelConfig, apply_overrides
 from modlm.data import DataConfig, TrainSampler, prepare_data
 from modlm.model import MoDLM
@@ -208,6 +208,94 @@ def test_resume_survives_a_half_written_metrics_line(tmp_path, corpus):
         f.write('{"step": 9, "loss": 1.2')  # killed mid-write
     resumed = train(load_run_config(run), resume=run)
     assert sorted(step_losses(resumed.run_dir)) == list(range(1, 9))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(tmp_path, corpus,
+                                                                             capsys):
+    full = train(tiny_cfg(tmp_path, corpus, run_name="full"))
+    early = train(tiny_cfg(tmp_path, corpus, run_name="early")).run_dir
+    shutil.rmtree(early / "checkpoints")        # as if killed before its first checkpoint
+    with pytest.raises(ConfigError, match="already exists.*--resume"):   # a fresh start
+        train(tiny_cfg(tmp_path, corpus, run_name="early"))
+    capsys.readouterr()
+    resumed = train(load_run_config(early), resume=early)
+    assert "has no checkpoint yet (stopped before its first); starting it again from step 0" \
+        in capsys.readouterr().out
+    assert resumed.step == 8
+    assert step_losses(early) == step_losses(full.run_dir)
+    assert metric_lines(early) == metric_lines(full.run_dir)   # the old records replaced
+    assert [c.step for c in list_checkpoints(early)] == [4, 8]
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_keeps_it(tmp_path, corpus,
+                                                                         capsys):
+    full = train(tiny_cfg(tmp_path, corpus, run_name="full"))
+    run = train(tiny_cfg(tmp_path, corpus, run_name="part")).run_dir
+    newest = latest_checkpoint(run)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF                                # one flipped byte in the weights
+    weights.write_bytes(bytes(data))
+    damaged = snapshot(newest)
+    capsys.readouterr()
+    resumed = train(load_run_config(run), resume=run)
+    out = capsys.readouterr().out
+    kept = run / "checkpoints" / "damaged-step_00000008"
+    assert "checkpoint step 8 is damaged" in out and str(kept) in out
+    assert snapshot(kept) == damaged                # left as it was, for inspection
+    assert resumed.step == 8                        # resumed from step 4
+    assert step_losses(run) == step_losses(full.run_dir)
+    assert [c.step for c in list_checkpoints(run)] == [4, 8]
+    load_checkpoint(latest_checkpoint(run))         # the new step 8 verifies
+    # every checkpoint damaged: a clear error, and the next resume starts from step 0
+    for info in list_checkpoints(run):
+        (info.path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no checkpoint of .* verifies.*starts the run from "
+                                        "step 0"):
+        train(load_run_config(run), resume=run)
+    assert list_checkpoints(run) == []
+    assert train(load_run_config(run), resume=run).step == 8
+    assert step_losses(run) == step_losses(full.run_dir)
+
+
+_HOLD_LOCK = """
+import sys, time
+from modlm.atomic import FolderLock
+FolderLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_writer_per_run_folder_and_a_killed_writers_lock_is_taken_over(tmp_path, corpus,
+                                                                           capsys):
+    run = train(tiny_cfg(tmp_path, corpus, steps=4)).run_dir
+    assert not (run / ".lock").exists()             # released when the run ended
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run)
+        cfg = dataclasses.replace(load_run_config(run), steps=8)
+        with pytest.raises(ConfigError, match=f"being written by another process \\(pid "
+                                              f"{holder.pid} .*wait for it to finish or stop it"):
+            train(cfg, resume=run)
+        assert snapshot(run) == before              # nothing read-modify-written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (run / ".lock").exists()                 # the killed holder's record stays
+    capsys.readouterr()
+    assert train(cfg, resume=run).step == 8
+    assert f"took over the lock of {run} from a writer that ended without releasing it (pid " \
+           f"{holder.pid}" in capsys.readouterr().out
+    assert not (run / ".lock").exists()
 
 
 def test_resume_refuses_a_checkpoint_folder(tmp_path, corpus):

@@ -65,6 +65,9 @@ PROMPT_LEN = 128
 NEW_TOKENS = 32
 SPEED_BATCHES = (1, 8)
 SPEED_REPEATS = 3
+LM_EVAL_TASKS = {"n_docs": 8, "doc_words": 300, "n_questions": 100, "context_words": 60,
+                 "choice_words": 8}
+LM_EVAL_BATCH = 8
 TARGET_LOSS_INCREASE = 0.02   # the issue's bar: at most 2% higher loss on the untuned domain
 TARGET_SPEEDUP = 1.25
 
@@ -234,10 +237,89 @@ def measure_random_control(ctx: Context, result: RunResult) -> dict[str, Any]:
             "speed": speed(ctx, name, lambda: _untuned(ctx, cfg), "router")}
 
 
+def capacity_one(ctx: Context) -> dict[str, Any]:
+    """The retrofit at capacity 1.0 against the original: the largest |logit difference| over
+    two held-out windows (top-k: every token routed) and whether greedy decoding through the
+    routed caches (a random router at capacity 1 routes every token causally) gives the original
+    Hugging Face generate's tokens (cached)."""
+    def compute() -> dict[str, Any]:
+        import torch
+
+        from modlm.generate import Engine
+        from modlm.hf.retrofit import load_hf_model, retrofit
+        data = ctx.data(_data_config(ctx), _tokenizer(ctx))
+        x_BT = torch.tensor([data.val[i * SEQ_LEN:(i + 1) * SEQ_LEN].tolist()
+                             for i in range(2)])
+        original = load_hf_model(source(ctx)).eval()
+        with torch.no_grad():
+            ref = original(x_BT).logits
+            full = retrofit(load_hf_model(source(ctx)), RoutingConfig(capacity=1.0)).eval()
+            diff = float((full(x_BT).logits_BTV - ref).abs().max())
+        everyone = retrofit(load_hf_model(source(ctx)), RoutingConfig(
+            router="random", capacity=1.0, predictor=False, aux_loss_weight=0.0)).eval()
+        prompt = _prompts(ctx, 1)
+        ids = torch.tensor(prompt)
+        want = original.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=0)[0, ids.shape[1]:].tolist()
+        got = list(Engine(everyone, "router").generate(prompt, NEW_TOKENS).tokens[0])
+        return {"max_abs_logit_diff": diff, "tokens": int(x_BT.numel()),
+                "greedy_identical": got == want, "new_tokens": NEW_TOKENS}
+    return ctx.cached("capacity-1", compute)
+
+
+def lm_eval_scores(ctx: Context, key: str, folder_fn: Any, trust_remote_code: bool = True
+                   ) -> dict[str, Any]:
+    """lm-evaluation-harness's scores of a model folder (`folder_fn(tmp)` gives it) on the local
+    tasks: perplexity and cloze of held-out plays and pydoc text (modlm.hf.harness; cached)."""
+    def compute() -> dict[str, Any]:
+        import tempfile
+        from pathlib import Path
+
+        from modlm.hf import harness
+        tokenizer = _tokenizer(ctx)
+        data = ctx.data(_data_config(ctx), tokenizer)
+        texts = {"plays": tokenizer.decode(data.val.tolist()),
+                 "pydoc": tokenizer.decode(data.pydoc.tolist())}
+        with tempfile.TemporaryDirectory(prefix="modlm-lm-eval-") as tmp:
+            tasks = harness.write_text_tasks(Path(tmp) / "tasks", texts, **LM_EVAL_TASKS)
+            folder = folder_fn(Path(tmp))
+            t0 = time.perf_counter()
+            results, _ = harness.run(folder, Path(tmp) / "tasks", tasks, work=Path(tmp) / "work",
+                                     batch_size=LM_EVAL_BATCH,
+                                     trust_remote_code=trust_remote_code)
+        from importlib.metadata import version
+        return {"scores": harness.scores(results), "tasks": LM_EVAL_TASKS,
+                "lm_eval_version": version("lm_eval"),
+                "max_length": results.get("max_length"), "wall_s": time.perf_counter() - t0}
+    return ctx.cached(f"lmeval-{key}", compute)
+
+
+def lm_eval_run(ctx: Context, result: RunResult) -> dict[str, Any]:
+    """A fully tuned run's lm-eval scores, through its `modlm export-hf` folder."""
+    from modlm import hf
+    return lm_eval_scores(ctx, result.name, lambda tmp: hf.export_checkpoint(
+        ctx.root / result.checkpoint, tmp / "model"))
+
+
+def lm_eval_original(ctx: Context) -> dict[str, Any]:
+    """The original model's lm-eval scores, its own Hugging Face folder as the harness loads it."""
+    from modlm.hf.sources import resolve_source
+    return lm_eval_scores(ctx, "original", lambda tmp: resolve_source(source(ctx)),
+                          trust_remote_code=False)
+
+
 def after_run(ctx: Context, result: RunResult) -> None:
     measure_run(ctx, result)
     if result.tags.get("train") == "routing":
         measure_random_control(ctx, result)
+    elif harness_available():
+        lm_eval_run(ctx, result)
+
+
+def harness_available() -> bool:
+    from modlm.hf import harness
+    return harness.available()
 
 
 def _best_setting(ctx: Context, results: dict[str, RunResult], skip: str
@@ -274,6 +356,35 @@ def _row(name: str, router: str, tags: dict[str, Any], evals: dict[str, Any], mo
         "decode_routed_fraction": spd["1"]["decode_routed_fraction"] if spd else None,
         "speed": spd,
     }
+
+
+def _lm_eval_section(ctx: Context, results: dict[str, RunResult]
+                     ) -> tuple[list[str], dict[str, Any]]:
+    """The report's lm-eval lines and {model: scores}: the original and each fully tuned run."""
+    if not harness_available():
+        return ["lm-evaluation-harness is not installed, so this report has no harness scores: "
+                "pip install 'modlm[eval]' and run the same command again (the runs are kept).",
+                ""], {}
+    rows = [("original", "none", lm_eval_original(ctx))] + [
+        (r.name, r.tags["router"], lm_eval_run(ctx, r)) for r in results.values()
+        if r.tags.get("train") != "routing"]
+    table = markdown_table(
+        ["model", "router", "plays bits/byte", "pydoc bits/byte", "plays cloze acc",
+         "pydoc cloze acc"],
+        [[name, router, *(fmt(m["scores"][f"modlm_{d}_ppl"]["bits_per_byte"])
+                          for d in ("plays", "pydoc")),
+          *(f"{m['scores'][f'modlm_{d}_cloze']['acc']:.2f}" for d in ("plays", "pydoc"))]
+         for name, router, m in rows], "llrrrr")
+    t = LM_EVAL_TASKS
+    text = (
+        f"lm-evaluation-harness {rows[0][2]['lm_eval_version']} (`lm_eval --model hf`, "
+        f"offline, local tasks written by modlm.hf.harness from the held-out text): bits/byte "
+        f"of {t['n_docs']} documents of {t['doc_words']} words per domain (rolling "
+        f"log-likelihood, like wikitext), and accuracy at picking the true {t['choice_words']}-"
+        f"word continuation of a {t['context_words']}-word passage among 4 ({t['n_questions']} "
+        f"questions per domain; chance 0.25). The original is its own Hugging Face folder; "
+        f"the others are their `modlm export-hf` folders, evaluated in their causal mode.")
+    return [text, "", table, ""], {name: m["scores"] for name, _, m in rows}
 
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
@@ -324,6 +435,7 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
                           "random_val": b["val_loss"],
                           "learned_better": a["pydoc_loss"] < b["pydoc_loss"]
                           and a["val_loss"] < b["val_loss"]})
+    same = capacity_one(ctx)
     hits = [row for row in rows if row["router"] != "none" and row["decode_speedup_b1"]
             and row["decode_speedup_b1"] >= TARGET_SPEEDUP
             and row["pydoc_increase"] <= TARGET_LOSS_INCREASE]
@@ -376,7 +488,13 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
          if hits else
          f"- No setting reaches decode >= {TARGET_SPEEDUP}x the original's at batch 1 for <= "
          f"{100 * TARGET_LOSS_INCREASE:.0f}% higher pydoc loss."),
+        f"- At capacity 1.0 the retrofitted model's logits are within "
+        f"{same['max_abs_logit_diff']:.1e} of the original's over {same['tokens']} held-out "
+        f"tokens (target 1e-4, float32), and greedy decoding of {same['new_tokens']} tokens "
+        f"through the routed caches {'gives' if same['greedy_identical'] else 'does NOT give'} "
+        f"the original's Hugging Face generate's tokens.",
     ]
+    lm_lines, lm_scores = _lm_eval_section(ctx, results)
     train_wall = sum(r.train_wall_s + r.eval_wall_s for r in results.values())
     text = "\n".join([
         f"Source: `{source(ctx)}`. Tuning: {ctx.steps(STEPS)} steps of {BATCH} x {SEQ_LEN} "
@@ -393,12 +511,15 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         table, "", "![frontier](figures/frontier.png)", "",
         "## Learned routing against the random control (router-tuning grid)", "",
         pair_table, "", *learned_lines, "",
+        "## lm-evaluation-harness: the original and the fully tuned settings", "",
+        *lm_lines,
         f"Time: training and evaluation {train_wall / 60:.0f} min; this report's measurements "
         f"(evaluations of untuned models, speed) {(time.perf_counter() - t_start) / 60:.0f} min "
         f"(cached measurements count 0).",
     ])
     return Report(text, {"original": base, "rows": rows, "pairs": pairs,
-                         "hits": [h["name"] for h in hits]})
+                         "hits": [h["name"] for h in hits],
+                         "lm_eval": lm_scores, "capacity_1": same})
 
 
 EXPERIMENT = Experiment(

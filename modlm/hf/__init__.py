@@ -28,6 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from modlm import atomic
+
 
 def require_transformers() -> None:
     """Raise ImportError with the install command unless transformers is installed."""
@@ -49,7 +51,8 @@ def register() -> None:
 
 
 def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                      which: str = "latest", routing_mode: str | None = None) -> Path:
+                      which: str = "latest", routing_mode: str | None = None,
+                      overwrite: bool = False) -> Path:
     """Write a modlm checkpoint as a transformers model folder and return it (`modlm export-hf`).
 
     path: a run folder (its latest checkpoint, or the best with which="best") or a checkpoint
@@ -57,7 +60,9 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     model with its routers: it loads again as a `RetrofitLM` and generates through the skipping
     cache; with the source model's own tokenizer, and its eos in the generation config).
     routing_mode: the causal rule `generate` and evaluation use ("router" or "predictor";
-    default: the one the model was trained for). The weights keep their dtype.
+    default: the one the model was trained for). The weights keep their dtype. out_dir must be
+    new or empty, or `overwrite` set (never a run or checkpoint folder); the folder is written
+    whole and then renamed into place, so an interrupted export changes nothing there.
 
     The folder loads two ways, offline (HF_HUB_OFFLINE=1 is fine), both needing modlm installed:
     after `modlm.hf.register()`, `AutoModelForCausalLM.from_pretrained(out_dir)`; or with no
@@ -81,9 +86,10 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     from modlm.hf.tokenizer import save_hf_tokenizer, special_token_ids
     from modlm.tokenizer import PretrainedTokenizer
 
-    model, loaded = load_model(resolve_checkpoint(path, which))  # type: ignore[arg-type]
+    ckpt = resolve_checkpoint(path, which)  # type: ignore[arg-type]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_export_target(out, ckpt, overwrite)
+    model, loaded = load_model(ckpt)
     # Deviation: no eos_token_id in the model's config (hence its generation config), though the
     # tokenizer declares one: modlm's training text has no end-of-text separators, so generation
     # stops only where asked to (for byte runs the eos is byte 0, which a model may well emit).
@@ -93,9 +99,35 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         # A pretrained model's own tokenizer: the model was trained to end text with its eos.
         fields["eos_token_id"] = ids["eos_token_id"]
     wrapper = from_modlm(model, routing_mode, **fields)
-    wrapper.save_pretrained(out)      # with the trust_remote_code shim (modlm.hf.export)
-    save_hf_tokenizer(loaded.tokenizer, out, model_max_length=model.cfg.max_seq_len)
+    # Written whole into a hidden sibling and renamed into place: an interrupted export leaves
+    # the target as it was.
+    with atomic.atomic_folder(out, replace=overwrite) as tmp:
+        wrapper.save_pretrained(tmp)      # with the trust_remote_code shim (modlm.hf.export)
+        save_hf_tokenizer(loaded.tokenizer, tmp, model_max_length=model.cfg.max_seq_len)
     return out
+
+
+def _check_export_target(out: Path, ckpt: Path, overwrite: bool) -> None:
+    """Refuse a target that is a file, that holds a modlm run or checkpoint (or the checkpoint
+    being exported), or that is not empty unless `overwrite`."""
+    from modlm.checkpoint import CheckpointError
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export target {out} is a file; give a new or empty folder")
+    target = out.resolve()
+    if target == ckpt.resolve() or target in ckpt.resolve().parents:
+        raise CheckpointError(f"export target {out} holds the checkpoint being exported "
+                              f"({ckpt}); give a new or empty folder outside the run")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "meta.json").is_file() or (out / "checkpoints").is_dir() or (
+            (out / "config.json").is_file() and (out / "metrics.jsonl").is_file()):
+        raise CheckpointError(f"export target {out} is a modlm run or checkpoint folder; exports "
+                              f"never write into one (even with --overwrite): give a new or "
+                              f"empty folder")
+    if not overwrite:
+        raise CheckpointError(f"export target {out} is not empty; give a new or empty folder, "
+                              f"or pass --overwrite to replace what is there (replaced only once "
+                              f"the new export is complete)")
 
 
 def __getattr__(name: str) -> Any:

@@ -735,6 +735,22 @@ def _read_source_config(source: str | None) -> dict[str, Any]:
     return AutoConfig.from_pretrained(resolve_source(source), local_files_only=True).to_dict()
 
 
+def planned_model(cfg: Any) -> tuple[ModelConfig, Any]:
+    """What a retrofit TrainConfig will train, from the source's config.json alone (no weights
+    read): (the mirror ModelConfig, a function building the model with random weights and the
+    run's trainable set), for plans and counts made before a run starts."""
+    retro: RetrofitConfig = cfg.retrofit
+    hf_config = hf_config_from_dict(retro.hf_config or _read_source_config(retro.source))
+
+    def build() -> RetrofitLM:
+        model = from_hf_config(hf_config, cfg.model.routing,
+                               attn_implementation=retro.attn_implementation,
+                               identity_init=retro.identity_init)
+        model.set_trainable(retro.train)
+        return model
+    return model_config_for(hf_config, cfg.model.routing), build
+
+
 def model_from_run_config(model_cfg: ModelConfig, retrofit_section: Mapping[str, Any]
                           ) -> RetrofitLM:
     """The (untrained) retrofitted model a checkpoint's config describes, for loading its weights
