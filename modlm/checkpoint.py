@@ -546,7 +546,8 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         config = json.loads((ckpt / CONFIG_FILENAME).read_text(encoding="utf-8"))
         model_cfg = ModelConfig.from_dict(config["model"])
     except (ValueError, KeyError, TypeError) as e:   # ConfigError is a ValueError
-        raise _damaged(ckpt, f"{CONFIG_FILENAME} does not describe a model ({e})") from None
+        raise _damaged(ckpt, f"{CONFIG_FILENAME} does not describe a model ({e})",
+                       files_bad=False) from None
     if _dict_hash(config["model"]) != meta.get("model_config_hash"):
         raise _damaged(ckpt, f"the model config in {CONFIG_FILENAME} does not match the hash in "
                              f"{META_FILENAME}")
@@ -561,7 +562,8 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     try:
         tokenizer = load_tokenizer(ckpt / TOKENIZER_DIRNAME)
     except TokenizerError as e:
-        raise _damaged(ckpt, f"its {TOKENIZER_DIRNAME}/ cannot be loaded ({e})") from None
+        raise _damaged(ckpt, f"its {TOKENIZER_DIRNAME}/ cannot be loaded ({e})",
+                       files_bad=False) from None
     if tokenizer.identity != meta.get("tokenizer_identity"):
         raise _damaged(ckpt, f"its tokenizer is {tokenizer.identity!r} but {META_FILENAME} "
                              f"records {meta.get('tokenizer_identity')!r}")
@@ -669,14 +671,18 @@ def _load_state(ckpt: Path, files: Mapping[str, Any]) -> dict[str, Any]:
                 f"and torch.load(weights_only=True) runs no code to rebuild them. save_checkpoint "
                 f"never writes such a file; load it with weights_only=False only if you trust "
                 f"where it came from") from None
-        raise _damaged(ckpt, f"{STATE_FILENAME} cannot be read by torch.load ({e})") from None
+        raise _damaged(ckpt, f"{STATE_FILENAME} cannot be read by torch.load ({e})",
+                       files_bad=False) from None
     if not isinstance(state, dict) or "optimizer" not in state or "trainer" not in state:
         raise _damaged(ckpt, f"{STATE_FILENAME} lacks the optimizer or trainer state")
     return state
 
 
-def _damaged(ckpt: Path, problem: str) -> DamagedCheckpoint:
-    """A DamagedCheckpoint for an unusable checkpoint that points at the others available."""
+def _damaged(ckpt: Path, problem: str, files_bad: bool = True) -> CheckpointError:
+    """An error for an unusable checkpoint that points at the others available: a
+    DamagedCheckpoint when its files fail verification, a plain CheckpointError when verified
+    files cannot be used here (a missing package, another modlm version), which resuming must
+    not mistake for damage."""
     others = [i for i in reversed(_scan(ckpt.parent)) if i.path.resolve() != ckpt.resolve()]
     if others:
         listed = ", ".join(f"{i.path} (step {i.step})" for i in others)
@@ -685,7 +691,8 @@ def _damaged(ckpt: Path, problem: str) -> DamagedCheckpoint:
                 f"newest first: {listed}")
     else:
         hint = f"no other checkpoint is available in {ckpt.parent}"
-    return DamagedCheckpoint(f"checkpoint {ckpt} is unusable: {problem}; {hint}")
+    cls = DamagedCheckpoint if files_bad else CheckpointError
+    return cls(f"checkpoint {ckpt} is unusable: {problem}; {hint}")
 
 
 DAMAGED_PREFIX = "damaged-"

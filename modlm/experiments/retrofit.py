@@ -260,7 +260,8 @@ def capacity_one(ctx: Context) -> dict[str, Any]:
         prompt = _prompts(ctx, 1)
         ids = torch.tensor(prompt)
         want = original.generate(ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False,
                                  pad_token_id=0)[0, ids.shape[1]:].tolist()
         got = list(Engine(everyone, "router").generate(prompt, NEW_TOKENS).tokens[0])
         return {"max_abs_logit_diff": diff, "tokens": int(x_BT.numel()),
