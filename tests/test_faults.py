@@ -73,11 +73,11 @@ def test_the_cli_refuses_bad_torchrun_variables_at_once(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0"], "must be a positive finite number"),
-    (["--budget", "-1e12"], "must be a positive finite number"),
+    (["--budget=-1e12"], "must be a positive finite number"),
     (["--budget", "nan"], "must be a positive finite number"),
     (["--budget", "lots"], "must be a positive number"),
     (["--seq-len", "0"], "must be a positive integer"),
-    (["--batch", "-4", "--budget", "1e12"], "must be a positive integer"),
+    (["--batch=-4", "--budget", "1e12"], "must be a positive integer"),
 ])
 def test_flops_refuses_nonpositive_and_nan_arguments(args, message):
     one_line_error(modlm("flops", *args), message)
