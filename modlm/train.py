@@ -371,6 +371,8 @@ def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResul
     finally:
         if lock is not None:
             lock.release()
+            if resume is None and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()     # a new run refused before it wrote anything leaves nothing
 
 
 def _lock_run(run_dir: Path) -> atomic.FolderLock:
