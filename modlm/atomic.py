@@ -86,8 +86,9 @@ def atomic_folder(path: str | os.PathLike[str], replace: bool = False) -> Iterat
     """Write a whole folder: yield a hidden temporary sibling to fill; on success it becomes
     `path` (fsynced). An existing `path` must be empty, or `replace` must be set: then it is
     renamed aside, the new folder renamed in, and only then the old one deleted, so a crash
-    leaves the old folder or the new one (and at most a hidden `.NAME.*` sibling), never a mix.
-    On an error nothing at `path` changes."""
+    leaves a complete folder, never a mix: the old one or the new one at `path`, or (killed
+    between the two renames) the old one under its hidden `.NAME.*.old` name. An error raised
+    before the renames changes nothing at `path`."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a folder")

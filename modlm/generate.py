@@ -238,6 +238,13 @@ def sample_next(logits_NV: Tensor, *, temperature: float = 0.0, top_k: int | Non
     one generator for the batch or one per row (each row then draws from its own stream, so a row
     samples the same tokens whatever else is in the batch)."""
     _check_sampling(temperature, top_k, top_p)
+    return _sample(logits_NV, temperature, top_k, top_p, generator)
+
+
+def _sample(logits_NV: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """`sample_next` without the argument checks: the engine checks them once per generation,
+    not on every decode step."""
     if temperature == 0.0:
         return logits_NV.argmax(dim=-1)
     logits_NV = logits_NV.float()
@@ -745,8 +752,7 @@ class Engine:
 
         def sample(logits_BV: Tensor) -> Tensor:
             live = None if gens is None else [gens[r] for r in state.rows]
-            return sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=live)
+            return _sample(logits_BV, temperature, top_k, top_p, live)
 
         # The last sampled token of a row is never fed back, hence the -1.
         capacity = max(len(p) + n - 1 for p, n in zip(ids, budgets))

@@ -249,7 +249,9 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_keeps_it(tmp_pat
     kept = run / "checkpoints" / "damaged-step_00000008"
     assert "checkpoint step 8 is damaged" in out and str(kept) in out
     assert snapshot(kept) == damaged                # left as it was, for inspection
-    assert resumed.step == 8                        # resumed from step 4
+    assert resumed.step == 8
+    assert (run / "env.resume-00000004.json").is_file()      # resumed from step 4, not 0
+    assert "no checkpoint yet" not in out
     assert step_losses(run) == step_losses(full.run_dir)
     assert [c.step for c in list_checkpoints(run)] == [4, 8]
     load_checkpoint(latest_checkpoint(run))         # the new step 8 verifies
