@@ -172,6 +172,18 @@ class FolderLock:
                     f"releasing it ({previous})")
         return None
 
+    def take(self, advice: str) -> FolderLock:
+        """Acquire for a command: a live holder is refused as one ConfigError line (its pid and
+        `advice`, what the user can do), a takeover from a dead holder is said; returns self."""
+        from modlm.config import ConfigError
+        try:
+            took_over = self.acquire()
+        except FolderBusy as e:
+            raise ConfigError(f"{e}; {advice}") from None
+        if took_over:
+            print(f"modlm: {took_over}", flush=True)
+        return self
+
     def release(self) -> None:
         if self._fd is None:
             return

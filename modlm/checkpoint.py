@@ -59,7 +59,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from modlm import atomic
+from modlm import atomic, untrusted
 from modlm.config import ModelConfig
 from modlm.model import MoDLM
 from modlm.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -176,9 +176,9 @@ def _scan(root: Path) -> list[CheckpointInfo]:
         if not m or not (child / META_FILENAME).is_file():
             continue
         try:
-            meta = json.loads((child / META_FILENAME).read_text(encoding="utf-8"))
+            meta = untrusted.read_json(child / META_FILENAME)
             step = meta["step"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:   # UntrustedFileError is a ValueError
             warnings.warn(f"ignoring checkpoint {child}: unreadable {META_FILENAME} ({e})",
                           stacklevel=3)
             continue
@@ -534,6 +534,10 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     `resolve_checkpoint`). Tensors land on the CPU. With load_state=False state.pt is neither
     verified nor read (enough for inference). Never writes anything."""
     ckpt = resolve_checkpoint(path)
+    try:
+        untrusted.no_links_outside(ckpt, f"checkpoint {ckpt}")
+    except untrusted.UntrustedFileError as e:
+        raise _damaged(ckpt, str(e)) from None
     meta = _read_meta(ckpt)
     files = meta["files"]
     required = [CONFIG_FILENAME, MODEL_FILENAME] + ([STATE_FILENAME] if load_state else [])
@@ -543,7 +547,7 @@ def load_checkpoint(path: str | os.PathLike[str], *,
 
     _verify(ckpt, CONFIG_FILENAME, files)
     try:
-        config = json.loads((ckpt / CONFIG_FILENAME).read_text(encoding="utf-8"))
+        config = untrusted.read_json(ckpt / CONFIG_FILENAME)
         model_cfg = ModelConfig.from_dict(config["model"])
     except (ValueError, KeyError, TypeError) as e:   # ConfigError is a ValueError
         raise _damaged(ckpt, f"{CONFIG_FILENAME} does not describe a model ({e})",
@@ -593,11 +597,20 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                              expected_tokenizer_identity=expected_tokenizer_identity,
                              load_state=False)
     retrofit = loaded.run_config.get("retrofit") or {}
+    layer_counts: list[Any] = [loaded.model_cfg.n_layers]
     if retrofit.get("hf_config") is not None:
-        from modlm.hf.retrofit import model_from_run_config
-        model = model_from_run_config(loaded.model_cfg, retrofit)
+        from modlm.hf.retrofit import declared_layers, model_from_run_config
+
+        def build() -> nn.Module:
+            return model_from_run_config(loaded.model_cfg, retrofit)
+        layer_counts += declared_layers(retrofit["hf_config"])
     else:
-        model = MoDLM(loaded.model_cfg)
+        def build() -> nn.Module:
+            return MoDLM(loaded.model_cfg)
+    # Untrusted: the config's shapes must match the weights file before anything is allocated.
+    model = untrusted.build_to_fit(
+        build, {k: tuple(t.shape) for k, t in loaded.model_state.items()},
+        where=f"checkpoint {loaded.path}", layer_counts=layer_counts)
     try:
         model.load_state_dict(loaded.model_state, strict=True)
     except RuntimeError as e:
@@ -608,8 +621,8 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
 
 def _read_meta(ckpt: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((ckpt / META_FILENAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        meta = untrusted.read_json(ckpt / META_FILENAME)
+    except untrusted.UntrustedFileError as e:
         raise _damaged(ckpt, f"its {META_FILENAME} is unreadable ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) \
             or not isinstance(meta.get("step"), int):
@@ -626,7 +639,10 @@ def _verify(ckpt: Path, rel: str, files: Mapping[str, Any]) -> None:
     if not (isinstance(expected, dict) and isinstance(expected.get("size"), int)
             and isinstance(expected.get("sha256"), str)):
         raise _damaged(ckpt, f"{META_FILENAME} has no size and sha256 for {rel}")
-    path = ckpt / rel
+    try:
+        path = untrusted.inside(ckpt, rel, META_FILENAME)
+    except untrusted.UntrustedFileError as e:
+        raise _damaged(ckpt, str(e)) from None
     if not path.is_file():
         raise _damaged(ckpt, f"{rel} is missing")
     size = path.stat().st_size
@@ -683,7 +699,9 @@ def _damaged(ckpt: Path, problem: str, files_bad: bool = True) -> CheckpointErro
     DamagedCheckpoint when its files fail verification, a plain CheckpointError when verified
     files cannot be used here (a missing package, another modlm version), which resuming must
     not mistake for damage."""
-    others = [i for i in reversed(_scan(ckpt.parent)) if i.path.resolve() != ckpt.resolve()]
+    with warnings.catch_warnings():   # this checkpoint's own problem is the one to name
+        warnings.simplefilter("ignore")
+        others = [i for i in reversed(_scan(ckpt.parent)) if i.path.resolve() != ckpt.resolve()]
     if others:
         listed = ", ".join(f"{i.path} (step {i.step})" for i in others)
         hint = (f"pass an earlier checkpoint's folder in place of the run folder (`modlm train "

@@ -6,15 +6,25 @@ Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --se
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
+import re
+import signal
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modlm.config import ConfigError, ModelConfig, apply_overrides
 from modlm.presets import PRESETS, dense, get_preset
+
+if TYPE_CHECKING:
+    from modlm.checkpoint import LoadedCheckpoint
+    from modlm.data import DataConfig
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
@@ -153,8 +163,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its saved config; drop --set "
                               "(or start a new run)")
         cfg = load_run_config(args.resume)
+        args.run_dir = Path(args.resume)
+        fix = "fix its permissions, or copy the run somewhere writable and resume the copy"
     else:
         cfg = configure(args.preset, _parse_overrides(args.overrides))
+        args.run_dir = Path(cfg.out_dir) / cfg.run_name if cfg.run_name else None
+        fix = "choose another out_dir or run_name (--set out_dir=DIR, --set run_name=NAME)"
+    if os.environ.get("RANK", "0") in ("", "0"):    # under torchrun, rank 0 writes the run
+        _check_writable(args.run_dir or Path(cfg.out_dir),
+                        f"the run folder {args.run_dir}" if args.run_dir
+                        else f"the runs folder (out_dir) {cfg.out_dir}", fix)
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
@@ -192,8 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, loaded = load_model(resolve_checkpoint(args.run), device=device)
     model_cfg = model.cfg
-    run_cfg = loaded.run_config or {}
-    data_cfg = _data_config(run_cfg)
+    data_cfg = _checkpoint_data_config(loaded, args.corpus, args.data)
     seq_len = args.seq_len or data_cfg.seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
@@ -227,15 +244,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Stream a continuation of --prompt to the terminal, then the generation's statistics."""
+    from modlm.tokenizer import not_unicode
+
+    prompt = args.prompt
+    if args.escapes:  # backslash escapes only; other characters (é, 日本) pass through intact
+        prompt = prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    for option, text in (("--prompt", prompt), *(("--stop", s) for s in args.stop or ())):
+        where = not_unicode(text)   # e.g. bytes in another encoding, passed on the command line
+        if where is not None:
+            raise ConfigError(f"{option} holds {where}; give it as UTF-8 text (convert text in "
+                              f"another encoding first, e.g. with iconv -t UTF-8)")
+
     from modlm.checkpoint import load_model, resolve_checkpoint
     from modlm.generate import Engine
     from modlm.runtime import resolve_device
 
     model, loaded = load_model(resolve_checkpoint(args.run), device=resolve_device(args.device))
     engine = Engine(model, mode=args.mode)
-    prompt = args.prompt
-    if args.escapes:  # backslash escapes only; other characters (é, 日本) pass through intact
-        prompt = prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
     stream = engine.stream_text(
         loaded.tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop or (),
@@ -257,6 +282,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_data_config(loaded: LoadedCheckpoint, corpus: str | None,
+                            data: str | None) -> DataConfig:
+    """The data config a checkpoint recorded, for evaluating it, without the paths it names:
+    a checkpoint may come from someone else, and modlm reads and writes only where the user
+    points (the corpus comes from --corpus, the token cache from the user's own setting)."""
+    import dataclasses
+    recorded = _data_config(loaded.run_config or {})
+    if recorded.corpus is not None and corpus is None and data is None:
+        raise ConfigError(f"checkpoint {loaded.path} was trained on the corpus "
+                          f"{recorded.corpus!r}, and modlm reads no path a checkpoint names: pass "
+                          f"--corpus PATH to evaluate on that corpus's held-out part, or --data "
+                          f"FILE to evaluate on a text")
+    return dataclasses.replace(recorded, corpus=corpus, cache_dir=None)
+
+
 def _data_config(run_cfg: dict):
     from modlm.data import DataConfig
     return DataConfig.from_dict(run_cfg["data"]) if "data" in run_cfg else DataConfig()
@@ -270,6 +310,25 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
     return overrides
+
+
+def _check_writable(folder: Path, what: str, fix: str) -> None:
+    """Refuse at once, in one line, a folder this command must create or write in but cannot:
+    it or a folder above it is a file, or the nearest one that exists is read-only to this
+    process. (The write itself may still fail later; `main` reports that in one line too.)"""
+    nearest = next((p for p in (folder, *folder.parents) if os.path.exists(p)), None)
+    if nearest is None:
+        return
+    if not os.path.isdir(nearest):
+        raise ConfigError(f"{what} cannot be written: {nearest} is a file, not a folder; {fix}")
+    if not os.access(nearest, os.W_OK | os.X_OK,
+                     effective_ids=os.access in os.supports_effective_ids):
+        with contextlib.suppress(OSError, AttributeError):
+            if os.statvfs(nearest).f_flag & os.ST_RDONLY:
+                raise ConfigError(f"{what} cannot be written: {nearest} is on a read-only file "
+                                  f"system; {fix}")
+        raise ConfigError(f"{what} cannot be written: this user may not write in {nearest}; "
+                          f"{fix}")
 
 
 def _opt(t) -> str:
@@ -347,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="a text file, folder or JSON-lines file to evaluate on (default: the "
                         "run's validation split and the pydoc set)")
+    p.add_argument("--corpus", default=None,
+                   help="the corpus the run was trained on, to evaluate on its held-out part "
+                        "(a checkpoint's recorded paths are never read; default: the built-in "
+                        "corpus, for runs trained on it)")
     p.add_argument("--mode", default="all", choices=("all", "topk", "router", "predictor"))
     p.add_argument("--batches", type=_positive, default=None, help="at most this many batches")
     p.add_argument("--batch-size", type=_positive, default=8)
@@ -513,8 +576,11 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
+    # The export is written into a hidden sibling of OUT_DIR, then renamed: its parent is written.
+    _check_writable(Path(args.out_dir).parent, f"export target {args.out_dir}",
+                    "give a new or empty folder in a folder this user can write")
     from modlm.hf import export_checkpoint
-    try:
+    try:   # export_checkpoint refuses a target inside a run or checkpoint before it reads anything
         out = export_checkpoint(args.run, args.out_dir, which=args.which, routing_mode=args.mode,
                                 overwrite=args.overwrite)
     except ImportError as e:
@@ -564,7 +630,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 _USER_ERRORS = {"modlm.config": "ConfigError", "modlm.corpus": "DataError",
                 "modlm.tokenizer": "TokenizerError", "modlm.checkpoint": "CheckpointError",
-                "modlm.train": "TrainingError", "modlm.generate": "GenerationError"}
+                "modlm.train": "TrainingError", "modlm.generate": "GenerationError",
+                "modlm.untrusted": "UntrustedFileError"}
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -586,7 +653,75 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+# Write failures that are the machine's, not modlm's: the problem and the fix.
+_STORAGE_FAULTS = {
+    errno.ENOSPC: "no space is left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file would pass this process's file-size limit (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+}
+_FREE_SPACE = "free space or raise the limit"
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")   # how Rust libraries (safetensors) say it
+
+
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    """`e`, then what it was raised from or while handling (not a context it suppressed)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+
+
+def _storage_fault(e: BaseException, args: argparse.Namespace | None) -> str | None:
+    """One line for a disk that is full or read-only, a file-size limit or quota reached
+    (anywhere in `e`'s chain: libraries wrap the OSError), or a permission denied (an OSError
+    that escaped as it is); None for any other error."""
+    code, filename = None, None
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in _STORAGE_FAULTS:
+            code, filename = x.errno, x.filename
+            break
+        m = _OS_ERROR_IN_TEXT.search(str(x))
+        if m and int(m.group(1)) in _STORAGE_FAULTS:
+            code = int(m.group(1))
+            break
+    if code is None:
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
+            return (f"cannot open {e.filename or 'a file'}: permission denied; fix its "
+                    f"permissions or choose a folder this user can write")
+        return None
+    if filename is not None:
+        where = f"cannot write {filename}"
+    elif _is_user_error(e) and e.__cause__ is not None and f" ({e.__cause__!r})" in str(e):
+        where = str(e).split(f" ({e.__cause__!r})")[0]   # "saving checkpoint 4 into X failed"
+    else:
+        where = "a write failed"
+    fix = ("write to a folder on a writable file system" if code == errno.EROFS
+           else _FREE_SPACE)
+    message = f"{where}: {_STORAGE_FAULTS[code]}; {fix}"
+    command = getattr(args, "command", None)
+    if command == "train":
+        # Checkpoints are written whole into a temporary folder, then renamed into place.
+        run = getattr(args, "run_dir", None) or "RUN_FOLDER"
+        message += (f"; the run's earlier checkpoints are intact (each is written whole or not "
+                    f"at all): then continue it with `modlm train --resume {run}`")
+    elif command == "export-hf":
+        message += f"; {args.out_dir} is as it was (an export is renamed into place whole)"
+    return message
+
+
+def _ignore_file_size_signal() -> None:
+    """A write past RLIMIT_FSIZE then fails with EFBIG, reported in one line, instead of SIGXFSZ
+    killing the process without a word. (CPython's start-up ignores SIGXFSZ already; a program
+    that embeds Python, or restores the default before calling `main`, may not.)"""
+    with contextlib.suppress(AttributeError, ValueError):   # no SIGXFSZ; not the main thread
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _ignore_file_size_signal()
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -598,6 +733,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # corpus is tokenized, nothing is half-written: the caches are written atomically.
             print("modlm: interrupted", file=sys.stderr)
             return 130
+        fault = _storage_fault(e, args)
+        if fault is not None:
+            print(f"modlm: error: {fault}", file=sys.stderr)
+            return 2
         if _is_user_error(e):
             print(f"modlm: error: {e}", file=sys.stderr)
             return 2

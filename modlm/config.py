@@ -35,6 +35,11 @@ MLP_KINDS = ("swiglu", "gelu")
 MOE_LAYER_PATTERNS = ("all", "every_other", "routed", "none")
 
 
+# A bound that keeps a hostile or mistyped config from looping over a billion layers before any
+# size check can run (modlm.runtime.check_fits bounds what the layers allocate).
+MAX_LAYERS = 4096
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what would be valid."""
 
@@ -234,6 +239,9 @@ class ModelConfig:
             value = getattr(self, name)
             check(is_positive_int(value),
                    f"{name} must be a positive integer, got {value!r}")
+        check(self.n_layers <= MAX_LAYERS,
+              f"n_layers must be at most {MAX_LAYERS} (deeper than any transformer trained), "
+              f"got {self.n_layers}")
         check(self.d_model % self.n_heads == 0,
                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         check(self.head_dim % 2 == 0,

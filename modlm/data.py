@@ -13,7 +13,9 @@ and hashes the corpus text, which is cheap next to tokenizing it). Writes go to 
 temporary file that `os.replace` moves into place, so a crash never leaves a half-written cache.
 A trained BPE is cached the same way, keyed by its training text and vocabulary size. The cache
 folder is `DataConfig.cache_dir`, else $MODLM_CACHE_DIR, else $XDG_CACHE_HOME/modlm/tokens
-(~/.cache/modlm/tokens).
+(~/.cache/modlm/tokens). A cache that cannot be written (read-only, full, not a folder) is still
+read; what it lacks is tokenized (or trained) without caching, and one warning line per folder
+says so and how to fix it.
 
 Sampling: `TrainSampler` draws each step's global batch of `batch_size * world_size` random windows
 of `seq_len + 1` tokens from one RNG seeded by (seed, step); rank r keeps rows r::world_size. A
@@ -30,6 +32,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -151,8 +154,9 @@ class DataConfig:
 # ---- token cache ---------------------------------------------------------------------------------
 
 class CachedTokens(NamedTuple):
-    """Token ids of one text (memory-mapped when non-empty), their cache file, and whether they
-    were read from the cache (False: tokenized by this call)."""
+    """Token ids of one text (memory-mapped when non-empty, unless the cache could not be
+    written), their cache file, and whether they were read from the cache (False: tokenized by
+    this call)."""
 
     ids: np.ndarray
     path: Path
@@ -178,17 +182,20 @@ def tokenize_cached(text: str, tokenizer: Tokenizer,
     text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
     key = _hash(f"tokens-v{CACHE_VERSION}", tokenizer.identity, text_hash)
     path = cache_dir / f"{tokenizer.name}-{key}.npy"
-    if path.is_file():
-        try:
-            ids = np.load(path, mmap_mode="r")
-        except (ValueError, OSError):
-            ids = None  # unreadable (e.g. truncated by a full disk): tokenize again below
-        if ids is not None and ids.ndim == 1 and ids.dtype == tokenizer.dtype:
-            return CachedTokens(ids, path, True)
+    try:
+        ids = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        ids = None  # absent, or unreadable (e.g. truncated by a full disk): tokenize below
+    if ids is not None and ids.ndim == 1 and ids.dtype == tokenizer.dtype:
+        return CachedTokens(ids, path, True)
     ids = np.ascontiguousarray(tokenizer.encode_array(text), dtype=tokenizer.dtype)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_open(path, "wb") as f:
-        np.save(f, ids)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_open(path, "wb") as f:
+            np.save(f, ids)
+    except OSError as e:
+        _warn_unwritable(cache_dir, e)
+        return CachedTokens(ids, path, False)
     return CachedTokens(np.load(path, mmap_mode="r"), path, False)
 
 
@@ -200,7 +207,11 @@ def cached_bpe(train_text: str, vocab_size: int,
     key = _hash(f"bpe-v{CACHE_VERSION}", str(vocab_size),
                 hashlib.sha256(train_text.encode("utf-8")).hexdigest())
     target = cache_dir / f"bpe-tokenizer-{key}"
-    if target.is_dir():
+    try:
+        cached = target.is_dir()
+    except OSError:     # e.g. a cache folder this process may not search: trained below
+        cached = False
+    if cached:
         try:
             tok = load_tokenizer(target)
         except (TokenizerError, OSError, ValueError):
@@ -209,15 +220,38 @@ def cached_bpe(train_text: str, vocab_size: int,
             return tok, False
         shutil.rmtree(target, ignore_errors=True)
     tok = BPETokenizer.train(train_text, vocab_size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}."))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}."))
+    except OSError as e:
+        _warn_unwritable(cache_dir, e)
+        return tok, True
     try:
         tok.save(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _warn_unwritable(cache_dir, e)
+        return tok, True
+    try:
         os.replace(tmp, target)
     except OSError:
         # Another process stored the same tokenizer first; theirs is identical.
         shutil.rmtree(tmp, ignore_errors=True)
     return tok, True
+
+
+_warned_unwritable: set[Path] = set()
+
+
+def _warn_unwritable(cache_dir: Path, e: OSError) -> None:
+    """One line per folder and process: the cache could not be written, and the fix."""
+    if cache_dir in _warned_unwritable:
+        return
+    _warned_unwritable.add(cache_dir)
+    print(f"modlm: warning: cannot write the token cache {cache_dir} "
+          f"({e.strerror or type(e).__name__}); going on without caching, so the next run "
+          f"tokenizes again: set data.cache_dir or ${CACHE_DIR_ENV} to a writable folder",
+          file=sys.stderr, flush=True)
 
 
 def _hash(*parts: str) -> str:

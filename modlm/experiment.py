@@ -32,6 +32,7 @@ evaluation or checkpointing), so time ratios between runs come from the records.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,7 +42,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,16 +442,18 @@ def run_spec(ctx: Context, spec: RunSpec, index: int = 0, total: int = 0) -> Run
     cfg = dataclasses.replace(spec.train, out_dir=str(ctx.runs_dir), run_name=spec.name)
     resume = None
     if run_dir.exists():
-        if ckpt.latest_checkpoint(run_dir) is None:  # died before its first checkpoint
-            shutil.rmtree(run_dir)
-        else:
-            saved = json.loads((run_dir / "config.json").read_text())
-            if config_hash(saved) != spec.config_hash():
-                raise ConfigError(
-                    f"{run_dir} holds an unfinished run with a different configuration than "
-                    f"this experiment plans; continue it with the options it was started with, "
-                    f"delete that folder to start it again, or use another --out")
-            resume = run_dir
+        with _run_lock(run_dir, "train it again"):   # never under a live writer's feet
+            if ckpt.latest_checkpoint(run_dir) is None:  # died before its first checkpoint
+                _empty_folder(run_dir)
+            else:
+                saved = json.loads((run_dir / "config.json").read_text())
+                if config_hash(saved) != spec.config_hash():
+                    raise ConfigError(
+                        f"{run_dir} holds an unfinished run with a different configuration "
+                        f"than this experiment plans; continue it with the options it was "
+                        f"started with, delete that folder to start it again, or use another "
+                        f"--out")
+                resume = run_dir
     n_steps = total_steps(cfg, 1)
     print(f"{where}{spec.name}: {'continuing' if resume else 'training'} "
           f"{flop_count.param_count(spec.model).total:,d} parameters for {n_steps} steps "
@@ -467,13 +470,38 @@ def run_spec(ctx: Context, spec: RunSpec, index: int = 0, total: int = 0) -> Run
     result = dataclasses.replace(result, eval_wall_s=time.perf_counter() - t1)
     ctx.results_dir.mkdir(parents=True, exist_ok=True)
     if not spec.keep_checkpoint:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        with _run_lock(run_dir, "record its result"):
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         result = dataclasses.replace(result, checkpoint=None)
     atomic.write_json(result_path, result.to_dict())
     print(f"{where}{spec.name}: held-out loss {result.headline_loss:.4f} "
           f"({result.headline_mode}); median step {ms(result.median_step_s)}; "
           f"trained in {wall:.0f} s, evaluated in {result.eval_wall_s:.0f} s", flush=True)
     return result
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, then: str) -> Iterator[None]:
+    """The run folder's lock (atomic.FolderLock, the one `train` takes) for the block: the
+    runner deletes nothing in a folder another process is writing (another runner of the same
+    record training this run, or `modlm train --resume`); such a folder is refused."""
+    lock = atomic.FolderLock(run_dir).take(f"nothing was deleted: wait for it to finish (or "
+                                           f"stop it), then run the same command again to {then}")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _empty_folder(folder: Path) -> None:
+    """Delete what `folder` holds, except its lock (held by the caller while it deletes)."""
+    for p in folder.iterdir():
+        if p.name == atomic.FolderLock.NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _evaluate_run(ctx: Context, spec: RunSpec, cfg: Any, run_dir: Path, steps: int,

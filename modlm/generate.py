@@ -53,6 +53,7 @@ from modlm import routing
 from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, causal_update, finish
 from modlm.config import ModelConfig
 from modlm.layers import attend
+from modlm.tokenizer import not_unicode
 
 GENERATION_MODES = ("router", "predictor")
 FINISH_REASONS = ("length", "stop_token", "stop_string", "context")
@@ -646,7 +647,7 @@ class Engine:
         """Encode text prompts, generate, and decode each continuation (cut before a stop string,
         without a final stop token). Keyword arguments are `generate`'s."""
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        result = self.generate([tokenizer.encode(t) for t in texts], max_new_tokens,
+        result = self.generate(_encode_prompts(tokenizer, texts), max_new_tokens,
                                tokenizer=tokenizer, **kwargs)
         stops = set(kwargs.get("stop_token_ids", ()))
         stop_strings = kwargs.get("stop_strings", ())
@@ -669,8 +670,8 @@ class Engine:
         Keyword arguments are `generate`'s; the returned stream's `result` has the statistics."""
         stops = set(kwargs.get("stop_token_ids", ()))
         stop_strings = list(kwargs.get("stop_strings", ()))
-        stream = self.stream([tokenizer.encode(prompt)], max_new_tokens, tokenizer=tokenizer,
-                             **kwargs)
+        stream = self.stream(_encode_prompts(tokenizer, [prompt]), max_new_tokens,
+                             tokenizer=tokenizer, **kwargs)
         return TextStream(self._text_pieces(stream, tokenizer, stops, stop_strings), stream)
 
     @staticmethod
@@ -836,6 +837,19 @@ class Engine:
             kv_cache_allocated_bytes=sum(c.k_BHCd.nbytes + c.v_BHCd.nbytes
                                          for c in state.caches),
             dense_kv_cache_bytes=fed * sum(entry_bytes))
+
+
+def _encode_prompts(tokenizer: _TextTokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text prompt; a prompt that is not Unicode text (a lone surrogate, e.g.
+    bytes that are not UTF-8 from the command line) is a GenerationError, whatever the
+    tokenizer."""
+    for b, text in enumerate(texts):
+        where = not_unicode(text) if isinstance(text, str) else None
+        if where is not None:
+            raise GenerationError(f"prompt {b} holds {where}: it is not Unicode text, so it has "
+                                  f"no token ids; decode it as UTF-8 (or replace those "
+                                  f"characters)")
+    return [tokenizer.encode(t) for t in texts]
 
 
 # ---- attention pieces shared by prefill and decode ---------------------------------------------

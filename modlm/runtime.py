@@ -6,20 +6,24 @@
   float32; router logits, top-k and losses stay float32 inside the model). float16 is refused on
   CPU, where it is about 100x slower than float32.
 - Processes: under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) a process group
-  is set up with NCCL on CUDA and gloo on CPU; `Dist` says who we are.
+  is set up with NCCL on CUDA and gloo on CPU; `Dist` says who we are. What rank 0 alone does
+  (lock and write the run folder, pick the checkpoint to resume from) runs through
+  `on_rank_zero` / `rank_zero_first`, which raise its error on every rank: all exit with the same
+  one-line error, and none waits at a collective for a rank that left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import platform
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +31,7 @@ import torch.distributed as dist
 from modlm.config import ConfigError
 
 DTYPES = ("float32", "bfloat16")
+T = TypeVar("T")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -193,11 +198,69 @@ def environment(device: torch.device, dtype: str, d: Dist) -> dict[str, Any]:
     return info
 
 
+def _portable(error: BaseException | None) -> BaseException | None:
+    """`error` as it can travel to another process: itself when it survives pickling, else a
+    RuntimeError with its type and message."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def share_outcome(d: Dist, error: BaseException | None, value: Any = None) -> Any:
+    """Every rank learns whether any rank failed: a collective that every rank calls at the same
+    point, each with its own error (or None). When one failed, every rank raises the failure of
+    the lowest rank that failed (its own exception where that is this rank, a copy with the same
+    type and message elsewhere), so all exit with the same error and none waits at a later
+    collective for a rank that left. Returns rank 0's `value`. One process: raises `error`."""
+    if not d.enabled:
+        if error is not None:
+            raise error
+        return value
+    outcomes: list[Any] = [None] * d.world_size
+    dist.all_gather_object(outcomes, (_portable(error), value))
+    for rank, (failure, _) in enumerate(outcomes):
+        if failure is not None:
+            if rank == d.rank and error is not None:
+                raise error
+            raise failure from error
+    return outcomes[0][1]
+
+
+def on_rank_zero(d: Dist, fn: Callable[[], T], *, share: bool = False) -> T | None:
+    """`fn()` on rank 0 alone (e.g. what writes the run folder) while the others wait; an error
+    it raises is raised on every rank (share_outcome). Returns fn's value on rank 0, and on the
+    others too with `share` (it must pickle), else None there."""
+    if not d.enabled:
+        return fn()
+    value, error = None, None
+    if d.is_main:
+        try:
+            value = fn()
+        except (Exception, KeyboardInterrupt) as e:
+            error = e
+    shared = share_outcome(d, error, value if share else None)
+    return value if d.is_main else shared
+
+
 @contextlib.contextmanager
 def rank_zero_first(d: Dist) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. tokenizes and fills a cache), then the others."""
-    if d.enabled and not d.is_main:
-        dist.barrier()
-    yield
-    if d.enabled and d.is_main:
-        dist.barrier()
+    """Rank 0 runs the block first (e.g. tokenizes and fills a cache), then the others. An error
+    in the block is raised on every rank (share_outcome): rank 0's before the others start
+    theirs, another rank's once they are done, so no rank waits for one that left."""
+    if not d.enabled:
+        yield
+        return
+    if not d.is_main:
+        share_outcome(d, None)          # rank 0's outcome (raises its error here)
+    error = None
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as e:
+        error = e
+    share_outcome(d, error)             # rank 0: its own; the others: theirs
+    if d.is_main:
+        share_outcome(d, None)          # the others' outcomes

@@ -31,13 +31,13 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from modlm import atomic
+from modlm import atomic, untrusted
 
 TOKENIZER_NAMES = ("bytes", "bpe", "gpt2", "hf")
 META_FILENAME = "modlm_tokenizer.json"
@@ -61,10 +61,43 @@ GPT2_HELLO_WORLD_IDS = (15496, 995)
 _EXACT_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
 _ENCODE_CHUNK_CHARS = 1 << 18
 _ENCODE_CHUNKS_PER_BATCH = 16
+# A lone surrogate: not Unicode text. Python decodes bytes that are not UTF-8 into U+DC80..U+DCFF
+# (surrogateescape: command-line arguments, environment variables, file names).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TokenizerError(ValueError):
     """A tokenizer cannot be built, trained, saved or loaded; the message says why and the fix."""
+
+
+def not_unicode(text: str) -> str | None:
+    """Where `text` stops being Unicode text, for an error message ("the byte 0xff, which is not
+    UTF-8, at character 3"): its first lone surrogate; None when it has none."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    c = ord(m.group())
+    what = (f"the byte 0x{c - 0xDC00:02x}, which is not UTF-8," if 0xDC80 <= c <= 0xDCFF
+            else f"U+{c:04X}, a lone surrogate,")
+    return f"{what} at character {m.start()}"
+
+
+def _refuse_if_not_unicode(text: Any) -> None:
+    """Raise TokenizerError when `text` is a string holding a lone surrogate (which no tokenizer
+    can encode: UTF-8 has no bytes for it)."""
+    where = not_unicode(text) if isinstance(text, str) else None
+    if where is not None:
+        raise TokenizerError(f"the text holds {where}: it is not Unicode text and has no token "
+                             f"ids; decode the input as UTF-8 (or replace those characters) "
+                             f"before encoding it")
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        _refuse_if_not_unicode(text)
+        raise
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -158,10 +191,10 @@ class ByteTokenizer(Tokenizer):
         return "bytes:utf-8"
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(_utf8(text))
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        return np.frombuffer(_utf8(text), dtype=np.uint8)
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -191,14 +224,23 @@ class _HFTokenizer(Tokenizer):
         return self._identity
 
     def encode(self, text: str) -> list[int]:
-        return list(self._hf.encode(text, add_special_tokens=False).ids)
+        try:
+            return list(self._hf.encode(text, add_special_tokens=False).ids)
+        except TypeError:   # what `tokenizers` raises for a lone surrogate
+            _refuse_if_not_unicode(text)
+            raise
 
     def encode_array(self, text: str) -> np.ndarray:
         pieces: list[np.ndarray] = []
         chunks = list(_exact_chunks(text, _ENCODE_CHUNK_CHARS))
         for start in range(0, len(chunks), _ENCODE_CHUNKS_PER_BATCH):
             batch = chunks[start:start + _ENCODE_CHUNKS_PER_BATCH]
-            for enc in self._hf.encode_batch(batch, add_special_tokens=False):
+            try:
+                encoded = self._hf.encode_batch(batch, add_special_tokens=False)
+            except TypeError:
+                _refuse_if_not_unicode(text)
+                raise
+            for enc in encoded:
                 pieces.append(np.asarray(enc.ids, dtype=self.dtype))
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
 
@@ -238,7 +280,7 @@ class BPETokenizer(_HFTokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> BPETokenizer:
         tk = _import_tokenizers("the 'bpe' tokenizer")
-        return cls(tk.Tokenizer.from_file(str(path)))
+        return cls(_read_tokenizer_file(lambda: tk.Tokenizer.from_file(str(path)), path))
 
     def _write_files(self, directory: Path) -> list[str]:
         atomic.write_text(directory / HF_FILENAME, self._hf.to_str(pretty=True))
@@ -263,8 +305,9 @@ class GPT2Tokenizer(_HFTokenizer):
             if not p.is_file():
                 raise TokenizerError(f"GPT-2 tokenizer file {p} is missing")
         tk = _import_tokenizers("the 'gpt2' tokenizer")
-        hf = _byte_level(tk, tk.models.BPE.from_file(str(vocab_path), str(merges_path)))
-        return cls(hf, vocab_path, merges_path)
+        model = _read_tokenizer_file(
+            lambda: tk.models.BPE.from_file(str(vocab_path), str(merges_path)), vocab_path)
+        return cls(_byte_level(tk, model), vocab_path, merges_path)
 
     @classmethod
     def from_package(cls) -> GPT2Tokenizer:
@@ -326,13 +369,18 @@ class PretrainedTokenizer(_HFTokenizer):
         except ImportError:
             raise TokenizerError("a Hugging Face model's tokenizer needs the optional package "
                                  "`transformers`: pip install 'modlm[hf]'") from None
-        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                                 trust_remote_code=False))
+        try:
+            untrusted.check_hf_tokenizer_files(folder)
+        except untrusted.UntrustedFileError as e:
+            raise TokenizerError(str(e)) from None
+        return cls(_read_tokenizer_file(
+            lambda: AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                  trust_remote_code=False), folder))
 
     def encode_array(self, text: str) -> np.ndarray:
         # In one piece: the cuts `_exact_chunks` relies on hold for GPT-2's pre-tokenizer, not
         # for every model's (a SentencePiece prefix space would change tokens at each cut).
-        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
+        return np.asarray(self.encode(text), dtype=self.dtype)
 
     def _write_files(self, directory: Path) -> list[str]:
         written = self.transformers_tokenizer.save_pretrained(str(directory))
@@ -411,9 +459,9 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
             f"Tokenizer.save) or a Hugging Face {HF_FILENAME}; point at the run or tokenizer "
             f"folder that holds them")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = untrusted.read_json(meta_path, "tokenizer metadata")
         name = meta["name"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (untrusted.UntrustedFileError, KeyError, TypeError) as e:
         raise TokenizerError(f"{meta_path} is not valid tokenizer metadata ({e}); re-save the "
                              f"tokenizer") from None
     if name == "bytes":
@@ -429,6 +477,19 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     if name == "hf":
         return PretrainedTokenizer.from_folder(directory)
     raise TokenizerError(f"{meta_path} names unknown tokenizer {name!r}; known: {TOKENIZER_NAMES}")
+
+
+def _read_tokenizer_file(read: Callable[[], Any], path: str | os.PathLike[str]) -> Any:
+    """`read()`, with whatever the tokenizer libraries raise on a malformed file (including the
+    Rust library's panics, which are not Exceptions) turned into a TokenizerError naming it."""
+    try:
+        return read()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TokenizerError(f"the tokenizer in {path} cannot be read ({first}); it is damaged "
+                             f"or was not written by modlm or Hugging Face") from None
 
 
 def _byte_level(tk: Any, model: Any) -> Any:

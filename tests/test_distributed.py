@@ -22,11 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    lines = [" ".join(str((i * j) % 97) for j in range(30)) for i in range(500)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+def corpus(number_corpus: Path) -> Path:
+    return number_corpus
 
 
 def run_train(tmp_path: Path, corpus: Path, name: str, nproc: int, *sets: str,

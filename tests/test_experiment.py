@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,6 +183,39 @@ def test_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, corpus
     assert not r.resumed and r.steps == 6
     assert 99.0 not in step_losses(root / "runs" / "dense").values()
 
+
+
+_HOLD_LOCK = """
+import sys, time
+from modlm.atomic import FolderLock
+FolderLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_folder_another_process_is_writing_is_never_deleted(tmp_path, corpus):
+    """A run with no checkpoint is deleted and trained again only under its lock: while another
+    process holds it (a second runner of the record training that run), nothing is deleted."""
+    exp = tiny_experiment(two_stages=False)
+    live = tmp_path / "rec" / "tiny" / "runs" / "dense"
+    live.mkdir(parents=True)
+    (live / "config.json").write_text("{}")
+    (live / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n')
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(live)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p.name: p.read_bytes() for p in live.iterdir()}
+        with pytest.raises(ConfigError, match=f"{live} is being written by another process "
+                                              f"\\(pid {holder.pid} .*nothing was deleted"):
+            run_experiment(exp, opts(tmp_path, corpus))
+        assert {p.name: p.read_bytes() for p in live.iterdir()} == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    root = run_experiment(exp, opts(tmp_path, corpus))  # the writer gone: trained again
+    assert 99.0 not in step_losses(root / "runs" / "dense").values()
 
 def test_same_seed_same_result_other_seed_differs(tmp_path, corpus):
     ctx = Context(tiny_experiment(), opts(tmp_path, corpus))

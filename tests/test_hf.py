@@ -422,6 +422,52 @@ def test_export_never_overwrites_without_asking_and_never_writes_into_a_run(tmp_
     assert main(["export-hf", str(run), str(tmp_path / "empty")]) == 0
 
 
+
+def _tree(root):
+    """Every file (with its bytes) and folder (None) under root, by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def test_export_refuses_any_target_inside_a_run_or_checkpoint_folder(tmp_path, capsys):
+    from modlm.cli import main
+    _, run = _saved_run(tmp_path)
+    (run / "config.json").write_text('{"the": "run config"}')
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "tb").mkdir()                                    # an empty folder of the run
+    ckpt = next((run / "checkpoints").iterdir())
+    _, second = _saved_run(tmp_path / "second")             # another run, checkpoints only
+    second_ckpt = next((second / "checkpoints").iterdir())
+    starting = tmp_path / "starting"                        # a run its trainer has just locked
+    starting.mkdir()
+    (starting / ".lock").write_text("pid 1 on host, since 2025-01-01 00:00:00")
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    inside = "exports never write into a modlm run or checkpoint folder (even with --overwrite)"
+    for target, says in (
+            (run / "some" / "new" / "sub", inside),            # below the run, not there yet
+            (run / "tb", inside),                               # an empty folder of the run
+            (ckpt / "sub", inside),                             # inside the exported checkpoint
+            (run / "checkpoints" / "step_99999999", inside),   # would look like a checkpoint
+            (second / "checkpoints", inside),                   # another run's checkpoints/
+            (second_ckpt / "new" / "sub", inside),              # inside another checkpoint
+            (starting / "sub", inside),
+            (tmp_path / "second", "--overwrite would delete it")):  # holds a run deeper down
+        for extra in ([], ["--overwrite"]):
+            if says != inside and not extra:
+                continue
+            assert main(["export-hf", str(run), str(target), *extra]) == 2, target
+            err = capsys.readouterr().err
+            assert says in err and err.count("\n") == 1 and "Traceback" not in err, err
+            assert _tree(tmp_path) == before, target       # nothing written, nothing removed
+    # Folders that merely look alike (a project's own checkpoints/ and meta.json) are no run.
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "model.pt").write_bytes(b"not modlm")
+    (project / "meta.json").write_text("{}")
+    assert main(["export-hf", str(run), str(project / "exports" / "new")]) == 0
+    assert (project / "exports" / "new" / "model.safetensors").is_file()
+
 # ---- dense parity with Llama -------------------------------------------------------------------
 
 

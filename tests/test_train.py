@@ -408,7 +408,11 @@ def test_bpe_tokenizer_sets_the_model_vocabulary_and_eval_cli_reads_the_run(tmp_
     assert saved.model.vocab_size == load_tokenizer(run / "tokenizer").vocab_size
     assert saved.model.vocab_size != cfg.model.vocab_size
     capsys.readouterr()
-    assert main(["eval", str(run), "--mode", "router", "--batches", "1", "--device", "cpu"]) == 0
+    # A checkpoint's recorded corpus is never read by itself: the user names it.
+    assert main(["eval", str(run), "--mode", "router", "--batches", "1", "--device", "cpu"]) == 2
+    assert "--corpus" in capsys.readouterr().err
+    assert main(["eval", str(run), "--corpus", str(corpus), "--mode", "router", "--batches", "1",
+                 "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     rows = [l.split() for l in out.splitlines() if l.startswith(("val ", "pydoc "))]
     assert [(r[0], r[1]) for r in rows] == [("val", "router"), ("pydoc", "router")]

@@ -82,13 +82,14 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     """
     require_transformers()
     from modlm.checkpoint import load_model, resolve_checkpoint
+    from modlm.hf.export import check_export_target
     from modlm.hf.modeling import from_modlm
     from modlm.hf.tokenizer import save_hf_tokenizer, special_token_ids
     from modlm.tokenizer import PretrainedTokenizer
 
     ckpt = resolve_checkpoint(path, which)  # type: ignore[arg-type]
     out = Path(out_dir)
-    _check_export_target(out, ckpt, overwrite)
+    check_export_target(out, ckpt, overwrite)   # before anything is read or written
     model, loaded = load_model(ckpt)
     # Deviation: no eos_token_id in the model's config (hence its generation config), though the
     # tokenizer declares one: modlm's training text has no end-of-text separators, so generation
@@ -105,29 +106,6 @@ def export_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         wrapper.save_pretrained(tmp)      # with the trust_remote_code shim (modlm.hf.export)
         save_hf_tokenizer(loaded.tokenizer, tmp, model_max_length=model.cfg.max_seq_len)
     return out
-
-
-def _check_export_target(out: Path, ckpt: Path, overwrite: bool) -> None:
-    """Refuse a target that is a file, that holds a modlm run or checkpoint (or the checkpoint
-    being exported), or that is not empty unless `overwrite`."""
-    from modlm.checkpoint import CheckpointError
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"export target {out} is a file; give a new or empty folder")
-    target = out.resolve()
-    if target == ckpt.resolve() or target in ckpt.resolve().parents:
-        raise CheckpointError(f"export target {out} holds the checkpoint being exported "
-                              f"({ckpt}); give a new or empty folder outside the run")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if (out / "meta.json").is_file() or (out / "checkpoints").is_dir() or (
-            (out / "config.json").is_file() and (out / "metrics.jsonl").is_file()):
-        raise CheckpointError(f"export target {out} is a modlm run or checkpoint folder; exports "
-                              f"never write into one (even with --overwrite): give a new or "
-                              f"empty folder")
-    if not overwrite:
-        raise CheckpointError(f"export target {out} is not empty; give a new or empty folder, "
-                              f"or pass --overwrite to replace what is there (replaced only once "
-                              f"the new export is complete)")
 
 
 def __getattr__(name: str) -> Any:

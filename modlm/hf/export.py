@@ -37,10 +37,11 @@ import contextlib
 import importlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from modlm.atomic import write_json, write_text
+from modlm.atomic import FolderLock, write_json, write_text
 
 SHIM_NAME = "modeling_modlm"      # the module file make_remote_loadable writes (.py)
 
@@ -136,3 +137,91 @@ def installed_classes_only(*classes: type) -> Iterator[None]:
                     delattr(c, "_auto_class")
             else:
                 c._auto_class = value   # type: ignore[attr-defined]
+
+
+# ---- where an export may go ---------------------------------------------------------------------
+
+# What a run's checkpoints/ folder holds: checkpoints, damaged ones set aside, debris of saves.
+_CHECKPOINT_ENTRY = re.compile(r"^(step_\d{8,}|damaged-step_\d{8,}|\.step_\d{8,}\..*)$")
+
+
+def _entries(folder: Path) -> list[str]:
+    try:
+        return [p.name for p in folder.iterdir()]
+    except OSError:             # not a folder, or not readable: nothing modlm wrote
+        return []
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def modlm_folder(folder: Path) -> str | None:
+    """What `folder` is to modlm: "a checkpoint folder", "a run's checkpoints/ folder" or "a run
+    folder" (also one a trainer has just locked and not yet filled), or None. Decided from
+    markers no other tool's folder has together, so that an unrelated `checkpoints/` or
+    `meta.json` (in a project folder, say) does not count."""
+    names = set(_entries(folder))
+    if not names:
+        return None
+    if "meta.json" in names and (folder.name.startswith(("step_", "damaged-step_"))
+                                 or folder.parent.name == "checkpoints"):
+        return "a checkpoint folder"
+    if folder.name == "checkpoints" and any(_CHECKPOINT_ENTRY.match(n) for n in names):
+        return "a run's checkpoints/ folder"
+    if "checkpoints" in names and any(_CHECKPOINT_ENTRY.match(n)
+                                      for n in _entries(folder / "checkpoints")):
+        return "a run folder"
+    if "config.json" in names and names & {"metrics.jsonl", "env.json"}:
+        return "a run folder"
+    if FolderLock.NAME in names:
+        try:
+            holder = (folder / FolderLock.NAME).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            holder = ""
+        if holder.startswith("pid "):   # FolderLock's record: a trainer's run folder
+            return "a run folder"
+    return None
+
+
+def check_export_target(out_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str],
+                        overwrite: bool = False) -> None:
+    """Refuse (CheckpointError, before anything is written) an export target that is a file,
+    that holds the checkpoint being exported, that is or lies anywhere inside a modlm run folder,
+    a run's checkpoints/ folder or a checkpoint folder (RUN/new/sub would write into the run;
+    even with `overwrite`), that is not empty unless `overwrite`, or, with `overwrite`, that
+    holds a run or checkpoint folder at any depth (replacing it would delete that)."""
+    from modlm.checkpoint import CheckpointError
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export target {out} is a file; give a new or empty folder")
+    target, source = out.resolve(), Path(checkpoint).resolve()
+    if target == source or target in source.parents:
+        raise CheckpointError(f"export target {out} holds the checkpoint being exported "
+                              f"({checkpoint}); give a new or empty folder outside the run")
+    for folder in (target, *target.parents):
+        kind = modlm_folder(folder)
+        if kind is None and folder == target and (
+                _is_file(folder / "meta.json") or (folder / "checkpoints").is_dir()
+                or (_is_file(folder / "config.json") and _is_file(folder / "metrics.jsonl"))):
+            kind = "a run or checkpoint folder"     # the target itself: looser markers
+        if kind is not None:
+            where = "is" if folder == target else f"is inside {folder}, which is"
+            raise CheckpointError(f"export target {out} {where} {kind}; exports never write into "
+                                  f"a modlm run or checkpoint folder (even with --overwrite): "
+                                  f"give a new or empty folder outside it")
+    if not out.is_dir() or not _entries(out):
+        return
+    if not overwrite:
+        raise CheckpointError(f"export target {out} is not empty; give a new or empty folder, "
+                              f"or pass --overwrite to replace what is there (replaced only once "
+                              f"the new export is complete)")
+    for below, _, _ in os.walk(target):
+        kind = modlm_folder(Path(below))
+        if kind is not None:
+            raise CheckpointError(f"export target {out} holds {below}, which is {kind}; "
+                                  f"--overwrite would delete it with the rest: give a new or "
+                                  f"empty folder")

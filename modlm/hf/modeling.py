@@ -42,7 +42,9 @@ loss plus the weighted auxiliary losses), `lm_loss` the LM part alone.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from modlm import untrusted
 from modlm.config import ModelConfig
 from modlm.generate import GENERATION_MODES, DecodeState, Engine, GenerationError
 from modlm.layers import Rotary
@@ -121,6 +124,37 @@ class ModLMConfig(PreTrainedConfig):
             return MoDLM(self.model_config())
         from modlm.hf.retrofit import model_from_run_config
         return model_from_run_config(self.model_config(), self.retrofit)
+
+
+def check_folder_fits(cls: type[ModLMForCausalLM], folder: str | os.PathLike[str]) -> None:
+    """Refuse a saved model folder whose config.json does not describe the weights it holds (names
+    and shapes from the safetensors headers; modlm.untrusted), before transformers builds
+    anything: a folder from someone else cannot make the loader allocate what its files do not
+    justify, nor fail with a RecursionError on a hostile config."""
+    folder = Path(folder)
+    config_dict = untrusted.read_json(folder / "config.json", "model config")
+    if not isinstance(config_dict, dict):
+        raise untrusted.UntrustedFileError(f"{folder / 'config.json'} is not a JSON object")
+    config = cls.config_class.from_dict(config_dict)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        shards = [folder / "model.safetensors"]
+    elif index.is_file():
+        weight_map = untrusted.read_json(index, "weights index").get("weight_map", {})
+        shards = [untrusted.inside(folder, name, str(index))
+                  for name in sorted(set(weight_map.values()))]
+    else:
+        return   # transformers says what is missing
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        shapes.update(untrusted.weights_shapes(shard))
+    layer_counts: list[Any] = [config.num_hidden_layers]
+    if config.retrofit is not None:
+        from modlm.hf.retrofit import declared_layers
+        layer_counts += declared_layers(config.retrofit["hf_config"])
+    untrusted.build_to_fit(lambda: cls(config), shapes, where=f"model folder {folder}",
+                           layer_counts=layer_counts,
+                           absent_ok=lambda model: model._tied_weights_keys or {})
 
 
 @dataclass
@@ -353,9 +387,13 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' `from_pretrained`, made strict: a missing, unexpected or mis-shaped
-        weight raises instead of leaving a randomly initialised tensor."""
+        weight raises instead of leaving a randomly initialised tensor. A local folder is checked
+        first (`check_folder_fits`): its config must describe exactly the weights it holds before
+        any memory is allocated."""
         wants_info = kwargs.get("output_loading_info", False)
         kwargs["output_loading_info"] = True
+        if args and os.path.isdir(args[0]):
+            check_folder_fits(cls, args[0])
         model, info = super().from_pretrained(*args, **kwargs)
         bad = {k: sorted(map(str, v)) for k, v in info.items()
                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}

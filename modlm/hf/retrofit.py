@@ -630,6 +630,12 @@ def hf_config_from_dict(d: Mapping[str, Any]) -> Any:
     return CONFIG_MAPPING[model_type].from_dict(dict(d))
 
 
+def declared_layers(d: Mapping[str, Any]) -> list[Any]:
+    """The layer counts a Hugging Face config dict declares, under any family's name (checked
+    against a weights file before a model is built: modlm.untrusted.build_to_fit)."""
+    return [d[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in d]
+
+
 # ---- building ----------------------------------------------------------------------------------
 
 def retrofit(hf_model: nn.Module, routing_cfg: RoutingConfig | None = None, *,
