@@ -719,8 +719,16 @@ def _ignore_file_size_signal() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _quiet_torch_logs() -> None:
+    """torch's C++ layer logs its retries with stack frames to stderr (a torchrun rank waiting
+    for a peer that never comes prints pages before the one-line error); keep it to fatal
+    messages unless the user chose a level. Read once, when torch loads, so set here first."""
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _ignore_file_size_signal()
+    _quiet_torch_logs()
     args = None
     try:
         args = build_parser().parse_args(argv)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -146,14 +147,40 @@ def init_distributed(device_name: str) -> Dist:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
+        setup = setup_timeout()
         try:
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            # Set-up waits at most `setup` for every rank to join (torch's default, 30 minutes,
+            # would leave a rank started alone hanging); later collectives keep the default.
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=setup)
         except (RuntimeError, ValueError) as e:   # torch's DistNetworkError is a RuntimeError
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"could not join the process group at "
                               f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} as rank "
-                              f"{rank} of {world} ({first}); {_LAUNCH}") from None
+                              f"{rank} of {world} within {setup.total_seconds():g} s ({first}); "
+                              f"start every rank (torchrun does) or raise "
+                              f"{SETUP_TIMEOUT_VAR}; {_LAUNCH}") from None
+        from torch.distributed import distributed_c10d
+        if hasattr(distributed_c10d, "_set_pg_timeout"):
+            distributed_c10d._set_pg_timeout(distributed_c10d.default_pg_timeout)
     return Dist(rank, world, local)
+
+
+SETUP_TIMEOUT_VAR = "MODLM_DIST_SETUP_TIMEOUT"
+
+
+def setup_timeout(env: Mapping[str, str] | None = None) -> timedelta:
+    """How long joining a process group may wait for the other ranks: $MODLM_DIST_SETUP_TIMEOUT
+    seconds, default 120."""
+    env = os.environ if env is None else env
+    text = env.get(SETUP_TIMEOUT_VAR, "120")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e7:
+        raise ConfigError(f"{SETUP_TIMEOUT_VAR}={text!r} is not a number of seconds; unset it "
+                          f"or give a positive number")
+    return timedelta(seconds=seconds)
 
 
 def shutdown_distributed(d: Dist) -> None:

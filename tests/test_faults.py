@@ -96,6 +96,27 @@ def test_the_cli_refuses_bad_torchrun_variables_at_once(tmp_path):
     assert not any(tmp_path.iterdir())        # nothing was written
 
 
+def _free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_rank_started_without_its_peers_gives_up_within_the_set_up_timeout(tmp_path, rank):
+    """Rank 0 alone waits for clients that never join; rank 1 alone for a server that is not
+    there: torch's default would wait 30 minutes. With a 2 s set-up timeout, one line."""
+    env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": _free_port(), "MODLM_DIST_SETUP_TIMEOUT": "2"}
+    proc = modlm("train", "--preset", "tiny", "--set", f"out_dir={tmp_path}", env=env)
+    line = one_line_error(proc, f"as rank {rank} of 2 within 2 s", "MODLM_DIST_SETUP_TIMEOUT")
+    assert proc.stderr.strip() == line, proc.stderr      # no C++ retry logs with stack frames
+    bad = modlm("train", "--preset", "tiny", "--set", f"out_dir={tmp_path}",
+                env={**env, "MODLM_DIST_SETUP_TIMEOUT": "soon"})
+    one_line_error(bad, "MODLM_DIST_SETUP_TIMEOUT='soon'")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0"], "must be a positive finite number"),
     (["--budget=-1e12"], "must be a positive finite number"),
