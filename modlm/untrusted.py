@@ -16,6 +16,7 @@ goes through these functions, so that loading it
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -144,16 +145,34 @@ def weights_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
         raise UntrustedFileError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def build_to_fit(build: Callable[[], M], shapes: Mapping[str, tuple[int, ...]], *,
-                 where: str, layer_counts: Iterable[Any] = (),
-                 absent_ok: Callable[[M], Iterable[str]] = lambda model: ()) -> M:
-    """`build()`, once the model it builds is known to fit the weights: built first on the meta
-    device (no memory), its state dict must have exactly the names and shapes of `shapes` (the
-    weights file's; the names `absent_ok(model)` gives, such as tied weights, may be missing),
-    and the tensors it derives without storing them (rotary tables) may take no more than the
-    weights' own bytes plus DERIVED_BYTES_ALLOWANCE. `layer_counts`: the layer counts the config
-    declares, each refused first if it exceeds the number of tensors in the file (a count of a
-    billion layers would take hours to build even on the meta device)."""
+def folder_weights_shapes(folder: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a saved model folder's weights, from the headers of model.safetensors
+    or of the shards its index names (each inside the folder); {} when it has neither."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        shards = [folder / "model.safetensors"]
+    elif index.is_file():
+        weight_map = read_json(index, "weights index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise UntrustedFileError(f"{index} has no weight_map")
+        shards = [inside(folder, name, str(index)) for name in sorted(set(weight_map.values()))]
+    else:
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        shapes.update(weights_shapes(shard))
+    return shapes
+
+
+def meta_probe(build: Callable[[], M], shapes: Mapping[str, tuple[int, ...]], *, where: str,
+               layer_counts: Iterable[Any] = ()) -> M:
+    """The model `build()` makes, built on the meta device (no memory) for comparing with a
+    weights file's `shapes`. Refused first: a declared layer count (`layer_counts`) above the
+    number of tensors in the file (a billion layers would take hours to build even on the meta
+    device); after: tensors the model derives without storing them (rotary tables) that would
+    take more than the weights' own bytes plus DERIVED_BYTES_ALLOWANCE."""
     for n in layer_counts:
         if isinstance(n, int) and n > len(shapes):
             raise UntrustedFileError(f"{where}: the config declares {n:,d} layers but the weights "
@@ -162,6 +181,24 @@ def build_to_fit(build: Callable[[], M], shapes: Mapping[str, tuple[int, ...]], 
     import torch
     with torch.device("meta"):
         probe = build()
+    state = probe.state_dict()
+    stored = sum(t.numel() * t.element_size() for t in state.values())
+    derived = sum(b.numel() * b.element_size() for name, b in probe.named_buffers()
+                  if name not in state)
+    if derived > stored + DERIVED_BYTES_ALLOWANCE:
+        raise UntrustedFileError(f"{where}: the config asks for {derived / 2**20:,.0f} MiB of "
+                                 f"derived tables (e.g. rotary positions) beside "
+                                 f"{stored / 2**20:,.0f} MiB of weights; lower max_seq_len")
+    return probe
+
+
+def build_to_fit(build: Callable[[], M], shapes: Mapping[str, tuple[int, ...]], *,
+                 where: str, layer_counts: Iterable[Any] = (),
+                 absent_ok: Callable[[M], Iterable[str]] = lambda model: ()) -> M:
+    """`build()`, once the model it builds is known to fit the weights exactly: its meta-device
+    twin (`meta_probe`) must have the names and shapes of `shapes` (the weights file's; the names
+    `absent_ok(model)` gives, such as tied weights, may be missing)."""
+    probe = meta_probe(build, shapes, where=where, layer_counts=layer_counts)
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     absent = set(absent_ok(probe))
     missing = sorted(k for k in expected if k not in shapes and k not in absent)
@@ -174,15 +211,22 @@ def build_to_fit(build: Callable[[], M], shapes: Mapping[str, tuple[int, ...]], 
                  if names]
         raise UntrustedFileError(f"{where}: the weights do not fit the model its config "
                                  f"describes ({'; '.join(parts)}); nothing was allocated")
-    stored = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
-    derived = sum(b.numel() * b.element_size() for name, b in probe.named_buffers()
-                  if name not in expected)
-    if derived > stored + DERIVED_BYTES_ALLOWANCE:
-        raise UntrustedFileError(f"{where}: the config asks for {derived / 2**20:,.0f} MiB of "
-                                 f"derived tables (e.g. rotary positions) beside "
-                                 f"{stored / 2**20:,.0f} MiB of weights; lower max_seq_len")
     del probe
     return build()
+
+
+def check_parameter_total(build: Callable[[], Any], shapes: Mapping[str, tuple[int, ...]], *,
+                          where: str, layer_counts: Iterable[Any] = ()) -> None:
+    """For a loader that maps names itself (transformers renames legacy keys, ties heads): the
+    parameters the config describes, counted on the meta device, must not outnumber the weights
+    file's values; more would be allocated and randomly initialised."""
+    probe = meta_probe(build, shapes, where=where, layer_counts=layer_counts)
+    need = sum(p.numel() for p in probe.parameters())
+    have = sum(math.prod(shape) for shape in shapes.values())
+    if need > have:
+        raise UntrustedFileError(f"{where}: the config describes {need:,d} parameters but the "
+                                 f"weights hold {have:,d} values; the config does not describe "
+                                 f"these weights (nothing was allocated)")
 
 
 def _few(names: list[str], n: int = 4) -> str:

@@ -235,3 +235,26 @@ def test_an_export_whose_config_does_not_fit_its_weights_is_refused_before_alloc
     (folder / "config.json").write_text(NESTED)
     with pytest.raises(UntrustedFileError, match="nests deeper"):
         ModLMForCausalLM.from_pretrained(folder)
+
+
+@needs_transformers
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", 12), ("vocab_size", 5_000_000),
+                                         ("num_hidden_layers", 3000)])
+def test_a_pretrained_source_whose_config_asks_for_more_than_its_weights_is_refused(
+        tmp_path, field, value):
+    """A Hugging Face folder to retrofit (retrofit.source) may come from anyone: transformers
+    would allocate and randomly initialise every weight its config names that the file lacks."""
+    from support import tiny_hf_model
+
+    from modlm.hf.retrofit import load_hf_model
+    folder = tmp_path / "source"
+    tiny_hf_model("llama").save_pretrained(folder)
+    assert load_hf_model(folder) is not None
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UntrustedFileError, match="does not describe these weights"):
+        load_hf_model(folder)
+    (folder / "config.json").write_text(NESTED)
+    with pytest.raises(UntrustedFileError, match="nests deeper"):
+        load_hf_model(folder)

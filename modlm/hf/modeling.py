@@ -136,18 +136,9 @@ def check_folder_fits(cls: type[ModLMForCausalLM], folder: str | os.PathLike[str
     if not isinstance(config_dict, dict):
         raise untrusted.UntrustedFileError(f"{folder / 'config.json'} is not a JSON object")
     config = cls.config_class.from_dict(config_dict)
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        shards = [folder / "model.safetensors"]
-    elif index.is_file():
-        weight_map = untrusted.read_json(index, "weights index").get("weight_map", {})
-        shards = [untrusted.inside(folder, name, str(index))
-                  for name in sorted(set(weight_map.values()))]
-    else:
-        return   # transformers says what is missing
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in shards:
-        shapes.update(untrusted.weights_shapes(shard))
+    shapes = untrusted.folder_weights_shapes(folder)
+    if not shapes:
+        return   # no safetensors weights: transformers says what is missing
     layer_counts: list[Any] = [config.num_hidden_layers]
     if config.retrofit is not None:
         from modlm.hf.retrofit import declared_layers

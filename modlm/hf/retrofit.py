@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modlm import untrusted
 from modlm.block import DecoderLayer, LayerRouting, RoutedLayer, RoutingMode
 from modlm.config import ConfigError, ModelConfig, RoutingConfig, check
 from modlm.model import ModelOutput, assemble_output, check_token_inputs
@@ -657,8 +658,14 @@ def load_hf_model(folder: str | os.PathLike[str],
                             f"downloaded)")
     _check_attn(attn_implementation)
     from transformers import AutoConfig, AutoModelForCausalLM
+    untrusted.read_json(path / "config.json", "model config")   # bounded before transformers
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     _family(hf_config)   # a clear error before the weights are read
+    shapes = untrusted.folder_weights_shapes(path)
+    if shapes:   # a folder from someone else: its config must not ask for more than it holds
+        untrusted.check_parameter_total(
+            lambda: AutoModelForCausalLM.from_config(hf_config), shapes,
+            where=f"model folder {path}", layer_counts=declared_layers(hf_config.to_dict()))
     return AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, attn_implementation=attn_implementation,
         dtype=torch.float32)
