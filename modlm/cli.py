@@ -6,19 +6,16 @@ Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --se
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import math
 import os
-import re
-import signal
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modlm import faults
 from modlm.config import ConfigError, ModelConfig, apply_overrides
 from modlm.presets import PRESETS, dense, get_preset
 
@@ -170,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.run_dir = Path(cfg.out_dir) / cfg.run_name if cfg.run_name else None
         fix = "choose another out_dir or run_name (--set out_dir=DIR, --set run_name=NAME)"
     if os.environ.get("RANK", "0") in ("", "0"):    # under torchrun, rank 0 writes the run
-        _check_writable(args.run_dir or Path(cfg.out_dir),
+        faults.check_writable(args.run_dir or Path(cfg.out_dir),
                         f"the run folder {args.run_dir}" if args.run_dir
                         else f"the runs folder (out_dir) {cfg.out_dir}", fix)
     result = train(cfg, resume=args.resume)
@@ -310,25 +307,6 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
     return overrides
-
-
-def _check_writable(folder: Path, what: str, fix: str) -> None:
-    """Refuse at once, in one line, a folder this command must create or write in but cannot:
-    it or a folder above it is a file, or the nearest one that exists is read-only to this
-    process. (The write itself may still fail later; `main` reports that in one line too.)"""
-    nearest = next((p for p in (folder, *folder.parents) if os.path.exists(p)), None)
-    if nearest is None:
-        return
-    if not os.path.isdir(nearest):
-        raise ConfigError(f"{what} cannot be written: {nearest} is a file, not a folder; {fix}")
-    if not os.access(nearest, os.W_OK | os.X_OK,
-                     effective_ids=os.access in os.supports_effective_ids):
-        with contextlib.suppress(OSError, AttributeError):
-            if os.statvfs(nearest).f_flag & os.ST_RDONLY:
-                raise ConfigError(f"{what} cannot be written: {nearest} is on a read-only file "
-                                  f"system; {fix}")
-        raise ConfigError(f"{what} cannot be written: this user may not write in {nearest}; "
-                          f"{fix}")
 
 
 def _opt(t) -> str:
@@ -577,7 +555,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     # The export is written into a hidden sibling of OUT_DIR, then renamed: its parent is written.
-    _check_writable(Path(args.out_dir).parent, f"export target {args.out_dir}",
+    faults.check_writable(Path(args.out_dir).parent, f"export target {args.out_dir}",
                     "give a new or empty folder in a folder this user can write")
     from modlm.hf import export_checkpoint
     try:   # export_checkpoint refuses a target inside a run or checkpoint before it reads anything
@@ -628,107 +606,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-_USER_ERRORS = {"modlm.config": "ConfigError", "modlm.corpus": "DataError",
-                "modlm.tokenizer": "TokenizerError", "modlm.checkpoint": "CheckpointError",
-                "modlm.train": "TrainingError", "modlm.generate": "GenerationError",
-                "modlm.untrusted": "UntrustedFileError"}
-
-
-def _is_user_error(e: BaseException) -> bool:
-    """Whether `e` is one of the project's own error classes, whose messages are written for the
-    user (anything else is a bug and keeps its traceback). Decided from the class hierarchy
-    alone: importing the modules here could fail while an interrupted import is half done."""
-    return any(_USER_ERRORS.get(c.__module__) == c.__name__ for c in type(e).__mro__)
-
-
-def _interrupted(e: BaseException) -> bool:
-    """A KeyboardInterrupt, or an error raised while one was being handled (Ctrl-C during an
-    import leaves half-imported modules that fail next)."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__context__ or e.__cause__   # type: ignore[assignment]
-    return False
-
-
-# Write failures that are the machine's, not modlm's: the problem and the fix.
-_STORAGE_FAULTS = {
-    errno.ENOSPC: "no space is left on the device",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EFBIG: "the file would pass this process's file-size limit (ulimit -f)",
-    errno.EROFS: "the file system is read-only",
-}
-_FREE_SPACE = "free space or raise the limit"
-_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")   # how Rust libraries (safetensors) say it
-
-
-def _chain(e: BaseException | None) -> Iterator[BaseException]:
-    """`e`, then what it was raised from or while handling (not a context it suppressed)."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-
-
-def _storage_fault(e: BaseException, args: argparse.Namespace | None) -> str | None:
-    """One line for a disk that is full or read-only, a file-size limit or quota reached
-    (anywhere in `e`'s chain: libraries wrap the OSError), or a permission denied (an OSError
-    that escaped as it is); None for any other error."""
-    code, filename = None, None
-    for x in _chain(e):
-        if isinstance(x, OSError) and x.errno in _STORAGE_FAULTS:
-            code, filename = x.errno, x.filename
-            break
-        m = _OS_ERROR_IN_TEXT.search(str(x))
-        if m and int(m.group(1)) in _STORAGE_FAULTS:
-            code = int(m.group(1))
-            break
-    if code is None:
-        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
-            return (f"cannot open {e.filename or 'a file'}: permission denied; fix its "
-                    f"permissions or choose a folder this user can write")
-        return None
-    if filename is not None:
-        where = f"cannot write {filename}"
-    elif _is_user_error(e) and e.__cause__ is not None and f" ({e.__cause__!r})" in str(e):
-        where = str(e).split(f" ({e.__cause__!r})")[0]   # "saving checkpoint 4 into X failed"
-    else:
-        where = "a write failed"
-    fix = ("write to a folder on a writable file system" if code == errno.EROFS
-           else _FREE_SPACE)
-    message = f"{where}: {_STORAGE_FAULTS[code]}; {fix}"
-    command = getattr(args, "command", None)
-    if command == "train":
-        # Checkpoints are written whole into a temporary folder, then renamed into place.
-        run = getattr(args, "run_dir", None) or "RUN_FOLDER"
-        message += (f"; the run's earlier checkpoints are intact (each is written whole or not "
-                    f"at all): then continue it with `modlm train --resume {run}`")
-    elif command == "export-hf":
-        message += f"; {args.out_dir} is as it was (an export is renamed into place whole)"
-    return message
-
-
-def _ignore_file_size_signal() -> None:
-    """A write past RLIMIT_FSIZE then fails with EFBIG, reported in one line, instead of SIGXFSZ
-    killing the process without a word. (CPython's start-up ignores SIGXFSZ already; a program
-    that embeds Python, or restores the default before calling `main`, may not.)"""
-    with contextlib.suppress(AttributeError, ValueError):   # no SIGXFSZ; not the main thread
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
-def _quiet_torch_logs() -> None:
-    """torch's C++ layer logs its retries with stack frames to stderr (a torchrun rank waiting
-    for a peer that never comes prints pages before the one-line error); keep it to fatal
-    messages unless the user chose a level. Read once, when torch loads, so set here first."""
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _ignore_file_size_signal()
-    _quiet_torch_logs()
+    faults.ignore_file_size_signal()
+    faults.quiet_torch_logs()
     args = None
     try:
         args = build_parser().parse_args(argv)
@@ -736,16 +616,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit:
         raise
     except BaseException as e:
-        if _interrupted(e):
+        if faults.interrupted(e):
             # Training handles Ctrl-C itself (checkpoint, clean exit); elsewhere, e.g. while a
             # corpus is tokenized, nothing is half-written: the caches are written atomically.
             print("modlm: interrupted", file=sys.stderr)
             return 130
-        fault = _storage_fault(e, args)
+        fault = faults.storage_fault(e, args)
         if fault is not None:
             print(f"modlm: error: {fault}", file=sys.stderr)
             return 2
-        if _is_user_error(e):
+        if faults.is_user_error(e):
             print(f"modlm: error: {e}", file=sys.stderr)
             return 2
         raise

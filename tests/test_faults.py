@@ -149,7 +149,7 @@ def test_ctrl_c_during_start_up_is_reported_as_an_interrupt_not_an_import_error(
     import argparse
     import importlib
 
-    from modlm import cli
+    from modlm import cli, faults
 
     def half_imported(args):
         try:
@@ -179,7 +179,7 @@ def test_ctrl_c_during_start_up_is_reported_as_an_interrupt_not_an_import_error(
     with pytest.raises(ZeroDivisionError):
         cli.main([])
     # every class the CLI reports as a user error is where the CLI looks for it
-    for module, name in cli._USER_ERRORS.items():
+    for module, name in faults.USER_ERRORS.items():
         cls = getattr(importlib.import_module(module), name)
         assert issubclass(cls, Exception) and cls.__module__ == module
 
