@@ -45,8 +45,7 @@ def variants() -> dict[str, Any]:
     mod = sizes.mod_twin(dense)
     return {
         "mod": mod,
-        "random": sizes.with_routing(mod, router="random", predictor=False,
-                                     aux_loss_weight=0.0),
+        "random": sizes.random_control(mod),
         "all-blocks": sizes.with_routing(mod, layers="all"),
         "capacity-0.5": sizes.with_routing(mod, capacity=0.5),
         "capacity-0.0625": sizes.with_routing(mod, capacity=0.0625),

@@ -48,3 +48,12 @@ def with_routing(cfg: ModelConfig, **changes) -> ModelConfig:
 def shape(cfg: ModelConfig) -> str:
     """A short name: d128-l8."""
     return f"d{cfg.d_model}-l{cfg.n_layers}"
+
+
+def random_control(cfg: ModelConfig) -> ModelConfig:
+    """The stochastic-routing control of a MoD model (paper Sec 4.1: "stochastic routing
+    performed drastically worse"): the same shape and capacity, tokens routed by a random top-k,
+    nothing to learn about routing (no predictor, no auxiliary loss). Its causal mode is
+    `router` (each token routed with probability equal to the capacity)."""
+    return with_routing(cfg, router="random", predictor=False, aux_loss_weight=0.0)
+
