@@ -634,9 +634,10 @@ def run_experiment(experiment: Experiment, options: Options) -> Path:
     header = (f"# {experiment.title}\n\n{experiment.description}\n\n"
               f"Reproduce: `{options.command(experiment.name)}` (record folder `{ctx.root}`; "
               f"rerunning skips finished runs).\n"
-              f"Machine: {env['platform']}, {env['cpu_count']} CPUs, {env['torch_threads']} "
-              f"torch threads, torch {env['torch']}, Python {env['python']}; git "
-              f"{env['git_revision']}; {time.strftime('%Y-%m-%d')}.\n"
+              f"Machine: {env['cpu_model']}, {env['platform']}, {env['cpu_count']} CPUs, "
+              f"{env['torch_threads']} torch threads, torch {env['torch']}, Python "
+              f"{env['python']}; git {env['git_revision']}; {time.strftime('%Y-%m-%d')}.\n"
+              + training_machines(ctx, results, env["cpu_model"])
               + (f"\n**Budget scale {options.budget_scale:g}: a shrunk smoke run, not a "
                  f"result.**\n" if options.budget_scale != 1.0 else "") + "\n")
     atomic.write_text(ctx.root / "report.md", header + report.markdown.rstrip() + "\n")
@@ -647,6 +648,26 @@ def run_experiment(experiment: Experiment, options: Options) -> Path:
               f"the report (left by an earlier version of the experiment): {', '.join(stale)}; "
               f"delete runs/NAME and results/NAME.json to tidy the record", flush=True)
     return ctx.root
+
+
+def training_machines(ctx: Context, results: Mapping[str, RunResult], here: str) -> str:
+    """A header line naming the processors the runs trained on when any is not this one (a
+    record continued on another machine: its runs' timings are comparable within a machine
+    only); empty when all trained here."""
+    counts: dict[str, int] = {}
+    for name in results:
+        try:
+            env = json.loads((ctx.runs_dir / name / "env.json").read_text())
+        except (OSError, ValueError):
+            env = {}
+        model = env.get("cpu_model", "a processor not recorded") if isinstance(env, dict) else "?"
+        counts[model] = counts.get(model, 0) + 1
+    if set(counts) <= {here}:
+        return ""
+    listed = ", ".join(f"{m} ({n} run{'s' if n > 1 else ''})" for m, n in sorted(counts.items()))
+    return (f"Runs trained on: {listed}; speeds and step times compare within one processor "
+            f"only, and measurements cached in measurements/ were taken where their run "
+            f"trained or where the report was first written.\n")
 
 
 def unplanned_runs(ctx: Context, planned_names: Iterable[str]) -> list[str]:

@@ -210,12 +210,26 @@ def git_revision() -> str | None:
     return rev + ("+dirty" if dirty else "")
 
 
+def cpu_model() -> str:
+    """The processor's name (Linux: /proc/cpuinfo's "model name"), else platform.processor():
+    speed measurements are only comparable on the same kind of processor."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(device: torch.device, dtype: str, d: Dist) -> dict[str, Any]:
     import numpy
     info = {
         "python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
         "platform": platform.platform(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "device": str(device), "dtype": dtype, "world_size": d.world_size,
         "git_revision": git_revision(), "argv": sys.argv,
     }

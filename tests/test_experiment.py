@@ -318,12 +318,19 @@ def test_isoflop_reruns_the_best_of_each_family_with_more_seeds(tmp_path, corpus
                 r = fake_result(f"{b}-{fam}-{j}", fam, b, rung, 0, 2.0 + abs(j - best_j) * 0.1)
                 results[r.name] = r
     specs = isoflop.stage_seeds(ctx, results)
-    assert len(specs) == len(isoflop.BUDGETS) * 2 * 2
+    # seeds 1 and 2 of each family's best, and the random control of the best MoD: seeds 0-2
+    assert len(specs) == len(isoflop.BUDGETS) * (2 * 2 + 3)
     for s in specs:
         i = isoflop.BUDGETS.index(s.tags["budget"])
         best_j = i if s.family == "dense" else i + 2
         assert tuple(s.tags["rung"]) == isoflop.GRID[best_j]
-        assert s.seed in (1, 2)
+        assert s.seed in ((0, 1, 2) if s.family == "random" else (1, 2))
+        if s.family == "random":   # the learned MoD's shape and capacity, a random router
+            mod = sizes.mod_twin(sizes.dense_model(*isoflop.GRID[best_j]))
+            cfg = s.train.model
+            assert cfg.routing.router == "random" and not cfg.routing.predictor
+            assert (cfg.n_layers, cfg.d_model, cfg.routing.capacity, cfg.routed_layers) == (
+                mod.n_layers, mod.d_model, mod.routing.capacity, mod.routed_layers)
     planned = isoflop.stage_seeds(ctx, None)  # planning assumes the middle of each grid
     assert {tuple(s.tags["rung"]) for s in planned} == {isoflop.GRID[2]}
 
@@ -523,3 +530,20 @@ def test_run_killed_during_its_final_evaluation_is_evaluated_again(tmp_path, cor
     again = RunResult.from_dict(json.loads((root / "results" / "mod.json").read_text()))
     assert again.resumed and again.steps == first["steps"]
     assert again.eval == first["eval"]
+
+
+def test_a_record_trained_on_several_processors_says_so_in_its_header(tmp_path, corpus):
+    from modlm.experiment import training_machines
+    ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
+    results = {}
+    for i, model in enumerate(["Xeon", "Xeon", "EPYC", None]):
+        r = fake_result(f"run{i}", "mod", 1e13, (64, 4, 2), 0, 2.0)
+        results[r.name] = r
+        (ctx.runs_dir / r.name).mkdir(parents=True)
+        env = {"platform": "Linux"} | ({"cpu_model": model} if model else {})
+        (ctx.runs_dir / r.name / "env.json").write_text(json.dumps(env))
+    line = training_machines(ctx, results, "Xeon")
+    assert "EPYC (1 run)" in line and "Xeon (2 runs)" in line
+    assert "a processor not recorded (1 run)" in line
+    same = {k: v for k, v in results.items() if k in ("run0", "run1")}
+    assert training_machines(ctx, same, "Xeon") == ""

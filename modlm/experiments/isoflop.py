@@ -6,7 +6,8 @@ tried) and
 their isoFLOP MoD twins (same forward FLOPs, more depth, capacity 12.5% every other block) are
 trained for exactly the budget (modlm.flops converts it to steps). Then the best dense and the
 best MoD model of each budget (lowest held-out loss in their headline mode, seed 0) are trained
-again with seeds 1 and 2.
+again with seeds 1 and 2, and the random-routing control of the best MoD model (its shape and
+capacity, a random top-k router) with seeds 0, 1 and 2.
 
 Reported: loss against parameters per budget with each family's optimum (Fig 4 left); loss
 against forward FLOPs normalised to the optimal dense model (Fig 4 right); per budget the loss
@@ -63,7 +64,8 @@ GRID: tuple[tuple[int, int, int], ...] = sizes.LADDER[:SIZES_PER_BUDGET]
 def _spec(ctx: Context, budget: float, family: str, rung: tuple[int, int, int],
           seed: int) -> RunSpec:
     d = sizes.dense_model(*rung)
-    cfg = d if family == "dense" else sizes.mod_twin(d)
+    cfg = {"dense": d, "mod": sizes.mod_twin(d)}.get(family) or sizes.random_control(
+        sizes.mod_twin(d))
     name = f"{budget_label(budget)}-{family}-{sizes.shape(cfg)}-s{seed}"
     return ctx.spec(name, cfg, family=family, seed=seed, flops=ctx.budget(budget),
                     tags={"budget": budget, "rung": list(rung), "seed": seed})
@@ -92,6 +94,9 @@ def grid_edge(results: dict[str, RunResult], winner: RunResult) -> str | None:
 
 
 def stage_seeds(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
+    """Seeds 1 and 2 of each budget's best dense and best MoD model, and the random-routing
+    control of the best MoD model (same shape and capacity; paper Sec 4.1's stochastic control)
+    with all three seeds, so that what the router contributes is read beside every MoD result."""
     specs = []
     for b in BUDGETS:
         for family in ("dense", "mod"):
@@ -100,6 +105,8 @@ def stage_seeds(ctx: Context, results: dict[str, RunResult] | None) -> list[RunS
             else:
                 rung = tuple(best(results, b, family).tags["rung"])
             specs += [_spec(ctx, b, family, rung, s) for s in SEEDS[1:]]
+            if family == "mod":
+                specs += [_spec(ctx, b, "random", rung, s) for s in SEEDS]
     return specs
 
 
@@ -132,8 +139,8 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
     for b in BUDGETS:
         label = budget_label(ctx.budget(b))
         bd, bm = best(results, b, "dense"), best(results, b, "mod")
-        grid_runs = sorted((r for r in results.values()
-                            if r.tags["budget"] == b and r.seed == 0),
+        grid_runs = sorted((r for r in results.values() if r.tags["budget"] == b
+                            and r.seed == 0 and r.family in ("dense", "mod")),
                            key=lambda r: (r.family, r.params))
         panels[f"{label} FLOPs"] = {
             fam: [(r.params, r.headline_loss) for r in grid_runs if r.family == fam]
@@ -142,6 +149,10 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
             points.setdefault(f"{r.family} {label}", []).append(
                 (r.forward_flops / bd.forward_flops, r.headline_loss, ""))
         dense_seeds, mod_seeds = _seed_runs(results, bd), _seed_runs(results, bm)
+        random_seeds = sorted((r for r in results.values() if r.family == "random"
+                               and r.tags["budget"] == b), key=lambda r: r.seed)
+        learned_vs_random = [m.loss() - r.loss() for m in mod_seeds for r in random_seeds
+                             if m.seed == r.seed]
         paired = [(d, m) for d in dense_seeds for m in mod_seeds if d.seed == m.seed]
         diffs = {mode: [m.loss(mode) - d.loss() for d, m in paired]
                  for mode in ("predictor", "router", "topk")}
@@ -149,6 +160,8 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         d_mean, d_sd = _mean_sd([r.headline_loss for r in dense_seeds])
         m_mean, m_sd = _mean_sd([r.headline_loss for r in mod_seeds])
         diff_mean, diff_sd = _mean_sd(diffs["predictor"])
+        r_mean, r_sd = _mean_sd([r.headline_loss for r in random_seeds] or [math.nan])
+        lr_mean, lr_sd = _mean_sd(learned_vs_random or [math.nan])
         step_ratio = times[budget_label(b)]["mod"] / times[budget_label(b)]["dense"]
         logged_ratio = (statistics.median(r.median_step_s for r in mod_seeds)
                         / statistics.median(r.median_step_s for r in dense_seeds))
@@ -168,6 +181,8 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
             "diff_router_mean": _mean_sd(diffs["router"])[0],
             "diff_topk_mean": _mean_sd(diffs["topk"])[0],
             "relative_diff_mean": statistics.fmean(rel) if rel else math.nan,
+            "random_loss_router": [r.headline_loss for r in random_seeds],
+            "learned_minus_random_mean": lr_mean, "learned_minus_random_sd": lr_sd,
             "step_s": times[budget_label(b)],
             "step_time_ratio_mod_over_dense": step_ratio,
             "step_time_ratio_logged": logged_ratio,
@@ -180,6 +195,7 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
             f"{d_mean:.4f} ± {d_sd:.4f}", f"{m_mean:.4f} ± {m_sd:.4f}",
             f"{diff_mean:+.4f} ± {diff_sd:.4f} ({100 * entry['relative_diff_mean']:+.2f}%)",
             f"{entry['diff_router_mean']:+.4f}", f"{entry['diff_topk_mean']:+.4f}",
+            f"{r_mean:.4f} ± {r_sd:.4f}", f"{lr_mean:+.4f} ± {lr_sd:.4f}",
             f"{step_ratio:.3f} ({logged_ratio:.3f})"])
         md += [f"### Budget {label} training FLOPs (seed 0)", "",
                results_table(grid_runs, reference=bd), ""]
@@ -195,7 +211,9 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         ["budget", "best dense (params)", "best MoD (params)", "MoD fwd FLOPs / dense",
          "dense loss (mean ± sd)", "MoD loss, predictor (mean ± sd)",
          "MoD - dense, predictor (paired, mean ± sd)", "MoD - dense, router",
-         "MoD - dense, top-k", "step time MoD / dense (logged)"], head_rows, "llllllllll")
+         "MoD - dense, top-k", "random routing, router (mean ± sd)",
+         "MoD - random (paired, mean ± sd)", "step time MoD / dense (logged)"], head_rows,
+        "llllllllllll")
     text = [
         "## Headline: best MoD vs best dense at each budget", "",
         f"Held-out loss on {ctx.windows} windows of 256 bytes of the held-out plays, "
@@ -204,7 +222,12 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         "says otherwise. Negative differences mean MoD is better. Step time: the two models "
         f"built fresh after training and timed alternately in one process, median of "
         f"{STEP_REPEATS} training steps each; in brackets the ratio of the medians of the runs' "
-        "own logged steps (comparable only if the machine was equally loaded for both).", "",
+        "own logged steps (comparable only if the machine was equally loaded for both). Random "
+        "routing: the best MoD model's shape and capacity with a random top-k router (nothing "
+        "to learn; its causal mode is router), seeds 0-2, paired by seed with the learned MoD "
+        "model: a negative MoD - random means the learned router helps; a difference within "
+        "the seed spread means it does not measurably. (The random control is trained at the "
+        "learned model's best size, not at its own.)", "",
         head, "",
         "![loss vs parameters](figures/isoflop_params.png)", "",
         "![loss vs forward FLOPs](figures/isoflop_flops.png)", "", "## All runs", ""] + md
