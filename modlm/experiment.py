@@ -110,6 +110,19 @@ def config_hash(train_dict: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def recorded_config_hash(run_dir: Path) -> str | None:
+    """The hash of the config a run folder records, as this version reads it: a field added to
+    the configs since the run was recorded takes its default, which is the behaviour the run had
+    (new options default to what the code did before), so a record stays resumable across such
+    additions. None when the folder has no config this version can read."""
+    from modlm.train import TrainConfig
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        return config_hash(TrainConfig.from_dict(saved).to_dict())
+    except (OSError, ValueError, TypeError, KeyError):   # ConfigError is a ValueError
+        return None
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What a finished run is worth to an experiment (stored as results/RUN.json).
@@ -429,7 +442,8 @@ def run_spec(ctx: Context, spec: RunSpec, index: int = 0, total: int = 0) -> Run
     where = f"[{index}/{total}] " if total else ""
     if result_path.exists():
         result = RunResult.from_dict(json.loads(result_path.read_text()))
-        if result.config_hash != spec.config_hash():
+        if spec.config_hash() not in (result.config_hash,
+                                      recorded_config_hash(ctx.runs_dir / spec.name)):
             raise ConfigError(
                 f"{result_path} holds a run named {spec.name} with a different configuration "
                 f"than this experiment plans (other options or code?); continue it with the "
@@ -446,8 +460,7 @@ def run_spec(ctx: Context, spec: RunSpec, index: int = 0, total: int = 0) -> Run
             if ckpt.latest_checkpoint(run_dir) is None:  # died before its first checkpoint
                 _empty_folder(run_dir)
             else:
-                saved = json.loads((run_dir / "config.json").read_text())
-                if config_hash(saved) != spec.config_hash():
+                if recorded_config_hash(run_dir) != spec.config_hash():
                     raise ConfigError(
                         f"{run_dir} holds an unfinished run with a different configuration "
                         f"than this experiment plans; continue it with the options it was "

@@ -547,3 +547,26 @@ def test_a_record_trained_on_several_processors_says_so_in_its_header(tmp_path, 
     assert "a processor not recorded (1 run)" in line
     same = {k: v for k, v in results.items() if k in ("run0", "run1")}
     assert training_machines(ctx, same, "Xeon") == ""
+
+
+def test_a_record_stays_resumable_when_the_configs_gain_a_field(tmp_path, corpus, capsys):
+    """A run recorded before a config field existed (its config.json lacks it, its stored hash
+    differs) is the same run when the field's default reproduces it; another value is not."""
+    exp = tiny_experiment(two_stages=False)
+    root = run_experiment(exp, opts(tmp_path, corpus))
+    result_path, config_path = root / "results" / "mod.json", root / "runs" / "mod" / "config.json"
+    result = json.loads(result_path.read_text())
+    result["config_hash"] = "recorded-before"
+    result_path.write_text(json.dumps(result))
+    config = json.loads(config_path.read_text())
+    del config["model"]["routing"]["skip"], config["model"]["routing"]["capacities"]
+    config_path.write_text(json.dumps(config))
+    before = result_path.stat().st_mtime_ns
+    capsys.readouterr()
+    run_experiment(exp, opts(tmp_path, corpus))
+    assert "mod: done before, skipped" in capsys.readouterr().out
+    assert result_path.stat().st_mtime_ns == before
+    config["lr"] = config["lr"] * 2          # a real difference is still refused
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_experiment(exp, opts(tmp_path, corpus))
