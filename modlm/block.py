@@ -302,6 +302,8 @@ class RoutedLayer(nn.Module):
         aux = pred_loss = router_acc = pred_acc = None
         if self.learned:
             # Sec 3.5 fix 1: BCE of the router logits against top-k membership.
+            # Deviation: the paper does not say; the logits are not detached, so this loss's
+            # gradient reaches the router and, through its input, the trunk (docs/design.md).
             aux = _masked_bce(logits_BT, target_BT, valid_BT)
             router_acc = _masked_mean(((logits_BT.detach() > 0) == topk_BT).float(), valid_BT)
         if pred_BT is not None:

@@ -1,6 +1,11 @@
 """The `modlm` command line: `presets`, `flops`, `demo`, `train`, `eval`, `sample`, `experiment`.
 
-Each verb takes a preset and dotted overrides (`--set routing.capacity=0.25 --set n_layers=10`).
+`--set KEY=VALUE` takes dotted keys of the config the verb builds: a ModelConfig for `flops` and
+`demo` (`modlm flops --set routing.capacity=0.25 --set n_layers=10`), a TrainConfig for `train`,
+whose model sits under `model.` (`modlm train --set model.routing.capacity=0.25 --set steps=500`)
+and for every run of an `experiment` (`modlm experiment demo --set data.corpus=notes.txt`), a
+RoutingConfig for `retrofit` (`modlm retrofit HF_FOLDER --set capacity=0.25`). Every example in
+the help text is applied through its verb's config by tests/test_cli.py.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ if TYPE_CHECKING:
     from modlm.data import DataConfig
 
 
-def _add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+MODEL_SET_HELP = ("override a model config field, dotted for nested ones "
+                  "(e.g. routing.capacity=0.25, routing.layers=[1,3], n_layers=10)")
+TRAIN_SET_HELP = ("override a training config field, dotted for nested ones; the model's fields "
+                  "sit under model. (e.g. model.routing.capacity=0.25, model.n_layers=10, "
+                  "steps=500, lr=1e-3, data.corpus=notes.txt)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_preset: str, set_help: str) -> None:
     p.add_argument("--preset", default=default_preset,
                    help=f"model preset (default {default_preset}); see `modlm presets`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, dotted for nested ones "
-                        "(e.g. routing.capacity=0.25, routing.layers=[1,3], n_layers=10)")
+                   help=set_help)
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -352,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("flops", help="FLOP and parameter breakdown of a preset")
-    _add_model_args(p, "small")
+    _add_model_args(p, "small", MODEL_SET_HELP)
     p.add_argument("--seq-len", type=_positive, default=None,
                    help="sequence length (default: preset's)")
     p.add_argument("--budget", type=_positive_number, default=None,
@@ -362,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("demo", help="build a MoD model and its dense twin, time and inspect them")
-    _add_model_args(p, "small")
+    _add_model_args(p, "small", MODEL_SET_HELP)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model (median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -370,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model (or --resume a run)",
-                       description="Train on the built-in corpus or your own text. Keys: the "
-                       "TrainConfig fields (steps, tokens, flops, batch_size, lr, dtype, ...), "
-                       "model.* (e.g. model.routing.capacity) and data.* (e.g. data.corpus, "
-                       "data.tokenizer).")
-    _add_model_args(p, "small")
+                       description="Train on the built-in corpus or your own text. --set "
+                       "keys: the TrainConfig fields (steps, tokens, flops, batch_size, lr, "
+                       "dtype, ...), the model's under model. (e.g. --set "
+                       "model.routing.capacity=0.25) and the data's under data. (e.g. --set "
+                       "data.corpus=notes.txt, --set data.tokenizer=bpe).")
+    _add_model_args(p, "small", TRAIN_SET_HELP)
     p.add_argument("--resume", default=None, metavar="RUN",
                    help="continue the run in this folder from its latest checkpoint")
     p.set_defaults(func=cmd_train)

@@ -5,8 +5,8 @@ bad value fails before any tensor is allocated, with a message that names the fi
 Configs round-trip through JSON (`to_dict` / `from_dict`) and take dotted overrides
 (`apply_overrides(cfg, {"routing.capacity": 0.25})`), which is what the CLI's `--set` uses.
 
-Routing follows Raposo et al. 2024 (paper.md): Sec 3.4 for the routed block, Sec 4.1 for where
-routers sit and how much capacity they get, Sec 3.5 for the two causal fixes.
+Routing follows Raposo et al. 2024 (arXiv:2404.02258): Sec 3.4 for the routed block, Sec 4.1 for
+where routers sit and how much capacity they get, Sec 3.5 for the two causal fixes.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ class RoutingConfig:
     aux_loss_weight: float = 0.01
     predictor: bool = True
     predictor_hidden: int | None = None
+    # Deviation: the paper does not state the predictor's loss weight (Sec 3.5); 1.0, since its
+    # gradient reaches only the predictor and the weight merely scales that (docs/design.md).
     predictor_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -386,7 +388,13 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], _prefix: str = "") -
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head not in fields:
-            raise ConfigError(f"unknown config key {_prefix + key!r}; valid keys are "
+            # A key of a nested group given without the group's name (`routing.capacity` to
+            # a TrainConfig, whose model sits under `model.`): name the full key.
+            full = [f"{_prefix}{g}.{key}" for g in fields
+                    if dataclasses.is_dataclass(getattr(cfg, g))
+                    and head in {f.name for f in dataclasses.fields(getattr(cfg, g))}]
+            hint = f"did you mean {' or '.join(map(repr, full))}? " if full else ""
+            raise ConfigError(f"unknown config key {_prefix + key!r}; {hint}valid keys are "
                               f"{sorted(_prefix + f for f in fields)}")
         current = getattr(cfg, head)
         if rest:

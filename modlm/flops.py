@@ -8,9 +8,10 @@ Convention (the same as `torch.utils.flop_counter.FlopCounterMode`, which a test
   block, n = k in a routed one): what an unmasked kernel computes. A causal kernel that skips the
   masked half does less; the convention is the standard one (Kaplan et al.; Chinchilla).
 - A routed block processes k = capacity_k(T, capacity) tokens (paper Sec 3.4), so its
-  projections and MLP cost k/T and its attention products (k/T)^2 of a dense block's (paper.md:
-  at 12.5% the scores cost 1/64). Its router (2 D FLOPs per token) and predictor run on all T.
-  In the causal modes the routed count varies; these numbers are for exactly k.
+  projections and MLP cost k/T and its attention products (k/T)^2 of a dense block's (at the
+  12.5% capacity of paper Sec 4.1 the scores cost 1/64). Its router (2 D FLOPs per token) and
+  predictor run on all T. In the causal modes the routed count varies; these numbers are for
+  exactly k.
 - Training = forward + backward, the backward costing twice the forward (input and weight
   gradients) for every matmul, with three exceptions where autograd does less: the predictor's
   first layer has a stop-gradient input, so only its weight gradient is computed; a predictor

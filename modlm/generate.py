@@ -428,13 +428,6 @@ class Engine:
                               else f"of {self.context} tokens (its attention window)")
         self.device = next(model.parameters()).device
 
-    @classmethod
-    def from_checkpoint(cls, path: Any, mode: str = "router",
-                        device: str | torch.device = "cpu") -> Engine:
-        from modlm.checkpoint import load_model
-        model, _ = load_model(path, device)
-        return cls(model, mode)
-
     # ---- input checks --------------------------------------------------------------------------
 
     def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:

@@ -4,9 +4,9 @@ Legend: B batch, T time, K tokens taken part (T for a dense block, the routed k 
 D model width, H heads, Dh head width, F MLP hidden width.
 
 Attention takes the tokens' true positions, so a routed block's gathered tokens get rotary
-embeddings at their original positions (paper Sec 3.4, paper.md "Decisions"), and causal masking
-over the gathered axis equals causal masking by original position because the gathered tokens are
-in time order.
+embeddings at their original positions (the routed block of paper Sec 3.4; the paper does not say
+which positions, docs/design.md lists our choice), and causal masking over the gathered axis equals
+causal masking by original position because the gathered tokens are in time order.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class MoDLM(nn.Module):
                 mode: RoutingMode = "topk",
                 generator: torch.Generator | None = None) -> ModelOutput:
         """Logits (and losses, given targets; target -1 is ignored) for token ids idx_BT."""
-        self._check_inputs(idx_BT, targets_BT, mode)
+        check_token_inputs(self.cfg, idx_BT, targets_BT, mode)
         x_BTD = self.embed(idx_BT)
         stats: list[LayerRouting] = []
         moe: list[MoERouting] = []
@@ -101,9 +101,6 @@ class MoDLM(nn.Module):
                 moe.append(layer_moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         return assemble_output(self.cfg, logits_BTV, targets_BT, tuple(stats), tuple(moe))
-
-    def _check_inputs(self, idx_BT: Tensor, targets_BT: Tensor | None, mode: str) -> None:
-        check_token_inputs(self.cfg, idx_BT, targets_BT, mode)
 
     # ---- what the generation engine drives (modlm.generate.Backbone) ---------------------------
 

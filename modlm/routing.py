@@ -37,6 +37,8 @@ def capacity_k(seq_len: int, capacity: float) -> int:
         raise ValueError(f"sequence length must be >= 1, got {seq_len}")
     if not 0.0 < capacity <= 1.0:
         raise ValueError(f"capacity must be in (0, 1], got {capacity}")
+    # Deviation: the paper's k is capacity x S; at least 1, so a short sequence (or a tiny
+    # capacity) still routes a token rather than skipping the block entirely (docs/design.md).
     return max(1, min(seq_len, math.floor(capacity * seq_len + 1e-9)))
 
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
+import re
+import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from modlm import flops
+from modlm import cli, flops
 from modlm.cli import main
+from modlm.config import ConfigError, RoutingConfig, apply_overrides
 from modlm.presets import PRESETS, get_preset
+from modlm.train import TrainConfig, configure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,12 +81,81 @@ def test_flops_budget_to_steps(capsys):
     (["train", "--preset", "tiny", "--set", "data.seq_len=4096"], "exceeds model.max_seq_len"),
     (["train", "--resume", "/nonexistent/run"], "not a run folder"),
     (["train", "--resume", "/nonexistent/run", "--set", "lr=1"], "drop --set"),
+    (["train", "--preset", "tiny", "--set", "routing.capacity=0.25"],
+     "did you mean 'model.routing.capacity'?"),
     (["eval", "/nonexistent/run"], "/nonexistent/run"),
 ])
 def test_bad_input_gives_clear_error(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("modlm: error:") and message in err
+
+
+# What each verb's --set configures, applied as the verb applies it (cli.py's cmd_* functions).
+SET_TARGETS: dict[str, Callable[[list[str]], Any]] = {
+    "flops": lambda items: cli._model_config(argparse.Namespace(preset="small", overrides=items)),
+    "demo": lambda items: cli._model_config(argparse.Namespace(preset="small", overrides=items)),
+    "train": lambda items: configure("small", cli._parse_overrides(items)),
+    # Context.spec (and the retrofit experiment) apply Options.overrides to each run's TrainConfig
+    "experiment": lambda items: apply_overrides(TrainConfig(steps=1),
+                                                cli._parse_overrides(items)),
+    "retrofit": lambda items: apply_overrides(RoutingConfig(), cli._parse_overrides(items)),
+}
+_VALUE = r"(\[[^\]]*\]|[^\s,;)`]+)"
+_COMMAND = re.compile(r"`modlm ([^`]*--set [^`]*)`")        # a quoted command with --set
+_SET = re.compile(r"--set ([a-z_][\w.]*=" + _VALUE + ")")      # --set KEY=VALUE in prose
+_LISTED = re.compile(r"\b([a-z_][\w.]*=" + _VALUE + ")")       # KEY=VALUE in a --set help
+
+
+def _set_examples() -> list[tuple[str, str, str]]:
+    """(where, verb, KEY=VALUE) of every --set example in the help: the KEY=VALUE pairs of each
+    verb's --set help, `--set KEY=VALUE` in its texts (for that verb), and every quoted
+    `modlm VERB ... --set KEY=VALUE` command (for VERB, which the parser must accept), also in
+    the module docstring."""
+    parser = cli.build_parser()
+    (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    examples: list[tuple[str, str, str]] = []
+
+    def commands(where: str, text: str) -> str:
+        for command in _COMMAND.findall(text):
+            args = parser.parse_args(shlex.split(command))
+            examples.extend((where, args.command, item) for item in args.overrides)
+        return _COMMAND.sub("", text)
+
+    for line in commands("module docstring", cli.__doc__).splitlines():
+        assert "--set" not in line or "KEY=VALUE" in line, f"name the verb: {line}"
+    for verb, sub in verbs.choices.items():
+        texts = [sub.description or "", sub.epilog or ""]
+        for action in sub._actions:
+            if action.dest == "overrides":
+                examples.extend((f"{verb} --set help", verb, m.group(1).rstrip("."))
+                                for m in _LISTED.finditer(action.help))
+            else:
+                texts.append(action.help or "")
+        for text in texts:
+            examples.extend((f"{verb} help", verb, m.group(1).rstrip("."))
+                            for m in _SET.finditer(commands(f"{verb} help", text)))
+    return examples
+
+
+def test_every_set_example_in_the_help_is_accepted_by_its_verb():
+    parser = cli.build_parser()
+    (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    with_set = {v for v, sub in verbs.choices.items()
+                if any(a.dest == "overrides" for a in sub._actions)}
+    assert with_set == set(SET_TARGETS)
+    examples = _set_examples()
+    assert {verb for _, verb, _ in examples} == with_set      # every verb shows its keys
+    assert len(examples) >= 15
+    for where, verb, item in examples:
+        key = item.partition("=")[0]
+        try:
+            cfg = SET_TARGETS[verb]([item])
+        except ConfigError as e:
+            raise AssertionError(f"{where}: `modlm {verb} --set {item}` fails: {e}") from None
+        base = SET_TARGETS[verb]([])
+        read = functools.partial(functools.reduce, getattr, key.split("."))
+        assert read(cfg) != read(base), f"{where}: --set {item} changes nothing"
 
 
 def test_eval_rejects_non_positive_counts(capsys):

@@ -457,7 +457,15 @@ def test_markdown_table():
     assert t.splitlines() == ["| a | b |", "|---|---:|", "| x | 1.5 |", "| y | - |"]
 
 
-def test_plots_write_pngs(tmp_path):
+def test_plots_draw_the_given_series_into_pngs_of_the_figure_size(tmp_path, monkeypatch):
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path):      # the figure's artists stay readable after pyplot closes it
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
     outs = [
         plots.isoflop_curves({"1e13": {"dense": [(1e5, 2.0), (2e5, 1.9)], "mod": [(3e5, 1.8)]}},
                              tmp_path / "a.png"),
@@ -469,8 +477,34 @@ def test_plots_write_pngs(tmp_path):
         plots.lines({"s": ([1, 2], [0.9, 0.95])}, tmp_path / "e.png", xlabel="x", ylabel="y"),
         plots.bars(["a", "b"], [1.0, math.nan], tmp_path / "f.png", ylabel="y"),
     ]
+    # PNG size from the IHDR chunk: the figure's size in inches x the 120 dpi plots saves at.
+    sizes = {"a": (504, 432), "b": (768, 528), "c": (960, 300), "d": (768, 480),
+             "e": (768, 480), "f": (600, 480)}
     for p in outs:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+        png_size = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        fig_size = tuple(round(x * 120) for x in figures[p.name].get_size_inches())
+        assert png_size == fig_size == sizes[p.stem]
+
+    def lines(ax):
+        return [(list(l.get_xdata()), list(l.get_ydata())) for l in ax.lines]
+
+    (ax,) = figures["a.png"].axes     # one panel: each family's curve, then its optimum's star
+    assert lines(ax) == [([1e5, 2e5], [2.0, 1.9]), ([2e5], [1.9]), ([3e5], [1.8]), ([3e5], [1.8])]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dense", "mod"]
+    (ax,) = figures["b.png"].axes
+    assert [c.get_offsets().tolist() for c in ax.collections] == [[[1.0, 2.0]]]
+    assert [t.get_text() for t in ax.texts] == ["x"]
+    (ax,) = figures["c.png"].axes
+    assert [im.get_array().tolist() for im in ax.images] == [[[0, 1, 0], [1, 0, 0]]]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "⏎", "·"]
+    (ax,) = figures["d.png"].axes
+    assert [s.get_data().values.tolist() for s in ax.patches] == [[1, 2], [3, 0]]
+    (ax,) = figures["e.png"].axes
+    assert lines(ax) == [([1, 2], [0.9, 0.95])]
+    (ax,) = figures["f.png"].axes      # a NaN value is an empty bar
+    assert [r.get_height() for r in ax.patches] == [1.0, 0.0]
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):

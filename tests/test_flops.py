@@ -106,7 +106,8 @@ def test_attention_scores_in_routed_block_cost_k_over_T_squared(make_cfg):
 
 
 def test_mod_over_dense_ratio_at_paper_settings():
-    """paper.md: 12.5% every other block needs about (1 + 1/8) / 2 of the dense matmul FLOPs."""
+    """Paper Sec 4.1's best setting, 12.5% every other block, needs about (1 + 1/8) / 2 of the
+    dense matmul FLOPs."""
     dense = ModelConfig(vocab_size=256, d_model=512, n_layers=8, n_heads=8, max_seq_len=1024,
                         routing=RoutingConfig(router="none"))
     mod = dataclasses.replace(dense, routing=RoutingConfig())

@@ -790,10 +790,6 @@ class Closeness:
     loss_retrofit: float
     top1_agreement: float      # share of positions where both models' most likely token agrees
 
-    @property
-    def loss_change(self) -> float:
-        return self.loss_retrofit - self.loss_original
-
 
 @torch.no_grad()
 def measure_closeness(model: RetrofitLM, ids_BT1: Tensor, mode: RoutingMode = "topk"
