@@ -17,11 +17,12 @@ measured interleaved in one process after training.
 
 Budgets (2e12, 6e12, 2e13 training FLOPs) and why: the whole sweep must run in about 90 minutes
 on 2 CPU cores, and the budgets should span a 10x range in steps of about 3x, so that the
-compute-optimal size can visibly move; 14 runs per budget cost 14 x 2.8e13 = 3.9e14 FLOPs, about
-100 minutes of training on a 2-core AMD EPYC (115 minutes measured with evaluation: over the
-target, because the small models the budgets favour reach fewer FLOPs per second; 1e13 as the
-middle budget and 3e13 as the top one, the controls' and MoDE experiments' budgets, would take
-twice as long).
+compute-optimal size can visibly move; the 14 runs per budget of dense and learned MoD cost
+14 x 2.8e13 = 3.9e14 FLOPs, about 100 minutes of training on a 2-core AMD EPYC (115 minutes
+measured with evaluation: over the target, because the small models the budgets favour reach
+fewer FLOPs per second; 1e13 as the middle budget and 3e13 as the top one, the controls' and MoDE
+experiments' budgets, would take twice as long). The 9 random-control runs add 8.4e13 FLOPs
+(32 minutes measured on a 2-core Xeon while other work shared the cores).
 """
 
 from __future__ import annotations
