@@ -43,7 +43,7 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
 
 USER_ERRORS = {"modlm.config": "ConfigError", "modlm.corpus": "DataError",
                 "modlm.tokenizer": "TokenizerError", "modlm.checkpoint": "CheckpointError",
-                "modlm.train": "TrainingError", "modlm.generate": "GenerationError",
+                "modlm.train": "TrainingError", "modlm.generate.errors": "GenerationError",
                 "modlm.untrusted": "UntrustedFileError"}
 
 

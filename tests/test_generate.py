@@ -331,7 +331,7 @@ def test_bad_modes_and_options_are_refused():
 def test_routed_caches_grow_without_changing_results(monkeypatch):
     engine = engine_for("router")
     _, expected, _ = teacher_forced(engine, PROMPTS, n_steps=12)
-    monkeypatch.setattr("modlm.generate._ROUTED_HEADROOM", 0)
+    monkeypatch.setattr("modlm.generate.engine._ROUTED_HEADROOM", 0)  # read by prefill
     state, logits, full = teacher_forced(engine, PROMPTS, n_steps=12)
     prefill_slots = engine.prefill(PROMPTS)[0].caches[1].slots
     assert state.caches[1].slots > prefill_slots  # the cache had to grow during decode

@@ -1,4 +1,4 @@
-"""Retrofitted Hugging Face models generate through modlm's engine (modlm/generate.py) with the
+"""Retrofitted Hugging Face models generate through modlm's engine (modlm/generate/) with the
 token-skipping KV cache: prefill + decode equals the retrofit's full causal forward, routed caches
 hold exactly the routed tokens, decode runs a routed layer only for routed rows, and the wrapped
 decoder layers compute what Hugging Face's own layers compute.

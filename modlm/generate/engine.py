@@ -1,40 +1,15 @@
-"""The generation engine: batched prefill, token-by-token decode with a KV cache that skips tokens.
+"""`Engine`: batched generation from a `Backbone` (a `MoDLM`, or a retrofitted Hugging Face
+model) in a causal routing mode; the package docstring (`modlm.generate`) has the overview.
 
-Legend: B batch (live rows), T time, D model width, H heads, Dh head width, C cache slots,
-K routed tokens, N rows processed by a routed layer in one decode step, V vocabulary, R Dh / 2.
+Legend: B batch (live rows), T time, D model width, K routed tokens, N rows processed by a routed
+layer in one decode step, V vocabulary.
 
-Paper Sec 3.5: top-k routing is not causal, so generation routes each token alone, in one of the
-two causal modes the model was trained for: "router" (sigmoid(r) > 0.5, needs the auxiliary BCE
-loss) or "predictor" (the stop-gradient predictor's logit > 0). "topk" is refused. Because a
-token's decision depends only on its own residual, prefill + incremental decode computes what
-`model(ids, mode=mode)` computes over the whole sequence (tests check every logit in float32, to
-1e-5; in bfloat16 different kernels round differently, so a decision near its threshold may flip).
-
-The engine drives any `Backbone` (a `MoDLM`, or a retrofitted Hugging Face model) layer by layer
-through `modlm.block.DecoderLayer` (project the tokens to queries, keys and values at their
-positions; attend over the layer's cache; finish the layer), takes routing decisions from
-`RoutedLayer.causal_decision`, and applies Eq. 1 with `routing.routed_update`, the same functions
-the full-sequence forward uses; it does the attention itself, because it keeps the keys and values:
-
-- Prefill takes right-padded prompts of different lengths. Dense blocks run causally over the
-  padded batch (a valid token never attends to the padding after it); routed blocks route only
-  valid tokens (padding is masked out of the decision), gather each row's routed tokens with
-  `routing.indices_from_mask` and write them to the cache with their true positions.
-- Caches: a dense block's `LayerCache` holds every token of each row; a routed block's holds only
-  the tokens routed into it, per row (`n_B` differs across rows), keys rotated at their true
-  positions, slots padded and masked out in attention. Routed caches start at the prefill's
-  largest count plus a little headroom and grow by doubling, so their memory follows the routing.
-- Decode: one new token per row. Dense blocks append and attend with a per-row length mask. A
-  routed block decides for each row's new token; only the routed rows are gathered, attend over
-  their own routed cache and get x + w * f(x) scattered back; the others skip the block, and a
-  step in which no row routes does no work in that block at all.
-- Finished rows leave the batch (their cache rows are dropped), so later steps spend nothing on
-  them.
-
-Context rule: a row's prompt plus its new tokens may not exceed `max_seq_len` (the rotary table
-and the full forward stop there), or a sliding-window model's window. `generate` refuses a
-request that could cross it, unless `truncate=True`, in which case each row stops at the context
-with finish reason "context".
+Paper Sec 3.5: generation routes each token alone, in mode "router" or "predictor"; "topk" is not
+causal and is refused. The engine checks a request whole before the first token; `prefill` runs
+right-padded prompts through the model and fills the caches; `decode_step` feeds one token per
+live row, running a routed block only for the rows whose token routes into it; `generate`,
+`stream`, `generate_text` and `stream_text` drive the loop, end rows at stop tokens, stop
+strings, the length budget or the context, and account for time, routing and cache bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +18,6 @@ import math
 import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -52,17 +26,27 @@ from torch import Tensor
 from modlm import routing
 from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, causal_update, finish
 from modlm.config import ModelConfig
-from modlm.layers import attend
+from modlm.generate.cache import (
+    DecodeState,
+    LayerCache,
+    _attend_cached,
+    _empty_cache,
+    _length_mask,
+)
+from modlm.generate.errors import GenerationError
+from modlm.generate.results import (
+    GenerationResult,
+    GenerationStream,
+    StepTokens,
+    TextGeneration,
+    TextStream,
+)
+from modlm.generate.sampling import _check_sampling, _sample
 from modlm.tokenizer import not_unicode
 
 GENERATION_MODES = ("router", "predictor")
-FINISH_REASONS = ("length", "stop_token", "stop_string", "context")
 # Extra slots a routed cache gets beyond what prefill needed, before its first doubling.
 _ROUTED_HEADROOM = 16
-
-
-class GenerationError(ValueError):
-    """A generation request cannot be served; the message says why and what to change."""
 
 
 class _Decoder(Protocol):
@@ -98,284 +82,6 @@ class Backbone(Protocol):
     def head(self, x_BTD: Tensor) -> Tensor: ...
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
-
-
-# ---- the KV cache ------------------------------------------------------------------------------
-
-
-class LayerCache:
-    """Keys and values of one block, per row: slots [0, n_B[b]) of row b are its cached tokens.
-
-    k_BHCd / v_BHCd: keys (already rotated) and values, H the key/value heads; pos_BC: each slot's
-    true position; n_B: filled slots per row. A dense block fills one slot per token; a routed
-    block one slot per token routed into it. `limit` is the most slots a row can ever need.
-    """
-
-    def __init__(self, k_BHCd: Tensor, v_BHCd: Tensor, pos_BC: Tensor, n_B: Tensor,
-                 limit: int, routed: bool) -> None:
-        self.k_BHCd, self.v_BHCd, self.pos_BC, self.n_B = k_BHCd, v_BHCd, pos_BC, n_B
-        self.limit = limit
-        self.routed = routed
-
-    @classmethod
-    def empty(cls, B: int, H: int, Dh: int, slots: int, limit: int, routed: bool,
-              dtype: torch.dtype, device: torch.device) -> LayerCache:
-        return cls(torch.zeros(B, H, slots, Dh, dtype=dtype, device=device),
-                   torch.zeros(B, H, slots, Dh, dtype=dtype, device=device),
-                   torch.zeros(B, slots, dtype=torch.long, device=device),
-                   torch.zeros(B, dtype=torch.long, device=device), limit, routed)
-
-    @property
-    def slots(self) -> int:
-        return self.k_BHCd.shape[2]
-
-    @property
-    def entry_bytes(self) -> int:
-        """Bytes one cached token takes (its keys and values over all key/value heads)."""
-        _, G, _, Dh = self.k_BHCd.shape
-        return 2 * G * Dh * self.k_BHCd.element_size()
-
-    def entries(self) -> int:
-        """Tokens held, summed over rows."""
-        return int(self.n_B.sum())
-
-    def fill(self, k_BKHd: Tensor, v_BKHd: Tensor, pos_BK: Tensor, n_B: Tensor) -> None:
-        """Prefill: the first K slots of each row (entries past n_B[b] are padding)."""
-        K = k_BKHd.shape[1]
-        self.k_BHCd[:, :, :K] = k_BKHd.transpose(1, 2)
-        self.v_BHCd[:, :, :K] = v_BKHd.transpose(1, 2)
-        self.pos_BC[:, :K] = pos_BK
-        self.n_B.copy_(n_B)
-
-    def append(self, rows_N: Tensor | None, k_NHd: Tensor, v_NHd: Tensor,
-               pos_N: Tensor) -> Tensor:
-        """Write one token for each given row (None: every row) at its next free slot; return
-        their new counts."""
-        n_N = self.n_B if rows_N is None else self.n_B[rows_N]
-        lo, hi = (int(n) for n in torch.aminmax(n_N))
-        if hi + 1 > self.slots:
-            self._grow(hi + 1)
-        if rows_N is None and lo == hi:
-            # Every row at the same slot (the common case): plain slice writes, no scatter.
-            self.k_BHCd[:, :, lo] = k_NHd
-            self.v_BHCd[:, :, lo] = v_NHd
-            self.pos_BC[:, lo] = pos_N
-            self.n_B += 1
-            return self.n_B
-        rows = torch.arange(n_N.shape[0], device=n_N.device) if rows_N is None else rows_N
-        self.k_BHCd[rows, :, n_N] = k_NHd
-        self.v_BHCd[rows, :, n_N] = v_NHd
-        self.pos_BC[rows, n_N] = pos_N
-        n_N = n_N + 1
-        self.n_B[rows] = n_N
-        return n_N
-
-    def _grow(self, need: int) -> None:
-        if need > self.limit:
-            raise GenerationError(f"a row needs {need} cache slots but the cache was built for "
-                                  f"{self.limit}; pass a larger capacity to prefill")
-        slots = min(self.limit, max(need, 2 * self.slots))
-        B, H, C, Dh = self.k_BHCd.shape
-        k = self.k_BHCd.new_zeros(B, H, slots, Dh)
-        v = self.v_BHCd.new_zeros(B, H, slots, Dh)
-        pos = self.pos_BC.new_zeros(B, slots)
-        k[:, :, :C], v[:, :, :C], pos[:, :C] = self.k_BHCd, self.v_BHCd, self.pos_BC
-        self.k_BHCd, self.v_BHCd, self.pos_BC = k, v, pos
-
-    def keep(self, rows: Tensor) -> None:
-        """Keep only the given rows (in that order): finished rows leave the batch."""
-        self.k_BHCd, self.v_BHCd = self.k_BHCd[rows], self.v_BHCd[rows]
-        self.pos_BC, self.n_B = self.pos_BC[rows], self.n_B[rows]
-
-
-@dataclass
-class DecodeState:
-    """Everything a decode step needs, for the live rows of a batch.
-
-    rows: original (prompt) index of each live row. pos_B: tokens each live row has fed through
-    the model so far (= the position the next token takes). caches: one per block.
-    routed_tokens / seen_tokens: per block, tokens routed into it and tokens that reached it,
-    summed over prefill and decode and over all rows (including rows that have since left).
-    retired_entries: per block, cache entries of rows that have left the batch.
-    """
-
-    rows: list[int]
-    pos_B: Tensor
-    caches: list[LayerCache]
-    capacity: int
-    routed_tokens: list[int]
-    seen_tokens: list[int]
-    retired_entries: list[int]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.rows)
-
-    def keep(self, keep: Sequence[int]) -> None:
-        """Keep the live rows at these indices (into `rows`), dropping the rest from every cache."""
-        if list(keep) == list(range(len(self.rows))):
-            return
-        idx = torch.tensor(list(keep), dtype=torch.long, device=self.pos_B.device)
-        for i, cache in enumerate(self.caches):
-            self.retired_entries[i] += cache.entries() - int(cache.n_B[idx].sum())
-            cache.keep(idx)
-        self.pos_B = self.pos_B[idx]
-        self.rows = [self.rows[i] for i in keep]
-
-    def cache_entries(self) -> list[int]:
-        """Per block, tokens its cache holds, counting rows that have left at their final size."""
-        return [c.entries() + r for c, r in zip(self.caches, self.retired_entries)]
-
-
-# ---- sampling ----------------------------------------------------------------------------------
-
-
-def sample_next(logits_NV: Tensor, *, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
-    """One token id per row: argmax when temperature is 0, else a draw from the softmax of
-    logits / temperature restricted to the top_k largest and to the smallest set of tokens whose
-    probability reaches top_p (both applied when both are given, top-k first). `generator` may be
-    one generator for the batch or one per row (each row then draws from its own stream, so a row
-    samples the same tokens whatever else is in the batch)."""
-    _check_sampling(temperature, top_k, top_p)
-    return _sample(logits_NV, temperature, top_k, top_p, generator)
-
-
-def _sample(logits_NV: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-            generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
-    """`sample_next` without the argument checks: the engine checks them once per generation,
-    not on every decode step."""
-    if temperature == 0.0:
-        return logits_NV.argmax(dim=-1)
-    logits_NV = logits_NV.float()
-    # Shift before dividing so a tiny temperature gives large finite logits, not inf - inf.
-    logits_NV = (logits_NV - logits_NV.max(dim=-1, keepdim=True).values) / temperature
-    V = logits_NV.shape[-1]
-    if top_k is not None and top_k < V:
-        kth_N1 = torch.topk(logits_NV, top_k, dim=-1).values[:, -1:]
-        logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_NV, order_NV = torch.sort(logits_NV, dim=-1, descending=True)
-        probs_NV = torch.softmax(sorted_NV, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first stays.
-        drop_NV = probs_NV.cumsum(dim=-1) - probs_NV >= top_p
-        logits_NV = logits_NV.scatter(-1, order_NV, sorted_NV.masked_fill(drop_NV, -math.inf))
-    probs_NV = torch.softmax(logits_NV, dim=-1)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs_NV, 1, generator=generator).squeeze(-1)
-    return torch.cat([torch.multinomial(p_V, 1, generator=g)
-                      for p_V, g in zip(probs_NV, generator, strict=True)])
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature >= 0.0
-            and math.isfinite(temperature)):
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
-                              or top_k < 1):
-        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-
-
-# ---- results -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepTokens:
-    """What one step produced: the new token of each row still generating (streaming unit)."""
-
-    step: int
-    rows: tuple[int, ...]
-    tokens: tuple[int, ...]
-    finished: tuple[int, ...]   # rows among `rows` that finished with this token
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """One batched generation.
-
-    tokens: the new tokens of each row (prompt excluded; a stop token that ended a row is kept).
-    finish_reasons: per row, one of FINISH_REASONS.
-    tokens_per_s: new tokens / (prefill + decode time); decode_tokens_per_s: tokens produced by
-    decode steps / decode time (None when no decode step ran).
-    routed_fraction: per routed block index, tokens routed into it / tokens that reached it, over
-    prefill and decode (every token fed through the model; the last sampled token of a row is
-    never fed); decode_routed_fraction: the same over decode steps only (what decode speed
-    depends on). kv_cache_bytes: bytes of keys and values the caches held at the end (rows that
-    finished early counted at their final size); dense_kv_cache_bytes: what a cache holding every
-    fed token in every block would need; kv_cache_allocated_bytes: what the live rows' caches
-    occupy, padding slots and growth headroom included.
-    """
-
-    mode: str
-    tokens: tuple[tuple[int, ...], ...]
-    finish_reasons: tuple[str, ...]
-    prompt_tokens: int
-    new_tokens: int
-    prefill_s: float
-    decode_s: float
-    tokens_per_s: float
-    decode_tokens_per_s: float | None
-    routed_fraction: dict[int, float]
-    decode_routed_fraction: dict[int, float]
-    kv_cache_bytes: int
-    kv_cache_allocated_bytes: int
-    dense_kv_cache_bytes: int
-
-    @property
-    def kv_cache_ratio(self) -> float:
-        """KV-cache bytes used / a dense cache's bytes (1.0 for a dense model)."""
-        return self.kv_cache_bytes / self.dense_kv_cache_bytes if self.dense_kv_cache_bytes else 1.0
-
-
-@dataclass(frozen=True)
-class TextGeneration:
-    """`Engine.generate_text`'s result: the decoded continuation of each prompt, cut before any
-    stop string and without the stop token, plus the token-level result."""
-
-    texts: tuple[str, ...]
-    result: GenerationResult
-
-
-class GenerationStream:
-    """Iterate for one `StepTokens` per step; `result` is set once the iteration has ended."""
-
-    def __init__(self, steps: Iterator[StepTokens | GenerationResult]) -> None:
-        self._steps = steps
-        self._result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[StepTokens]:
-        for item in self._steps:
-            if isinstance(item, GenerationResult):
-                self._result = item
-            else:
-                yield item
-
-    @property
-    def result(self) -> GenerationResult:
-        if self._result is None:
-            raise GenerationError("the stream has not finished; iterate it to the end first")
-        return self._result
-
-
-class TextStream:
-    """Iterate for pieces of text as they are generated; `result` once the iteration ended."""
-
-    def __init__(self, pieces: Iterator[str], steps: GenerationStream) -> None:
-        self._pieces = pieces
-        self._steps = steps
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._pieces
-
-    @property
-    def result(self) -> GenerationResult:
-        return self._steps.result
-
-
-# ---- the engine --------------------------------------------------------------------------------
 
 
 class Engine:
@@ -845,15 +551,6 @@ def _encode_prompts(tokenizer: _TextTokenizer, texts: Sequence[str]) -> list[lis
     return [tokenizer.encode(t) for t in texts]
 
 
-# ---- attention pieces shared by prefill and decode ---------------------------------------------
-
-
-def _empty_cache(layer: DecoderLayer, B: int, slots: int, limit: int, routed: bool,
-                 device: torch.device) -> LayerCache:
-    return LayerCache.empty(B, layer.n_kv_heads, layer.head_dim, slots, limit, routed,
-                            layer.kv_dtype, device)
-
-
 def _take_rows(pe: Any, rows_N: Tensor) -> Any:
     """The position encoding of some rows (a tensor, a tuple of tensors, or None)."""
     if pe is None:
@@ -861,22 +558,3 @@ def _take_rows(pe: Any, rows_N: Tensor) -> Any:
     if isinstance(pe, Tensor):
         return pe[rows_N]
     return type(pe)(_take_rows(p, rows_N) for p in pe)
-
-
-def _length_mask(n_N: Tensor) -> Tensor | None:
-    """Attention mask (N, 1, 1, S) letting row r see its first n_N[r] slots; None if all equal."""
-    lo, hi = torch.aminmax(n_N)
-    lo, hi = int(lo), int(hi)
-    if lo == hi:
-        return None
-    return (torch.arange(hi, device=n_N.device) < n_N[:, None])[:, None, None, :]
-
-
-def _attend_cached(layer: DecoderLayer, q_N1Hd: Tensor, cache: LayerCache,
-                   rows_N: Tensor | None, n_N: Tensor, mask: Tensor | None) -> Tensor:
-    """One query per row over that row's cached slots; returns (N, H, 1, Dh)."""
-    S = int(n_N.max()) if mask is None else mask.shape[-1]
-    k, v = cache.k_BHCd[:, :, :S], cache.v_BHCd[:, :, :S]
-    if rows_N is not None:
-        k, v = k[rows_N], v[rows_N]
-    return attend(q_N1Hd.transpose(1, 2), k, v, scale=layer.attn_scale, mask=mask)
