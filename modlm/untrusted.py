@@ -94,8 +94,11 @@ def inside(folder: str | os.PathLike[str], name: Any, what: str) -> Path:
         raise UntrustedFileError(f"{what} names {name!r}, a path outside {folder}; a folder from "
                                  f"someone else may name only its own files")
     path = folder / rel
-    root = folder.resolve()
-    resolved = path.resolve()
+    try:
+        root, resolved = folder.resolve(), path.resolve()
+    except (OSError, RuntimeError) as e:   # a symlink loop (RuntimeError before Python 3.13)
+        raise UntrustedFileError(f"{what} names {name!r}, which cannot be resolved inside "
+                                 f"{folder} ({e})") from None
     if resolved != root and root not in resolved.parents:
         raise UntrustedFileError(f"{what} names {name!r}, a link to {resolved} outside {folder}; "
                                  f"a folder from someone else may name only its own files")

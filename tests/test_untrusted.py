@@ -86,7 +86,9 @@ def test_inside_refuses_absolute_parent_and_linked_names(tmp_path):
     write(tmp_path / "secret.txt", "s")
     (folder / "link.txt").symlink_to(tmp_path / "secret.txt")
     assert inside(folder, "ok.txt", "meta") == folder / "ok.txt"
-    for bad in ("/etc/passwd", "../secret.txt", "a/../../secret.txt", "link.txt", "", 3):
+    (folder / "loop").symlink_to(folder / "loop")
+    for bad in ("/etc/passwd", "../secret.txt", "a/../../secret.txt", "link.txt", "", 3,
+                "loop"):
         with pytest.raises(UntrustedFileError):
             inside(folder, bad, "meta")
 
