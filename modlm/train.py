@@ -605,13 +605,9 @@ def _log(s: _Session, record: dict[str, Any]) -> None:
 
 def _step_record(s: _Session, state: TrainState, st: _StepStats, lr: float,
                  tok_s: float) -> dict[str, Any]:
-    routing = s.cfg.model.routing
-    routed = bool(s.cfg.model.routed_layers)
     return {"step": state.step, "tokens": state.tokens, "flops": s.flops_at(state.step),
             "loss": st.loss, "lm_loss": st.lm_loss,
-            "router_aux_loss": st.router_aux_loss
-            if routed and routing.router == "learned" else None,
-            "predictor_loss": st.predictor_loss if routed and routing.predictor else None,
+            "router_aux_loss": st.router_aux_loss, "predictor_loss": st.predictor_loss,
             "predictor_accuracy": st.predictor_accuracy or None,
             "router_accuracy": st.router_accuracy or None, "lr": lr,
             "grad_norm": st.grad_norm, "tokens_per_s": tok_s,
@@ -649,12 +645,14 @@ def _save(s: _Session, state: TrainState, val_loss: float | None) -> Path | None
 
 @dataclass(frozen=True)
 class _StepStats:
-    """One optimizer step's forward/backward, averaged over micro-batches and processes."""
+    """One optimizer step's forward/backward, every value averaged over the step's micro-batches
+    and processes. A loss the model does not have (no learned router, no predictor, no MoE) is
+    None, never a stand-in 0.0; accuracies and MoE shares have one value per routed / MoE layer."""
 
     loss: float
     lm_loss: float
-    router_aux_loss: float
-    predictor_loss: float
+    router_aux_loss: float | None
+    predictor_loss: float | None
     router_accuracy: list[float]
     predictor_accuracy: list[float]
     grad_norm: float
@@ -667,10 +665,25 @@ class _StepStats:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
+def _step_values(out: Any) -> dict[str, torch.Tensor]:
+    """The scalars a step record reports from one forward, by name; absent ones left out. The
+    names depend only on the model's configuration, so they agree across micro-batches and
+    processes."""
+    values = {"loss": out.loss, "lm_loss": out.lm_loss, "router_aux_loss": out.router_aux_loss,
+              "predictor_loss": out.predictor_loss,
+              "moe_balance_loss": out.moe_balance_loss if out.moe else None}
+    for i, r in enumerate(out.routing):
+        values[f"router_accuracy.{i}"] = r.router_accuracy
+        values[f"predictor_accuracy.{i}"] = r.predictor_accuracy
+    for i, m in enumerate(out.moe or ()):
+        values[f"moe_noop.{i}"], values[f"moe_dropped.{i}"] = m.noop, m.dropped
+    return {k: v.detach().double() for k, v in values.items() if v is not None}
+
+
 def _forward_backward(s: _Session) -> _StepStats:
     """Accumulate gradients over cfg.grad_accum micro-batches, then clip (or just measure) them."""
     cfg, d, model = s.cfg, s.d, s.model
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, predictor
+    sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
         windows_BT1 = s.sampler.next_batch().to(s.device)
         x_BT, y_BT = split_windows(windows_BT1)
@@ -684,25 +697,27 @@ def _forward_backward(s: _Session) -> _StepStats:
             with runtime.autocast(s.device, cfg.dtype):
                 out = s.train_model(x_BT, y_BT, generator=s.routing_gen)
             (out.loss / cfg.grad_accum).backward()
-        sums += torch.tensor([_f(out.loss), _f(out.lm_loss), _f(out.router_aux_loss),
-                              _f(out.predictor_loss)], dtype=torch.float64) / cfg.grad_accum
-    sums = runtime.all_reduce_mean(sums, d)
+        for name, value in _step_values(out).items():
+            sums[name] = sums.get(name, 0.0) + value.cpu() / cfg.grad_accum
+    names = sorted(sums)
+    averaged = runtime.all_reduce_mean(torch.stack([sums[n] for n in names]), d).tolist()
+    mean = dict(zip(names, averaged))
     # No clipping when grad_clip is 0, but the norm is still measured: a non-finite gradient
     # (e.g. a bfloat16 overflow) must not reach the weights even when the loss is finite.
     grad_norm = _clip_grad_norm(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    # Routing statistics of the last micro-batch: the fractions are exactly the capacity in the
-    # top-k training forward; the agreement of the causal rules with top-k is what is learned.
+
+    def per_layer(prefix: str) -> list[float]:
+        return [mean[n] for n in sorted((n for n in names if n.startswith(prefix + ".")),
+                                        key=lambda n: int(n.rsplit(".", 1)[1]))]
+    # The fractions routed are exactly the capacity in the top-k training forward; the agreement
+    # of the causal rules with top-k is what is learned.
     return _StepStats(
-        loss=float(sums[0]), lm_loss=float(sums[1]), router_aux_loss=float(sums[2]),
-        predictor_loss=float(sums[3]),
-        router_accuracy=[_f(s.router_accuracy) for s in out.routing
-                         if s.router_accuracy is not None],
-        predictor_accuracy=[_f(s.predictor_accuracy) for s in out.routing
-                            if s.predictor_accuracy is not None],
-        grad_norm=grad_norm,
-        moe_balance_loss=_f(out.moe_balance_loss) if out.moe else None,
-        moe_noop=tuple(_f(m.noop) for m in out.moe),
-        moe_dropped=tuple(_f(m.dropped) for m in out.moe))
+        loss=mean["loss"], lm_loss=mean["lm_loss"],
+        router_aux_loss=mean.get("router_aux_loss"), predictor_loss=mean.get("predictor_loss"),
+        router_accuracy=per_layer("router_accuracy"),
+        predictor_accuracy=per_layer("predictor_accuracy"),
+        grad_norm=grad_norm, moe_balance_loss=mean.get("moe_balance_loss"),
+        moe_noop=tuple(per_layer("moe_noop")), moe_dropped=tuple(per_layer("moe_dropped")))
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -762,10 +777,6 @@ def _agree(flag: bool, d: runtime.Dist) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _f(t: torch.Tensor | None) -> float:
-    return float(t.detach()) if t is not None else 0.0
 
 
 def _tensorboard(path: Path):

@@ -489,3 +489,49 @@ def test_torch_compile_trains_like_eager(tmp_path, corpus):
     assert a.keys() == b.keys()
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4)
+
+
+@pytest.mark.parametrize("router, predictor", [("learned", True), ("learned", False),
+                                               ("random", False), ("none", False)])
+def test_step_records_average_every_micro_batch_and_leave_absent_losses_absent(
+        tmp_path, corpus, monkeypatch, router, predictor):
+    """Each step record's losses and per-block accuracies are the mean over the step's
+    micro-batches (not the last one's), and a loss the model does not have is null, not 0.0."""
+    import modlm.train as train_module
+    seen: list[dict[str, float]] = []
+    real = train_module._step_values
+
+    def spy(out):
+        values = real(out)
+        seen.append({k: float(v) for k, v in values.items()})
+        return values
+
+    monkeypatch.setattr(train_module, "_step_values", spy)
+    model = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, d_mlp=37,
+                        max_seq_len=32, routing={"router": router, "predictor": predictor,
+                                                 "capacity": 0.25,
+                                                 "aux_loss_weight": 0.01 if router == "learned"
+                                                 else 0.0})
+    run = train(tiny_cfg(tmp_path, corpus, model=model, steps=2, grad_accum=3, eval_every=100,
+                         checkpoint_every=100)).run_dir
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "eval" not in r]
+    assert [r["step"] for r in steps] == [1, 2] and len(seen) >= 6
+    first = seen[:3]                       # the three micro-batches of step 1
+    mean = {k: sum(m[k] for m in first) / 3 for k in first[0]}
+    record = steps[0]
+    assert record["loss"] == pytest.approx(mean["loss"])
+    assert record["lm_loss"] == pytest.approx(mean["lm_loss"])
+    assert (record["router_aux_loss"] is None) == (router != "learned")
+    assert (record["predictor_loss"] is None) == (not predictor)
+    if router == "learned":
+        assert record["router_aux_loss"] == pytest.approx(mean["router_aux_loss"])
+        accuracies = [mean[k] for k in sorted(mean) if k.startswith("router_accuracy.")]
+        assert record["router_accuracy"] == pytest.approx(accuracies)
+        # a mean over micro-batches, which differs from the last micro-batch's value
+        assert any(abs(first[2][k] - mean[k]) > 1e-9
+                   for k in mean if k.startswith(("router_accuracy", "lm_loss")))
+    else:
+        assert record["router_accuracy"] is None
+    if predictor:
+        assert record["predictor_loss"] == pytest.approx(mean["predictor_loss"])
