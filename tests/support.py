@@ -1,8 +1,14 @@
-"""Helpers shared by the data-layer tests: skip markers for optional packages, file writing."""
+"""Helpers shared by the tests: skip markers for optional packages, file writing, folder
+snapshots, and the real CLI in a subprocess."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,3 +108,40 @@ def decode_routed_row_counts(engine, state, calls: dict, refs: list, prompts, co
             sizes.add(routed)
             assert c[before[i]:] == ([routed] if routed else [])
     return sizes
+
+
+def snapshot(root: Path, folders: bool = False) -> dict[str, bytes | None]:
+    """Every file under `root` (hidden ones included) by relative path with the SHA-256 of its
+    bytes, and with `folders` every folder too (as None): equal snapshots mean nothing below
+    `root` was written, removed or created."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).digest()
+            if p.is_file() else None
+            for p in sorted(root.rglob("*")) if folders or p.is_file()}
+
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def modlm(*args: str | bytes, env: dict[str, str] | None = None, cwd: Path | None = None,
+          preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """The real `modlm` command line in a subprocess (one thread, no torchrun variables unless
+    `env` sets them)."""
+    base = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    return subprocess.run([sys.executable, "-m", "modlm", *args],
+                          env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=120, cwd=cwd,
+                          preexec_fn=preexec_fn)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str, alone: bool = False) -> str:
+    """The command failed with exit status 2 and one `error` line holding every needle, no
+    traceback; with `alone`, that line is all it wrote to stderr."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if "error" in l]
+    if alone:
+        assert proc.stderr.strip() == line, proc.stderr
+    for needle in needles:
+        assert needle in line, line
+    return line
+

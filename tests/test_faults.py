@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import os
 import resource
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import _TORCHRUN_VARS, modlm, one_line_error, snapshot
 
 from modlm.config import ConfigError
 from modlm.generate import GenerationError, sample_next
@@ -25,21 +25,10 @@ from modlm.runtime import distributed_env
 TORCHRUN_OK = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
 
-def modlm(*args: str | bytes, env: dict[str, str] | None = None, cwd: Path | None = None,
-          preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-m", "modlm", *args],
-                          env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=120, cwd=cwd,
-                          preexec_fn=preexec_fn)
-
-
 def modlm_at_once(*calls: list[str | bytes], preexec_fn: Callable[[], None] | None = None
                   ) -> list[subprocess.CompletedProcess]:
     """`modlm` with each argument list, the processes run side by side (each mostly imports)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
     procs = [(args, subprocess.Popen([sys.executable, "-m", "modlm", *args],
                                      env={**env, "OMP_NUM_THREADS": "1"}, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -49,15 +38,6 @@ def modlm_at_once(*calls: list[str | bytes], preexec_fn: Callable[[], None] | No
         out, err = proc.communicate(timeout=120)
         done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
     return done
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    (line,) = [l for l in proc.stderr.splitlines() if "error" in l]
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 @pytest.mark.parametrize("env, message", [
@@ -110,8 +90,9 @@ def test_a_rank_started_without_its_peers_gives_up_within_the_set_up_timeout(tmp
     env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": _free_port(), "MODLM_DIST_SETUP_TIMEOUT": "2"}
     proc = modlm("train", "--preset", "tiny", "--set", f"out_dir={tmp_path}", env=env)
-    line = one_line_error(proc, f"as rank {rank} of 2 within 2 s", "MODLM_DIST_SETUP_TIMEOUT")
-    assert proc.stderr.strip() == line, proc.stderr      # no C++ retry logs with stack frames
+    # alone: no C++ retry logs with stack frames around the line
+    one_line_error(proc, f"as rank {rank} of 2 within 2 s", "MODLM_DIST_SETUP_TIMEOUT",
+                   alone=True)
     bad = modlm("train", "--preset", "tiny", "--set", f"out_dir={tmp_path}",
                 env={**env, "MODLM_DIST_SETUP_TIMEOUT": "soon"})
     one_line_error(bad, "MODLM_DIST_SETUP_TIMEOUT='soon'")
@@ -224,12 +205,6 @@ def read_only(path: Path) -> Path:
     for p in [path, *path.rglob("*")]:
         p.chmod(0o555 if p.is_dir() else 0o444)
     return path
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file below `folder`, hidden ones included, by relative path: its SHA-256."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).digest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _corpus(tmp_path: Path) -> Path:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
-from support import needs_gpt2_files, needs_tokenizers, needs_transformers
+from support import needs_gpt2_files, needs_tokenizers, needs_transformers, snapshot
 
 from modlm.generate import Engine, GenerationError
 from modlm.model import MoDLM
@@ -423,12 +423,6 @@ def test_export_never_overwrites_without_asking_and_never_writes_into_a_run(tmp_
 
 
 
-def _tree(root):
-    """Every file (with its bytes) and folder (None) under root, by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-            for p in sorted(root.rglob("*"))}
-
-
 def test_export_refuses_any_target_inside_a_run_or_checkpoint_folder(tmp_path, capsys):
     from modlm.cli import main
     _, run = _saved_run(tmp_path)
@@ -441,7 +435,7 @@ def test_export_refuses_any_target_inside_a_run_or_checkpoint_folder(tmp_path, c
     starting = tmp_path / "starting"                        # a run its trainer has just locked
     starting.mkdir()
     (starting / ".lock").write_text("pid 1 on host, since 2025-01-01 00:00:00")
-    before = _tree(tmp_path)
+    before = snapshot(tmp_path, folders=True)
     capsys.readouterr()
     inside = "exports never write into a modlm run or checkpoint folder (even with --overwrite)"
     for target, says in (
@@ -459,7 +453,8 @@ def test_export_refuses_any_target_inside_a_run_or_checkpoint_folder(tmp_path, c
             assert main(["export-hf", str(run), str(target), *extra]) == 2, target
             err = capsys.readouterr().err
             assert says in err and err.count("\n") == 1 and "Traceback" not in err, err
-            assert _tree(tmp_path) == before, target       # nothing written, nothing removed
+            # nothing written, nothing removed
+            assert snapshot(tmp_path, folders=True) == before, target
     # Folders that merely look alike (a project's own checkpoints/ and meta.json) are no run.
     project = tmp_path / "project"
     (project / "checkpoints").mkdir(parents=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import snapshot
 
 from modlm import flops
 from modlm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
@@ -208,12 +209,6 @@ def test_resume_survives_a_half_written_metrics_line(tmp_path, corpus):
         f.write('{"step": 9, "loss": 1.2')  # killed mid-write
     resumed = train(load_run_config(run), resume=run)
     assert sorted(step_losses(resumed.run_dir)) == list(range(1, 9))
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under root, by relative path, with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(tmp_path, corpus,

@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import needs_tokenizers, needs_transformers, write
+from support import (
+    modlm,
+    needs_tokenizers,
+    needs_transformers,
+    one_line_error,
+    snapshot,
+    write,
+)
 
 from modlm.checkpoint import CheckpointError, load_model, model_config_hash, save_checkpoint
 from modlm.config import ModelConfig
@@ -43,25 +50,6 @@ def _forge(ckpt: Path, rel: str, content: str | bytes) -> None:
         except (ValueError, KeyError, RecursionError):
             pass
     (ckpt / "meta.json").write_text(json.dumps(meta))
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "modlm", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
-
-
-def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # ---- the primitives ----------------------------------------------------------------------------
@@ -131,7 +119,7 @@ def test_config_shapes_that_the_weights_do_not_justify_are_refused_before_alloca
     if field == "d_model":
         config["model"]["d_mlp"] = None
     _forge(ckpt, "config.json", json.dumps(config))
-    before = _tree(ckpt)
+    before = snapshot(ckpt)
     script = ("import resource, sys\nfrom modlm.checkpoint import load_model\n"
               "try:\n    load_model(sys.argv[1])\nexcept Exception as e:\n"
               "    print(type(e).__name__, '|', e)\n"
@@ -142,18 +130,18 @@ def test_config_shapes_that_the_weights_do_not_justify_are_refused_before_alloca
     assert first.startswith("UntrustedFileError |"), proc.stdout + proc.stderr
     assert "nothing was allocated" in first or "layers" in first or "derived" in first, first
     assert int(peak_kib) < 1_500_000, f"peak {int(peak_kib) / 1024:.0f} MiB"
-    assert _tree(ckpt) == before
+    assert snapshot(ckpt) == before
 
 
 def test_a_deeply_nested_checkpoint_config_gives_one_line_not_a_recursion_error(tmp_path):
     ckpt = _checkpoint(tmp_path)
     _forge(ckpt, "config.json", '{"model": ' + NESTED + "}")
-    _one_line(_cli("sample", str(ckpt), "--prompt", "a", "--max-new-tokens", "1"),
-              "nests deeper")
+    one_line_error(modlm("sample", str(ckpt), "--prompt", "a", "--max-new-tokens", "1"),
+                   "nests deeper", alone=True)
     nested_meta = tmp_path / "other" / "checkpoints" / "step_00000001"
     write(nested_meta / "meta.json", NESTED)
-    _one_line(_cli("sample", str(nested_meta), "--prompt", "a", "--max-new-tokens", "1"),
-              "meta.json")
+    one_line_error(modlm("sample", str(nested_meta), "--prompt", "a", "--max-new-tokens", "1"),
+                   "meta.json", alone=True)
 
 
 def test_eval_never_reads_the_corpus_or_writes_the_cache_a_checkpoint_names(tmp_path):
@@ -164,11 +152,12 @@ def test_eval_never_reads_the_corpus_or_writes_the_cache_a_checkpoint_names(tmp_
                                                       "seq_len": 8}})
     user_cache = tmp_path / "user-cache"
     env = {"MODLM_CACHE_DIR": str(user_cache)}
-    err = _one_line(_cli("eval", str(ckpt), "--batches", "1", env=env), "--corpus", secret)
+    err = one_line_error(modlm("eval", str(ckpt), "--batches", "1", env=env), "--corpus", secret,
+                         alone=True)
     assert "reads no path a checkpoint names" in err
     # The user names the corpus: it is read, and tokens go to the user's cache, not the planted one.
-    ok = _cli("eval", str(ckpt), "--corpus", secret, "--batches", "1", "--mode", "topk",
-              env=env)
+    ok = modlm("eval", str(ckpt), "--corpus", secret, "--batches", "1", "--mode", "topk",
+               env=env)
     assert ok.returncode == 0, ok.stderr
     assert "val" in ok.stdout and not planted_cache.exists()
     assert any(user_cache.iterdir())
