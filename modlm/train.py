@@ -698,8 +698,9 @@ def _forward_backward(s: _Session) -> _StepStats:
                 out = s.train_model(x_BT, y_BT, generator=s.routing_gen)
             (out.loss / cfg.grad_accum).backward()
         for name, value in _step_values(out).items():
-            sums[name] = sums.get(name, 0.0) + value.cpu() / cfg.grad_accum
+            sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum   # stays on the device
     names = sorted(sums)
+    # One reduction and one device-to-host copy per step, whatever the number of values.
     averaged = runtime.all_reduce_mean(torch.stack([sums[n] for n in names]), d).tolist()
     mean = dict(zip(names, averaged))
     # No clipping when grad_clip is 0, but the norm is still measured: a non-finite gradient
