@@ -1,20 +1,26 @@
-"""Decode speed with the KV cache: dense vs same-shape MoD, batch 1 and batch 8, side by side.
+"""Decode speed at the FLOP limit: dense vs same-shape MoD with the token-skipping KV cache,
+beside the FLOP-predicted ratio, and Hugging Face `generate` on the dense shape.
 
-The MoD model is first trained briefly with the auxiliary loss on the built-in corpus, so its
-routers' causal decisions settle near the capacity (an untrained router routes arbitrarily);
-the dense twin's speed does not depend on its weights. Both then generate greedily from prompts
-of held-out text, interleaved, and the median decode tokens/s, the routed fraction per routed
-block and the KV-cache size are printed.
+Shapes: d_model 256 and 512 (`--widths`), 8 layers, head width 64, SwiGLU, byte vocabulary;
+the MoD model routes blocks 1, 3, 5, 7 at 12.5%. Routing is *rate-controlled*: every router is a
+`modlm.measure.RateRouter`, which does a learned router's work per token and routes each token
+with probability 0.125 whatever its content, in the causal "router" mode. So no training is
+needed to time sampling at the paper's capacity (weights do not change the speed), and the
+routed fraction is the capacity up to sampling noise (the fraction reached is measured and the
+prediction uses it). The dense twin has the same shape; "hf" is `LlamaForCausalLM.generate` on a
+random Llama of the dense shape (sdpa attention, tied embeddings; `--hf`).
 
-Sampling is at temperature 1 (seeded) by default, so the generated text follows the model's
-distribution: greedy decoding from a briefly trained model falls into repetitive text on which
-some routers route almost nothing, which would flatter MoD's speed (`--temperature 0` shows it).
+Each setting (width x batch x prompt length) decodes `--new-tokens` tokens per row after random
+prompts, sampling at temperature 1 (seeded), dense / MoD / HF interleaved in one process (the
+order alternates), a warm-up round and the median of `--repeats`. Decode tokens/s count the new
+tokens of all rows per second of decode steps (prefill excluded; HF: (time(n) - time(1)) /
+(n - 1) steps). The FLOP-predicted speed-up is `modlm.flops.decode_flops` (one decoded token,
+routed blocks at the measured routed fraction with a cache of that share of the context) at the
+mean context, dense / MoD. `--profile` adds, for each MoD setting, where a decode step's time
+goes (torch.profiler over 32 steps: matrix products and attention kernels, the other torch ops,
+and the rest, Python and dispatch).
 
-    python benchmarks/decode.py --json benchmarks/results/decode.json
-    python benchmarks/decode.py --run runs/my-mod-run      # reuse a trained MoD run instead
-    python benchmarks/decode.py --hf ...                   # also Hugging Face `generate` on a
-                                                           # same-shape Llama, interleaved
-                                                           # (pip install 'modlm[hf]')
+    python benchmarks/decode.py --hf --profile --json benchmarks/results/decode.json
 """
 
 from __future__ import annotations
@@ -24,129 +30,161 @@ import dataclasses
 import json
 import platform
 import statistics
-import tempfile
 import time
+from typing import Any
 
 import torch
 
-from modlm.checkpoint import load_model, resolve_checkpoint
+from modlm import flops
 from modlm.config import ModelConfig
-from modlm.corpus import load_builtin_corpus
-from modlm.data import DataConfig
 from modlm.generate import Engine
-from modlm.measure import hf_decode_tokens_per_s
+from modlm.measure import hf_decode_tokens_per_s, interleaved, medians, route_at_rate
 from modlm.model import MoDLM
 from modlm.presets import dense
-from modlm.train import TrainConfig, train
+from modlm.runtime import cpu_model
 
-
-def trained_mod(args: argparse.Namespace) -> MoDLM:
-    if args.run:
-        model, _ = load_model(resolve_checkpoint(args.run))
-        return model
-    cfg = ModelConfig(vocab_size=256, d_model=args.d_model, n_layers=args.layers,
-                      n_heads=args.heads, max_seq_len=1024)
-    with tempfile.TemporaryDirectory() as out:
-        tc = TrainConfig(model=cfg, data=DataConfig(seq_len=args.train_seq_len),
-                         steps=args.train_steps, batch_size=args.train_batch, lr=2e-3,
-                         warmup_steps=10, eval_every=args.train_steps, eval_batches=2,
-                         checkpoint_every=args.train_steps, device="cpu", out_dir=out,
-                         run_name="mod", log_every=args.train_steps)
-        t0 = time.perf_counter()
-        result = train(tc)
-        print(f"trained the MoD model for {args.train_steps} steps in "
-              f"{time.perf_counter() - t0:.0f} s")
-        model, _ = load_model(result.last_checkpoint)
-    return model
+PROFILE_STEPS = 32
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
+           "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_attention_math")
 
 
 class HFLlama:
     """Hugging Face `generate` on a random LlamaForCausalLM of the dense twin's shape (SwiGLU,
-    rotary, RMSNorm, no biases, tied embeddings, sdpa attention). Decode tokens/s exclude the
-    prefill: (time(n new) - time(1 new)) / (n - 1) steps."""
+    rotary, RMSNorm, no biases, tied embeddings, sdpa attention)."""
 
-    def __init__(self, cfg: ModelConfig, sample: bool) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
-        self.sample = sample
         torch.manual_seed(0)
         self.model = LlamaForCausalLM(LlamaConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
-            tie_word_embeddings=True, attn_implementation="sdpa")).eval()
+            tie_word_embeddings=True, attn_implementation="sdpa", bos_token_id=None,
+            eos_token_id=None)).eval()
 
     def decode_tokens_per_s(self, prompts: list[list[int]], new_tokens: int) -> float:
-        return hf_decode_tokens_per_s(self.model, prompts, new_tokens, self.sample)
+        return hf_decode_tokens_per_s(self.model, prompts, new_tokens, sample=True)
+
+
+def step_profile(engine: Engine, prompts: list[list[int]],
+                 steps: int = PROFILE_STEPS) -> dict[str, float]:
+    """Milliseconds per decode step by kind (under the profiler, which adds its own overhead):
+    matrix products and attention kernels, the other torch ops, and the rest (Python, dispatch,
+    the engine's bookkeeping)."""
+    state, logits = engine.prefill(prompts, capacity=len(prompts[0]) + steps + 8)
+    tok = logits.argmax(-1)
+    for _ in range(4):
+        tok = engine.decode_step(state, tok).argmax(-1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = engine.decode_step(state, tok).argmax(-1)
+        wall = time.perf_counter() - t0
+    kernels = other = 0.0
+    for e in prof.key_averages():
+        if e.key.startswith("aten::") or e.key.startswith("mkldnn::"):
+            if e.key in KERNELS:
+                kernels += e.self_cpu_time_total
+            else:
+                other += e.self_cpu_time_total
+    ms = lambda us: us / 1e3 / steps  # noqa: E731
+    return {"step_ms": wall * 1e3 / steps, "kernels_ms": ms(kernels), "other_ops_ms": ms(other),
+            "python_ms": wall * 1e3 / steps - ms(kernels) - ms(other)}
+
+
+def time_setting(engines: dict[str, Engine], hf: HFLlama | None, prompts: list[list[int]],
+                 new_tokens: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Decode tokens/s of each generator, interleaved; and each engine's last result."""
+    last: dict[str, Any] = {}
+    seeds = iter(range(10_000))
+
+    def gen(name: str) -> float:
+        last[name] = engines[name].generate(prompts, new_tokens, temperature=1.0,
+                                            seed=next(seeds))
+        return last[name].decode_tokens_per_s
+
+    fns = {n: (lambda n=n: gen(n)) for n in engines}
+    if hf is not None:
+        fns["hf"] = lambda: hf.decode_tokens_per_s(prompts, new_tokens)
+    return interleaved(fns, repeats=repeats, warmup=1), last
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--widths", type=int, nargs="+", default=[256, 512])
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--mode", default="router", choices=("router", "predictor"))
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[512],
+                   help="prompt lengths at every batch size")
+    p.add_argument("--long-prompt-lens", type=int, nargs="+", default=[2048, 4096],
+                   help="longer prompts, at batch 1 only")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--capacity", type=float, default=0.125)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--train-steps", type=int, default=150)
-    p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--train-seq-len", type=int, default=256)
-    p.add_argument("--run", default=None, help="a trained MoD run (skips the training)")
-    p.add_argument("--hf", action="store_true",
-                   help="also time Hugging Face generate on a same-shape Llama")
+    p.add_argument("--hf", action="store_true", help="also Hugging Face generate (dense shape)")
+    p.add_argument("--profile", action="store_true", help="where a MoD decode step's time goes")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    mod = trained_mod(args).eval()
-    torch.manual_seed(0)
-    twin = MoDLM(dense(mod.cfg)).eval()
-    engines = {"dense": Engine(twin, mode=args.mode), "mod": Engine(mod, mode=args.mode)}
-    hf = HFLlama(twin.cfg, sample=args.temperature > 0) if args.hf else None
-    val = load_builtin_corpus().val.encode("utf-8")
-    results = {}
-    for B in args.batches:
-        stride = len(val) // (B + 1)
-        prompts = [list(val[i * stride: i * stride + args.prompt_len]) for i in range(B)]
-        names = list(engines) + (["hf"] if hf else [])
-        speeds: dict[str, list[float]] = {name: [] for name in names}
-        last = {}
-        for r in range(args.repeats + 1):  # the first round warms up
-            for name in (names if r % 2 == 0 else names[::-1]):
-                if name == "hf":
-                    speed = hf.decode_tokens_per_s(prompts, args.new_tokens)
-                else:
-                    last[name] = engines[name].generate(
-                        prompts, args.new_tokens, temperature=args.temperature, seed=args.seed)
-                    speed = last[name].decode_tokens_per_s
-                if r > 0:
-                    speeds[name].append(speed)
-        med = {name: statistics.median(v) for name, v in speeds.items()}
-        results[B] = {
-            "decode_tokens_per_s": med, "all": speeds, "ratio": med["mod"] / med["dense"],
-            "routed_fraction": last["mod"].routed_fraction,
-            "decode_routed_fraction": last["mod"].decode_routed_fraction,
-            "kv_cache_bytes": {n: last[n].kv_cache_bytes for n in last},
-            "kv_cache_ratio": last["mod"].kv_cache_ratio,
-        }
-        rf = "  ".join(f"{k}: {v:.3f}" for k, v in last["mod"].decode_routed_fraction.items())
-        results[B]["decode_routed_mean"] = statistics.mean(
-            last["mod"].decode_routed_fraction.values())
-        hf_part = f", Hugging Face {med['hf']:.1f}" if hf else ""
-        print(f"batch {B}: decode tokens/s dense {med['dense']:.1f}, MoD {med['mod']:.1f}"
-              f"{hf_part}, "
-              f"ratio {med['mod'] / med['dense']:.2f}; routed per block while decoding {rf}; "
-              f"(mean {results[B]['decode_routed_mean']:.3f}); "
-              f"KV cache {last['mod'].kv_cache_ratio:.2f} of dense")
+    settings = ([(B, P) for P in args.prompt_lens for B in args.batches]
+                + [(1, P) for P in args.long_prompt_lens])
+    longest = max(P for _, P in settings) + max(args.new_tokens, PROFILE_STEPS + 8)
+    g = torch.Generator().manual_seed(1)
+    results: list[dict[str, Any]] = []
+    for d in args.widths:
+        cfg = ModelConfig(vocab_size=256, d_model=d, n_layers=args.layers, n_heads=d // 64,
+                          max_seq_len=longest)
+        cfg = dataclasses.replace(cfg, routing=dataclasses.replace(cfg.routing,
+                                                                   capacity=args.capacity))
+        torch.manual_seed(0)
+        mod = MoDLM(cfg).eval()
+        route_at_rate(mod, args.capacity)
+        twin = MoDLM(dense(cfg)).eval()
+        engines = {"dense": Engine(twin, "router"), "mod": Engine(mod, "router")}
+        hf = HFLlama(twin.cfg) if args.hf else None
+        for B, P in settings:
+            prompts = torch.randint(0, 256, (B, P), generator=g).tolist()
+            samples, last = time_setting(engines, hf, prompts, args.new_tokens, args.repeats)
+            med = medians(samples)
+            r = last["mod"]
+            f_dec = {int(k): v for k, v in r.decode_routed_fraction.items()}
+            context = P + (args.new_tokens - 1) / 2
+            base = flops.decode_flops(twin.cfg, context).total
+            predicted = base / flops.decode_flops(cfg, context, f_dec).total
+            nominal = base / flops.decode_flops(cfg, context).total
+            row = {"d_model": d, "batch": B, "prompt_len": P, "tokens_per_s": med,
+                   "samples": samples, "speedup": med["mod"] / med["dense"],
+                   "flop_predicted": predicted, "flop_predicted_at_capacity": nominal,
+                   "of_predicted": med["mod"] / med["dense"] / predicted,
+                   "decode_routed_fraction": f_dec,
+                   "decode_routed_mean": statistics.fmean(f_dec.values()),
+                   "kv_cache_bytes": {n: last[n].kv_cache_bytes for n in last},
+                   "kv_cache_ratio": r.kv_cache_ratio}
+            if hf is not None:
+                row["dense_over_hf"] = med["dense"] / med["hf"]
+            if args.profile:
+                row["profile"] = {n: step_profile(e, prompts) for n, e in engines.items()}
+            results.append(row)
+            hf_part = (f", HF {med['hf']:.1f} (dense / HF {row['dense_over_hf']:.2f})"
+                       if hf is not None else "")
+            print(f"d{d} batch {B} prompt {P}: decode tokens/s dense {med['dense']:.1f}, MoD "
+                  f"{med['mod']:.1f}{hf_part}; MoD / dense {row['speedup']:.2f}, FLOP-predicted "
+                  f"{predicted:.2f} (measured / predicted {row['of_predicted']:.2f}); routed "
+                  f"{row['decode_routed_mean']:.3f}; KV cache MoD / dense "
+                  f"{r.kv_cache_ratio:.2f}", flush=True)
+            if args.profile:
+                print("   per step, ms: " + "; ".join(
+                    f"{n} {v['step_ms']:.2f} (kernels {v['kernels_ms']:.2f}, other ops "
+                    f"{v['other_ops_ms']:.2f}, rest {v['python_ms']:.2f})"
+                    for n, v in row["profile"].items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "args": vars(args), "torch": torch.__version__,
-                       "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-                       "mod_config": dataclasses.asdict(mod.cfg)}, f, indent=2, default=str)
+                       "python": platform.python_version(), "machine": cpu_model(),
+                       "date": time.strftime("%Y-%m-%d")}, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,6 +116,52 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown
     P = cfg.predictor_hidden
     predictor = 2 * T * (D * P + P) * n_routed if cfg.routing.predictor and n_routed else 0.0
     return FlopBreakdown(T, proj, scores, mlp, router, predictor, moe_router, 2 * T * D * V)
+
+
+def decode_flops(cfg: ModelConfig, context: float,
+                 routed_fraction: float | Mapping[int, float] | None = None) -> FlopBreakdown:
+    """Forward FLOPs of one decode step for one row: a new token whose `context` earlier tokens
+    are in the KV cache (`seq_len` of the result is 1).
+
+    A dense block runs the token's projections and MLP and attends over context + 1 keys (its
+    own included). A routed block runs with probability f, its routed fraction (a number for
+    every routed block, one per block, or None for each block's capacity), and its cache holds
+    the routed share f of the context, so in expectation it costs f x (projections + MLP +
+    attention over f x context + 1 keys): the FLOP limit of sampling from MoD. Router,
+    predictor and LM head run on every token. With f in {0, 1} the count is exact (tests check
+    it against FlopCounterMode).
+    """
+    D, F, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
+    mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+    routed = set(cfg.routed_layers)
+    attention_only = cfg.routing.skip == "attention"
+
+    def fraction(i: int) -> float:
+        if i not in routed:
+            return 1.0
+        if routed_fraction is None:
+            return cfg.capacity_of(i)
+        if isinstance(routed_fraction, Mapping):
+            return routed_fraction.get(i, cfg.capacity_of(i))
+        return routed_fraction
+
+    proj = scores = mlp = moe_router = 0.0
+    for i in range(cfg.n_layers):
+        f = fraction(i)
+        keys = f * context + 1
+        proj += f * 2 * 4 * D * D
+        scores += f * 2 * 2 * keys * D
+        n = 1.0 if attention_only else f
+        if i in cfg.moe_layers:
+            moe_router += n * 2 * D * cfg.moe.choices
+            mlp += n * moe_mlp_flops(cfg, expected_expert_tokens(cfg, 1))
+        else:
+            mlp += n * 2 * mlp_mats * D * F
+    n_routed = len(cfg.routed_layers)
+    router = 2 * D * n_routed if cfg.routing.router == "learned" else 0.0
+    P = cfg.predictor_hidden
+    predictor = 2 * (D * P + P) * n_routed if cfg.routing.predictor and n_routed else 0.0
+    return FlopBreakdown(1, proj, scores, mlp, router, predictor, moe_router, 2 * D * V)
 
 
 def training_flops(cfg: ModelConfig, seq_len: int | None = None) -> float:

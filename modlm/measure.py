@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from modlm.config import ModelConfig
+from modlm.router import LinearRouter
 
 
 def train_step_seconds(model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor,
@@ -125,3 +126,45 @@ def hf_decode_tokens_per_s(model: torch.nn.Module, prompts: list[list[int]], new
     full, one = seconds(new_tokens), seconds(1)
     # Too few tokens for the machine's noise: no number rather than a negative one.
     return len(prompts) * (new_tokens - 1) / (full - one) if full > one else math.nan
+
+
+class RateRouter(LinearRouter):
+    """A router whose causal decisions route each token with probability `rate`, whatever its
+    content: for timing sampling at a controlled routed fraction without training a model (an
+    untrained router routes arbitrarily, and a briefly trained one drifts with the text).
+
+    It does a learned router's work per token (the same r = w^T x) and then replaces the logits
+    by draws of N(0, 1) from its own seeded generator, so a token routes when its draw passes the
+    (1 - rate) quantile; the routed update is weighted by sigmoid of that draw, as a trained
+    router's would be by its logit. Rows and steps route independently.
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, rate: float, seed: int = 0) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"a routing rate is a fraction in [0, 1], got {rate}")
+        super().__init__(weight.shape[0])
+        self.weight = weight
+        self.rate = rate
+        self.generator = torch.Generator(device=weight.device).manual_seed(seed)
+        self.threshold = (math.inf if rate == 0.0 else -math.inf if rate == 1.0 else
+                          statistics.NormalDist().inv_cdf(1.0 - rate))
+
+    def causal_threshold(self, capacity: float) -> float:
+        return self.threshold
+
+    def forward(self, x_BTD: torch.Tensor, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        logits_BT = super().forward(x_BTD, generator)
+        return torch.randn(logits_BT.shape, generator=self.generator, device=logits_BT.device,
+                           dtype=logits_BT.dtype)
+
+
+def route_at_rate(model: torch.nn.Module, rate: float, seed: int = 0) -> None:
+    """Give every learned router of `model` (a MoDLM or a retrofitted model) a `RateRouter` with
+    its weights, so sampling in mode "router" routes `rate` of the tokens of each routed block."""
+    from modlm.block import RoutedLayer
+    layers = [m for m in model.modules() if isinstance(m, RoutedLayer)]
+    if not layers or not all(isinstance(m.router, LinearRouter) for m in layers):
+        raise ValueError("route_at_rate needs a model whose routed blocks have learned routers")
+    for i, layer in enumerate(layers):
+        layer.router = RateRouter(layer.router.weight, rate, seed=seed * 1000 + i)

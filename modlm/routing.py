@@ -134,10 +134,10 @@ class Selection:
         return cls(*indices_from_mask(mask_BT))
 
     @classmethod
-    def rows(cls, mask_B: Tensor) -> Selection:
-        """The rows whose single new token routes (a decode step): K = 1, no padding."""
-        rows_N = mask_B.nonzero().squeeze(-1)
-        return cls(rows_N.new_zeros(rows_N.numel(), 1), None, rows_N)
+    def rows(cls, rows_N: Tensor, every: bool = False) -> Selection:
+        """The given rows of a decode step, whose single new token routes: K = 1, no padding.
+        every: they are all the batch's rows, in order (nothing to gather or scatter)."""
+        return cls(rows_N.new_zeros(rows_N.numel(), 1), None, None if every else rows_N)
 
     @property
     def empty(self) -> bool:
@@ -147,7 +147,7 @@ class Selection:
     def gather(self, x_BT: Tensor) -> Tensor:
         """The selected entries of a (B, T) or (B, T, D) tensor: (N, K) or (N, K, D)."""
         if self.rows_N is not None:
-            x_BT = x_BT[self.rows_N]
+            x_BT = x_BT.index_select(0, self.rows_N)
         if x_BT.shape[1] == 1 and self.idx_NK.shape[1] == 1:
             return x_BT                                    # one token per row: nothing to pick
         if x_BT.dim() == 2:
@@ -165,9 +165,13 @@ class Selection:
 
     def scatter_add(self, x_BTD: Tensor, update_NKD: Tensor) -> Tensor:
         """x with the update added at the selected tokens; every other row stays bit for bit."""
+        B, T, D = x_BTD.shape
+        if T == 1 and self.valid_NK is None:          # one token per row (a decode step)
+            if self.rows_N is None:
+                return x_BTD + update_NKD
+            return x_BTD.index_add(0, self.rows_N, update_NKD)
         if self.rows_N is None:
             return scatter_add_tokens(x_BTD, self.idx_NK, update_NKD, self.valid_NK)
-        B, T, D = x_BTD.shape
         flat_NK = self.rows_N[:, None] * T + self.idx_NK
         if self.valid_NK is not None:
             flat, update = flat_NK[self.valid_NK], update_NKD[self.valid_NK]

@@ -165,3 +165,27 @@ def test_match_forward_flops_grows_width(make_cfg):
     assert mod.d_model > dense.d_model and mod.n_layers == dense.n_layers
     assert mod.head_dim % 2 == 0
     assert flops.param_count(mod).total > flops.param_count(dense).total
+
+
+@pytest.mark.parametrize("name,rate", [("dense", None), ("mod_every_other", 1.0),
+                                       ("mod_every_other", 0.0), ("gelu", 1.0),
+                                       ("no_predictor", 0.0)])
+def test_decode_flops_match_counter(make_cfg, name, rate):
+    """One decode step's FLOPs per row, counted, equal flops.decode_flops with the routed
+    fraction the step had (routers forced to route every token or none, so prefill and decode
+    route alike and each routed cache holds that share of the context)."""
+    from modlm.generate import Engine
+    from modlm.measure import route_at_rate
+    cfg = make_cfg(**CONFIGS[name])
+    model = MoDLM(cfg).eval()
+    if rate is not None:
+        route_at_rate(model, rate)
+    engine = Engine(model, "router")
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [2, 7, 1, 8, 2, 8, 1]]
+    state, _ = engine.prefill(prompts)
+    counted = count(lambda: engine.decode_step(state, [6, 5])).get_total_flops() / 2
+    predicted = flops.decode_flops(cfg, 7, rate)
+    assert rel_close(counted, predicted.total)
+    assert predicted.seq_len == 1 and predicted.lm_head == 2 * cfg.d_model * cfg.vocab_size
+    if rate == 0.0:   # a routed block that nobody enters costs its router and predictor only
+        assert predicted.total < flops.decode_flops(cfg, 7, 1.0).total

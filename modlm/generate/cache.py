@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,17 +27,41 @@ from modlm.generate.errors import GenerationError
 from modlm.layers import attend
 
 
+class Rows(NamedTuple):
+    """The live rows a layer writes in one decode step: their indices on the host (`host`) and on
+    the device (`index`); `all` when every live row takes part (the dense case)."""
+
+    host: np.ndarray
+    index: Tensor
+    all: bool
+
+    @classmethod
+    def every(cls, B: int, device: torch.device) -> Rows:
+        return cls(np.arange(B), torch.arange(B, device=device), True)
+
+    @classmethod
+    def where(cls, mask_B: Tensor) -> Rows:
+        """The rows whose entry of a boolean (B,) mask is set."""
+        host = np.flatnonzero(_host_array(mask_B))
+        return cls(host, _on_device(host, mask_B.device), host.size == mask_B.shape[0])
+
+
 class LayerCache:
     """Keys and values of one block, per row: slots [0, n_B[b]) of row b are its cached tokens.
 
     k_BHCd / v_BHCd: keys (already rotated) and values, H the key/value heads; pos_BC: each slot's
     true position; n_B: filled slots per row. A dense block fills one slot per token; a routed
     block one slot per token routed into it. `limit` is the most slots a row can ever need.
+
+    The counts live on the host (`n_host`, a NumPy array): a decode step reads them to size its
+    attention and pick slots without waiting on the device, and on a CPU `n_B` is a view of the
+    same memory.
     """
 
-    def __init__(self, k_BHCd: Tensor, v_BHCd: Tensor, pos_BC: Tensor, n_B: Tensor,
+    def __init__(self, k_BHCd: Tensor, v_BHCd: Tensor, pos_BC: Tensor, n_B: Tensor | np.ndarray,
                  limit: int, routed: bool) -> None:
-        self.k_BHCd, self.v_BHCd, self.pos_BC, self.n_B = k_BHCd, v_BHCd, pos_BC, n_B
+        self.k_BHCd, self.v_BHCd, self.pos_BC = k_BHCd, v_BHCd, pos_BC
+        self.n_host = np.array(_host_array(n_B), dtype=np.int64)
         self.limit = limit
         self.routed = routed
 
@@ -45,7 +71,12 @@ class LayerCache:
         return cls(torch.zeros(B, H, slots, Dh, dtype=dtype, device=device),
                    torch.zeros(B, H, slots, Dh, dtype=dtype, device=device),
                    torch.zeros(B, slots, dtype=torch.long, device=device),
-                   torch.zeros(B, dtype=torch.long, device=device), limit, routed)
+                   np.zeros(B, dtype=np.int64), limit, routed)
+
+    @property
+    def n_B(self) -> Tensor:
+        """Filled slots per row, on the cache's device."""
+        return _on_device(self.n_host, self.k_BHCd.device)
 
     @property
     def slots(self) -> int:
@@ -59,7 +90,7 @@ class LayerCache:
 
     def entries(self) -> int:
         """Tokens held, summed over rows."""
-        return int(self.n_B.sum())
+        return int(self.n_host.sum())
 
     def fill(self, k_BKHd: Tensor, v_BKHd: Tensor, pos_BK: Tensor, n_B: Tensor) -> None:
         """Prefill: the first K slots of each row (entries past n_B[b] are padding)."""
@@ -67,30 +98,31 @@ class LayerCache:
         self.k_BHCd[:, :, :K] = k_BKHd.transpose(1, 2)
         self.v_BHCd[:, :, :K] = v_BKHd.transpose(1, 2)
         self.pos_BC[:, :K] = pos_BK
-        self.n_B.copy_(n_B)
+        self.n_host[:] = _host_array(n_B)
 
-    def append(self, rows_N: Tensor | None, k_NHd: Tensor, v_NHd: Tensor,
-               pos_N: Tensor) -> Tensor:
-        """Write one token for each given row (None: every row) at its next free slot; return
-        their new counts."""
-        n_N = self.n_B if rows_N is None else self.n_B[rows_N]
-        lo, hi = (int(n) for n in torch.aminmax(n_N))
+    def append(self, rows: Rows, k_NHd: Tensor, v_NHd: Tensor, pos_N: Tensor) -> np.ndarray:
+        """Write one token for each given row (`rows.all`: every row) at its next free slot;
+        return their new counts (host)."""
+        n_N = self.n_host if rows.all else self.n_host[rows.host]
+        lo, hi = _bounds(n_N)
         if hi + 1 > self.slots:
             self._grow(hi + 1)
-        if rows_N is None and lo == hi:
+        if rows.all and lo == hi:
             # Every row at the same slot (the common case): plain slice writes, no scatter.
             self.k_BHCd[:, :, lo] = k_NHd
             self.v_BHCd[:, :, lo] = v_NHd
             self.pos_BC[:, lo] = pos_N
-            self.n_B += 1
-            return self.n_B
-        rows = torch.arange(n_N.shape[0], device=n_N.device) if rows_N is None else rows_N
-        self.k_BHCd[rows, :, n_N] = k_NHd
-        self.v_BHCd[rows, :, n_N] = v_NHd
-        self.pos_BC[rows, n_N] = pos_N
-        n_N = n_N + 1
-        self.n_B[rows] = n_N
-        return n_N
+            self.n_host += 1
+            return self.n_host
+        index = rows.index, _on_device(n_N, self.k_BHCd.device)
+        self.k_BHCd[index[0], :, index[1]] = k_NHd
+        self.v_BHCd[index[0], :, index[1]] = v_NHd
+        self.pos_BC[index] = pos_N
+        if rows.all:
+            self.n_host += 1
+            return self.n_host
+        self.n_host[rows.host] += 1
+        return n_N + 1
 
     def _grow(self, need: int) -> None:
         if need > self.limit:
@@ -107,22 +139,24 @@ class LayerCache:
     def keep(self, rows: Tensor) -> None:
         """Keep only the given rows (in that order): finished rows leave the batch."""
         self.k_BHCd, self.v_BHCd = self.k_BHCd[rows], self.v_BHCd[rows]
-        self.pos_BC, self.n_B = self.pos_BC[rows], self.n_B[rows]
+        self.pos_BC = self.pos_BC[rows]
+        self.n_host = self.n_host[_host_array(rows)]
 
 
 @dataclass
 class DecodeState:
     """Everything a decode step needs, for the live rows of a batch.
 
-    rows: original (prompt) index of each live row. pos_B: tokens each live row has fed through
-    the model so far (= the position the next token takes). caches: one per block.
+    rows: original (prompt) index of each live row. positions: tokens each live row has fed
+    through the model so far (= the position the next token takes), on the host; `pos_B` is the
+    same on the device. caches: one per block.
     routed_tokens / seen_tokens: per block, tokens routed into it and tokens that reached it,
     summed over prefill and decode and over all rows (including rows that have since left).
     retired_entries: per block, cache entries of rows that have left the batch.
     """
 
     rows: list[int]
-    pos_B: Tensor
+    positions: np.ndarray
     caches: list[LayerCache]
     capacity: int
     routed_tokens: list[int]
@@ -133,15 +167,20 @@ class DecodeState:
     def batch_size(self) -> int:
         return len(self.rows)
 
+    @property
+    def pos_B(self) -> Tensor:
+        return _on_device(self.positions, self.caches[0].k_BHCd.device)
+
     def keep(self, keep: Sequence[int]) -> None:
         """Keep the live rows at these indices (into `rows`), dropping the rest from every cache."""
         if list(keep) == list(range(len(self.rows))):
             return
-        idx = torch.tensor(list(keep), dtype=torch.long, device=self.pos_B.device)
+        host = np.asarray(keep, dtype=np.int64)
+        idx = _on_device(host, self.caches[0].k_BHCd.device)
         for i, cache in enumerate(self.caches):
-            self.retired_entries[i] += cache.entries() - int(cache.n_B[idx].sum())
+            self.retired_entries[i] += cache.entries() - int(cache.n_host[host].sum())
             cache.keep(idx)
-        self.pos_B = self.pos_B[idx]
+        self.positions = self.positions[host]
         self.rows = [self.rows[i] for i in keep]
 
     def cache_entries(self) -> list[int]:
@@ -158,20 +197,39 @@ def _empty_cache(layer: DecoderLayer, B: int, slots: int, limit: int, routed: bo
                             layer.kv_dtype, device)
 
 
-def _length_mask(n_N: Tensor) -> Tensor | None:
+def _host_array(x: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
+    """An int64 / bool NumPy copy-free view of a CPU tensor (a copy from another device)."""
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _on_device(x: np.ndarray, device: torch.device) -> Tensor:
+    """A host array as a tensor on `device`: on a CPU a view of the same memory, no copy."""
+    t = torch.from_numpy(x)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _bounds(n_N: np.ndarray) -> tuple[int, int]:
+    """The smallest and largest of a few counts (as Python ints: NumPy's reductions cost more
+    than the list for a batch's worth)."""
+    values = n_N.tolist()
+    return min(values), max(values)
+
+
+def _length_mask(n_N: np.ndarray, device: torch.device) -> Tensor | None:
     """Attention mask (N, 1, 1, S) letting row r see its first n_N[r] slots; None if all equal."""
-    lo, hi = torch.aminmax(n_N)
-    lo, hi = int(lo), int(hi)
+    lo, hi = _bounds(n_N)
     if lo == hi:
         return None
-    return (torch.arange(hi, device=n_N.device) < n_N[:, None])[:, None, None, :]
+    return (torch.arange(hi, device=device) < _on_device(n_N, device)[:, None])[:, None, None, :]
 
 
-def _attend_cached(layer: DecoderLayer, q_N1Hd: Tensor, cache: LayerCache,
-                   rows_N: Tensor | None, n_N: Tensor, mask: Tensor | None) -> Tensor:
+def _attend_cached(layer: DecoderLayer, q_N1Hd: Tensor, cache: LayerCache, rows: Rows,
+                   n_N: np.ndarray, mask: Tensor | None) -> Tensor:
     """One query per row over that row's cached slots; returns (N, H, 1, Dh)."""
-    S = int(n_N.max()) if mask is None else mask.shape[-1]
+    S = _bounds(n_N)[1]
     k, v = cache.k_BHCd[:, :, :S], cache.v_BHCd[:, :, :S]
-    if rows_N is not None:
-        k, v = k[rows_N], v[rows_N]
+    if not rows.all:
+        k, v = k.index_select(0, rows.index), v.index_select(0, rows.index)
     return attend(q_N1Hd.transpose(1, 2), k, v, scale=layer.attn_scale, mask=mask)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +30,7 @@ from modlm.config import ModelConfig
 from modlm.generate.cache import (
     DecodeState,
     LayerCache,
+    Rows,
     _attend_cached,
     _empty_cache,
     _length_mask,
@@ -221,7 +223,8 @@ class Engine:
             logits = self.model.head(x_BTD)
         else:
             logits = self.model.head(x_BTD[torch.arange(B, device=dev), len_B - 1])
-        state = DecodeState(rows=list(range(B)), pos_B=len_B.clone(), caches=caches,
+        state = DecodeState(rows=list(range(B)), positions=np.array(lengths, dtype=np.int64),
+                            caches=caches,
                             capacity=capacity, routed_tokens=routed_tokens,
                             seen_tokens=seen_tokens, retired_entries=[0] * len(caches))
         return state, logits
@@ -261,50 +264,69 @@ class Engine:
                                   f"got {tok_B.numel()}")
         if B == 0:
             raise GenerationError("no live rows left to decode")
-        if int(state.pos_B.max()) >= state.capacity:
+        V = self.cfg.vocab_size
+        lo, hi = (int(t) for t in torch.aminmax(tok_B))
+        if lo < 0 or hi >= V:
+            raise GenerationError(f"token ids must be in 0..{V - 1}, got {tok_B.tolist()}")
+        return self._step(state, tok_B)
+
+    @torch.inference_mode()
+    def _step(self, state: DecodeState, tok_B: Tensor) -> Tensor:
+        """`decode_step` without checking the tokens (the engine's own samples are in range).
+
+        The hot path of generation: per layer, the fewest device operations and no waiting on
+        the device but for a routed layer's decision. Cache counts and positions are on the host,
+        every dense layer shares one attention mask, and a routed layer gathers and scatters
+        only when some rows route and others do not.
+        """
+        if max(state.positions.tolist()) >= state.capacity:
             raise GenerationError(f"a row has reached the cache capacity ({state.capacity} "
                                   f"tokens); prefill with a larger capacity")
-        V = self.cfg.vocab_size
-        if int(tok_B.min()) < 0 or int(tok_B.max()) >= V:
-            raise GenerationError(f"token ids must be in 0..{V - 1}, got {tok_B.tolist()}")
+        B, dev = state.batch_size, self.device
         pos_B = state.pos_B
         x_B1D = self.model.embed_tokens(tok_B[:, None], pos_B[:, None])
         pe_B1 = self.model.encode_positions(pos_B[:, None])
-        dense_mask: Tensor | None = None      # shared by every dense layer in this step
+        every = Rows.every(B, dev)
+        dense_mask: Tensor | None = None       # shared by every dense layer in this step
+        dense_n: np.ndarray | None = None
         for i, (layer, cache) in enumerate(zip(self.layers, state.caches)):
             state.seen_tokens[i] += B
             if not isinstance(layer, RoutedLayer):
                 q, k, v = layer.project(x_B1D, pe_B1)
-                n_B = cache.append(None, k[:, 0], v[:, 0], pos_B)
-                if dense_mask is None:
-                    dense_mask = _length_mask(n_B)
-                y = _attend_cached(layer, q, cache, None, n_B, dense_mask)
+                n_B = cache.append(every, k[:, 0], v[:, 0], pos_B)
+                if dense_n is None:
+                    dense_n, dense_mask = n_B.copy(), _length_mask(n_B, dev)
+                y = _attend_cached(layer, q, cache, every, dense_n, dense_mask)
                 x_B1D = x_B1D + finish(layer, x_B1D, y, None, enforce_capacity=False)[0]
                 state.routed_tokens[i] += B
                 continue
             logits_B1, _, mask_B1 = layer.causal_decision(x_B1D, self.mode)
-            sel = routing.Selection.rows(mask_B1[:, 0])   # only the rows whose token routes
-            rows_N = sel.rows_N
-            N = rows_N.numel()
-            state.routed_tokens[i] += N
-
-            def compute(x_N1D: Tensor, layer: RoutedLayer = layer, cache: LayerCache = cache,
-                        rows_N: Tensor = rows_N, N: int = N) -> tuple[Tensor, None]:
-                step = layer.inner
-                q, k, v = step.project(x_N1D, _take_rows(pe_B1, rows_N))
-                n_N = cache.append(rows_N, k[:, 0], v[:, 0], pos_B[rows_N])
-                y = _attend_cached(step, q, cache, None if N == B else rows_N, n_N,
-                                   _length_mask(n_N))
-                return finish(step, x_N1D, y, None, enforce_capacity=False,
-                              mlp=not layer.attention_only)[0], None
-
-            # A step in which no row routes does no work in this layer at all (the MLP aside
-            # when only attention is routed).
-            x_B1D, _ = routing.routed_update(x_B1D, sel,
-                                             layer.router_weights(sel.gather(logits_B1)), compute)
+            rows = Rows.where(mask_B1[:, 0])     # only the rows whose token routes
+            state.routed_tokens[i] += rows.host.size
+            if rows.host.size:
+                x_B1D = self._routed_step(layer, cache, x_B1D, logits_B1, rows, pe_B1, pos_B)
             x_B1D = layer.unrouted_mlp(x_B1D, enforce_capacity=False)[0]
-        state.pos_B = pos_B + 1
+        state.positions = state.positions + 1
         return self.model.head(x_B1D[:, 0])
+
+    def _routed_step(self, layer: RoutedLayer, cache: LayerCache, x_B1D: Tensor,
+                     logits_B1: Tensor, rows: Rows, pe_B1: PositionEncoding,
+                     pos_B: Tensor) -> Tensor:
+        """Eq. 1 for the rows whose new token routes into `layer` (at least one)."""
+        sel = routing.Selection.rows(rows.index, every=rows.all)
+
+        def compute(x_N1D: Tensor) -> tuple[Tensor, None]:
+            step = layer.inner
+            pe_N1 = pe_B1 if rows.all else _take_rows(pe_B1, rows.index)
+            q, k, v = step.project(x_N1D, pe_N1)
+            n_N = cache.append(rows, k[:, 0], v[:, 0],
+                               pos_B if rows.all else pos_B.index_select(0, rows.index))
+            y = _attend_cached(step, q, cache, rows, n_N, _length_mask(n_N, x_N1D.device))
+            return finish(step, x_N1D, y, None, enforce_capacity=False,
+                          mlp=not layer.attention_only)[0], None
+
+        return routing.routed_update(x_B1D, sel, layer.router_weights(sel.gather(logits_B1)),
+                                     compute)[0]
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -486,7 +508,7 @@ class Engine:
                 break
             t0 = time.perf_counter()
             state.keep(keep)
-            logits_BV = self.decode_step(state, next_B[keep])
+            logits_BV = self._step(state, next_B[keep])
             next_B = sample(logits_BV)
             tokens = next_B.tolist()
             decode_s += time.perf_counter() - t0
