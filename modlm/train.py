@@ -27,10 +27,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,20 +37,14 @@ import torch.distributed as dist
 from modlm import atomic, runtime
 from modlm import checkpoint as ckpt
 from modlm import flops as flop_count
-from modlm.config import (
-    ConfigError,
-    ModelConfig,
-    apply_overrides,
-    check,
-    is_positive_int,
-    reject_unknown_keys,
-)
-from modlm.data import DataConfig, PreparedData, TrainSampler, prepare_data, split_windows
+from modlm.config import ConfigError, TrainConfig
+from modlm.data import PreparedData, TrainSampler, prepare_data, split_windows
 from modlm.evaluate import evaluate
-from modlm.hf.retrofit import RetrofitConfig
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
-from modlm.presets import base_preset, get_preset
+
+# Where `from modlm.train import configure, train_preset` finds them (they live in modlm.presets).
+from modlm.presets import configure, train_preset  # noqa: F401
 from modlm.tokenizer import (
     PretrainedTokenizer,
     Tokenizer,
@@ -63,153 +56,6 @@ from modlm.tokenizer import (
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says what was kept."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs besides the data on disk; saved as the run's config.json.
-
-    Length: exactly one of `steps`, `tokens` (total training tokens, all processes) or `flops`
-    (total training FLOPs by modlm.flops).
-    `fsdp`: under torchrun, shard parameters, gradients and optimizer state with FSDP2
-    (`fully_shard` per block, then the whole model) instead of replicating them with DDP.
-    `batch_size` is per process and per micro-step; the global batch is
-    batch_size * grad_accum * world_size sequences of data.seq_len tokens.
-    `retrofit.source`: start from a local Hugging Face decoder retrofitted with routers
-    (modlm.hf.retrofit) instead of a fresh MoDLM; its config then decides `model`'s shape and
-    `model.routing` says where and how it routes.
-    """
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    preset: str = "custom"
-    steps: int | None = None
-    tokens: int | None = None
-    flops: float | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    decay_all: bool = False
-    grad_clip: float = 1.0
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    keep_last: int = 3
-    log_every: int = 10
-    seed: int = 0
-    out_dir: str = "runs"
-    run_name: str | None = None
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    tensorboard: bool = False
-    retrofit: RetrofitConfig = field(default_factory=RetrofitConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, Mapping):
-            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
-        if isinstance(self.data, Mapping):
-            object.__setattr__(self, "data", DataConfig.from_dict(self.data))
-        if isinstance(self.retrofit, Mapping):
-            reject_unknown_keys(RetrofitConfig, self.retrofit, "retrofit.")
-            object.__setattr__(self, "retrofit", RetrofitConfig(**self.retrofit))
-        if isinstance(self.betas, list):
-            object.__setattr__(self, "betas", tuple(self.betas))
-        if self.data.tokenizer == "auto" and not self.retrofit.enabled:
-            # What "auto" means for a modlm model, resolved now so records and run hashes name
-            # it; a retrofit run resolves it when it starts (it reads the source folder).
-            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer="bytes"))
-        check(self.data.tokenizer != "hf" or self.retrofit.enabled,
-               "data.tokenizer 'hf' is a Hugging Face model's own tokenizer, read from "
-               "retrofit.source; set retrofit.source or choose bytes, bpe or gpt2")
-        lengths = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
-        check(len(lengths) == 1,
-               "set the training length one way: steps=N, tokens=N or flops=X (a training-FLOP "
-               f"budget); got {lengths or 'none'}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "eps", "flops"):
-            v = getattr(self, name)
-            check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                 and math.isfinite(v)),
-                   f"{name} must be a finite number, got {v!r}")
-        for name in ("steps", "tokens"):
-            v = getattr(self, name)
-            check(v is None or is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
-        check(self.flops is None or self.flops > 0, f"flops must be > 0, got {self.flops}")
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches",
-                     "checkpoint_every", "keep_last", "log_every"):
-            v = getattr(self, name)
-            check(is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                            and 0 <= b < 1 for b in self.betas),
-               f"betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got {self.betas!r}")
-        check(0 <= self.min_lr_ratio <= 1,
-               f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-               f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        check(self.dtype in runtime.DTYPES,
-               f"dtype must be one of {runtime.DTYPES} (float16 is ~100x slower on CPU), "
-               f"got {self.dtype!r}")
-        check(self.device in ("auto", "cpu", "cuda"),
-               f"device must be auto, cpu or cuda, got {self.device!r}")
-        check(self.on_nonfinite in ("stop", "skip"),
-               f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        check(not (self.retrofit.enabled and self.fsdp),
-               "fsdp=true shards modlm's own blocks; train a retrofitted Hugging Face model with "
-               "one process or DDP (fsdp=false)")
-        # A retrofitted model's length limit comes from its Hugging Face config (checked there).
-        check(self.retrofit.enabled or self.data.seq_len <= self.model.max_seq_len,
-               f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
-               f"({self.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["model"], d["data"] = self.model.to_dict(), self.data.to_dict()
-        d["retrofit"] = self.retrofit.to_dict()
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        reject_unknown_keys(cls, d, "")
-        return cls(**d)
-
-
-def train_preset(name: str) -> TrainConfig:
-    """A model preset with training defaults sized for it (the CLI's `--preset`)."""
-    model = get_preset(name)
-    base = base_preset(name)
-    length = {"tiny": dict(steps=60, batch_size=8, eval_every=30, checkpoint_every=30,
-                           warmup_steps=10, log_every=5, eval_batches=4),
-              "small": dict(steps=300, batch_size=16, eval_every=100, checkpoint_every=100,
-                            warmup_steps=30)}.get(base, dict(steps=1000))
-    # The GPT-2-sized presets come with GPT-2's vocabulary, so they read text with its BPE.
-    tokenizer = "gpt2" if base == "gpt2-small" else "bytes"
-    return TrainConfig(model=model, data=DataConfig(seq_len=model.max_seq_len,
-                                                    tokenizer=tokenizer),
-                       preset=name, **length)
-
-
-def configure(preset: str, overrides: Mapping[str, Any]) -> TrainConfig:
-    """A training preset with dotted overrides (the CLI's `--preset` and `--set`). A length given
-    as `tokens` or `flops` replaces the preset's `steps`; a `retrofit.source` without a
-    `data.tokenizer` trains with the source model's own tokenizer."""
-    overrides = dict(overrides)
-    if ("tokens" in overrides or "flops" in overrides) and "steps" not in overrides:
-        overrides["steps"] = None
-    if "retrofit.source" in overrides and "data.tokenizer" not in overrides:
-        overrides["data.tokenizer"] = "auto"   # the source model's own tokenizer (_start)
-    return apply_overrides(train_preset(preset), overrides)
 
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
