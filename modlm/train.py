@@ -3,7 +3,7 @@
 A run lives in its own folder (`out_dir/run_name/`): `config.json` (the resolved TrainConfig),
 `env.json` (versions, device, dtype, git revision), `tokenizer/`, `metrics.jsonl` (one JSON object
 per logged step and per evaluation), `checkpoints/` (see modlm.checkpoint), and optional
-TensorBoard events under `tb/`.
+TensorBoard events under `tb/` (both written by modlm.metrics).
 
 Length is given as optimizer steps, tokens, or a training-FLOP budget converted through
 modlm.flops, so dense and MoD runs at the same budget are isoFLOP by construction. AdamW, linear
@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,17 @@ from modlm import checkpoint as ckpt
 from modlm import flops as flop_count
 from modlm.config import ConfigError, TrainConfig
 from modlm.data import PreparedData, TrainSampler, prepare_data, split_windows
-from modlm.evaluate import evaluate
+from modlm.evaluate import ModeResult, evaluate
+from modlm.metrics import (
+    EvalRecord,
+    MetricsWriter,
+    StepRecord,
+    StepStats,
+    evaluation_json,
+)
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
-
-# Where `from modlm.train import configure, train_preset` finds them (they live in modlm.presets).
-from modlm.presets import configure, train_preset  # noqa: F401
+from modlm.presets import configure, train_preset  # noqa: F401 (re-exported: modlm.train's API)
 from modlm.tokenizer import (
     PretrainedTokenizer,
     Tokenizer,
@@ -73,7 +79,7 @@ class TrainResult:
     step: int
     total_steps: int
     interrupted: bool
-    final_eval: dict[str, Any] | None
+    final_eval: dict[str, Any] | None   # the last evaluation as metrics.jsonl records it
     last_checkpoint: Path | None
 
 
@@ -122,21 +128,6 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop records a killed run logged past its last checkpoint."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line half-written when the process was killed
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -192,7 +183,7 @@ class _Session:
     sampler: TrainSampler
     routing_gen: torch.Generator
     steps_total: int
-    tb: Any
+    metrics: MetricsWriter | None   # rank 0's; None on the other ranks
 
     @property
     def tokens_per_step(self) -> int:
@@ -274,16 +265,18 @@ def _run(cfg: TrainConfig, d: runtime.Dist, run_dir: Path, resume: bool) -> Trai
             progress.update(state.step, start_step, st.loss, tok_s)
             last_step = state.step == s.steps_total
             if not st.finite or state.step % s.cfg.log_every == 0 or last_step:
-                _log(s, _step_record(s, state, st, lr, tok_s))
+                _log(s, StepRecord(state.step, state.tokens, s.flops_at(state.step), lr, tok_s,
+                                   st))
             val_loss = None
             if state.step % s.cfg.eval_every == 0 or last_step:
-                final_eval = _evaluate_splits(s)
-                val_loss = _headline_loss(final_eval["val"])
-                _log(s, {"step": state.step, "tokens": state.tokens,
-                         "flops": s.flops_at(state.step), "eval": final_eval})
+                record = EvalRecord(state.step, state.tokens, s.flops_at(state.step),
+                                    _evaluate_splits(s))
+                val_loss = _headline_loss(record.evaluation["val"])
+                final_eval = evaluation_json(record.evaluation)
+                _log(s, record)
                 if d.is_main:
                     progress.close()
-                    print(_eval_line(state.step, final_eval), flush=True)
+                    print(record.line(), flush=True)
             stop_now = _agree(stop.requested, d)
             if state.step % s.cfg.checkpoint_every == 0 or last_step or stop_now:
                 last_ckpt = _save(s, state, val_loss) or last_ckpt
@@ -291,8 +284,8 @@ def _run(cfg: TrainConfig, d: runtime.Dist, run_dir: Path, resume: bool) -> Trai
                 interrupted = True
                 break
     progress.close()
-    if s.tb is not None:
-        s.tb.close()
+    if s.metrics is not None:
+        s.metrics.close()
     return TrainResult(s.run_dir, state.step, s.steps_total, interrupted, final_eval, last_ckpt)
 
 
@@ -400,7 +393,7 @@ def _start(cfg: TrainConfig, d: runtime.Dist, run_dir: Path,
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    def write_records() -> Any:
+    def write_records() -> MetricsWriter:
         """Rank 0 writes the run's records; its error reaches every rank (on_rank_zero)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run_dir / "config.json", cfg.to_dict())
@@ -408,13 +401,14 @@ def _start(cfg: TrainConfig, d: runtime.Dist, run_dir: Path,
         atomic.write_json(run_dir / env_name, runtime.environment(device, cfg.dtype, d))
         if not (run_dir / "tokenizer").exists():
             data.tokenizer.save(run_dir / "tokenizer")
+        metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
         if resume:
-            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        return _tensorboard(run_dir / "tb") if cfg.tensorboard else None
+            metrics.drop_after(state.step)
+        return metrics
 
-    tb = runtime.on_rank_zero(d, write_records)
+    metrics = runtime.on_rank_zero(d, write_records)
     session = _Session(cfg, d, device, run_dir, data, model, train_model, optimizer, sampler,
-                       routing_gen, total_steps(cfg, d.world_size), tb)
+                       routing_gen, total_steps(cfg, d.world_size), metrics)
     return session, state, loaded is not None
 
 
@@ -441,37 +435,20 @@ def _parallelize(model: MoDLM, cfg: TrainConfig, d: runtime.Dist,
         find_unused_parameters=unused)
 
 
-def _log(s: _Session, record: dict[str, Any]) -> None:
-    if s.d.is_main:
-        with open(s.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if s.tb is not None:
-            _tb_write(s.tb, record)
+def _log(s: _Session, record: StepRecord | EvalRecord) -> None:
+    if s.metrics is not None:    # rank 0 writes the run's records
+        s.metrics.write(record)
 
 
-def _step_record(s: _Session, state: TrainState, st: _StepStats, lr: float,
-                 tok_s: float) -> dict[str, Any]:
-    return {"step": state.step, "tokens": state.tokens, "flops": s.flops_at(state.step),
-            "loss": st.loss, "lm_loss": st.lm_loss,
-            "router_aux_loss": st.router_aux_loss, "predictor_loss": st.predictor_loss,
-            "predictor_accuracy": st.predictor_accuracy or None,
-            "router_accuracy": st.router_accuracy or None, "lr": lr,
-            "grad_norm": st.grad_norm, "tokens_per_s": tok_s,
-            **({"moe_balance_loss": st.moe_balance_loss, "moe_noop": list(st.moe_noop),
-                "moe_dropped": list(st.moe_dropped)} if st.moe_noop else {}),
-            **({} if st.finite else {"skipped": True})}
-
-
-def _evaluate_splits(s: _Session) -> dict[str, Any]:
+def _evaluate_splits(s: _Session) -> dict[str, dict[str, ModeResult]]:
     result = {}
     for split, ids, n_bytes in (("val", s.data.val, s.data.val_bytes),
                                 ("pydoc", s.data.pydoc, s.data.pydoc_bytes)):
         # The same windows whatever the number of processes (when it divides batch_size).
-        modes = evaluate(s.model, ids, n_bytes=n_bytes, seq_len=s.cfg.data.seq_len,
-                         batch_size=max(1, s.cfg.batch_size // s.d.world_size),
-                         max_batches=s.cfg.eval_batches, device=s.device, dtype=s.cfg.dtype,
-                         d=s.d)
-        result[split] = {m: r.as_dict() for m, r in modes.items()}
+        result[split] = evaluate(s.model, ids, n_bytes=n_bytes, seq_len=s.cfg.data.seq_len,
+                                 batch_size=max(1, s.cfg.batch_size // s.d.world_size),
+                                 max_batches=s.cfg.eval_batches, device=s.device,
+                                 dtype=s.cfg.dtype, d=s.d)
     return result
 
 
@@ -489,28 +466,6 @@ def _save(s: _Session, state: TrainState, val_loss: float | None) -> Path | None
         model_state=model_state))
 
 
-@dataclass(frozen=True)
-class _StepStats:
-    """One optimizer step's forward/backward, every value averaged over the step's micro-batches
-    and processes. A loss the model does not have (no learned router, no predictor, no MoE) is
-    None, never a stand-in 0.0; accuracies and MoE shares have one value per routed / MoE layer."""
-
-    loss: float
-    lm_loss: float
-    router_aux_loss: float | None
-    predictor_loss: float | None
-    router_accuracy: list[float]
-    predictor_accuracy: list[float]
-    grad_norm: float
-    moe_balance_loss: float | None = None   # MoE layers (modlm/moe.py): mean balance loss,
-    moe_noop: tuple[float, ...] = ()        # and per layer the no-op and dropped shares
-    moe_dropped: tuple[float, ...] = ()
-
-    @property
-    def finite(self) -> bool:
-        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
-
-
 def _step_values(out: Any) -> dict[str, torch.Tensor]:
     """The scalars a step record reports from one forward, by name; absent ones left out. The
     names depend only on the model's configuration, so they agree across micro-batches and
@@ -526,7 +481,7 @@ def _step_values(out: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().double() for k, v in values.items() if v is not None}
 
 
-def _forward_backward(s: _Session) -> _StepStats:
+def _forward_backward(s: _Session) -> StepStats:
     """Accumulate gradients over cfg.grad_accum micro-batches, then clip (or just measure) them."""
     cfg, d, model = s.cfg, s.d, s.model
     sums: dict[str, torch.Tensor] = {}
@@ -558,11 +513,11 @@ def _forward_backward(s: _Session) -> _StepStats:
                                         key=lambda n: int(n.rsplit(".", 1)[1]))]
     # The fractions routed are exactly the capacity in the top-k training forward; the agreement
     # of the causal rules with top-k is what is learned.
-    return _StepStats(
+    return StepStats(
         loss=mean["loss"], lm_loss=mean["lm_loss"],
         router_aux_loss=mean.get("router_aux_loss"), predictor_loss=mean.get("predictor_loss"),
-        router_accuracy=per_layer("router_accuracy"),
-        predictor_accuracy=per_layer("predictor_accuracy"),
+        router_accuracy=tuple(per_layer("router_accuracy")),
+        predictor_accuracy=tuple(per_layer("predictor_accuracy")),
         grad_norm=grad_norm, moe_balance_loss=mean.get("moe_balance_loss"),
         moe_noop=tuple(per_layer("moe_noop")), moe_dropped=tuple(per_layer("moe_dropped")))
 
@@ -603,18 +558,10 @@ def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                              options=StateDictOptions(full_state_dict=True))
 
 
-def _headline_loss(modes: dict[str, Any]) -> float:
+def _headline_loss(modes: Mapping[str, ModeResult]) -> float:
     """The honest validation loss: the best causal mode for MoD models, top-k for dense ones."""
-    causal = [modes[m]["loss"] for m in ("router", "predictor") if m in modes]
-    return min(causal) if causal else modes["topk"]["loss"]
-
-
-def _eval_line(step: int, ev: dict[str, Any]) -> str:
-    parts = []
-    for split, modes in ev.items():
-        parts.append(split + " " + " ".join(f"{m} {r['loss']:.4f} ({r['bpb']:.3f} bpb)"
-                                            for m, r in modes.items()))
-    return f"eval @ step {step}: " + " | ".join(parts)
+    causal = [modes[m].loss for m in ("router", "predictor") if m in modes]
+    return min(causal) if causal else modes["topk"].loss
 
 
 def _agree(flag: bool, d: runtime.Dist) -> bool:
@@ -624,23 +571,3 @@ def _agree(flag: bool, d: runtime.Dist) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("tensorboard=true needs the tensorboard package: "
-                          "pip install 'modlm[tensorboard]'") from e
-    return SummaryWriter(str(path))
-
-
-def _tb_write(tb, record: dict[str, Any]) -> None:
-    step = record["step"]
-    for key in ("loss", "lm_loss", "router_aux_loss", "predictor_loss", "lr", "tokens_per_s"):
-        if record.get(key) is not None:
-            tb.add_scalar(f"train/{key}", record[key], step)
-    for split, modes in record.get("eval", {}).items():
-        for mode, r in modes.items():
-            tb.add_scalar(f"{split}/{mode}_loss", r["loss"], step)
-            tb.add_scalar(f"{split}/{mode}_bpb", r["bpb"], step)
