@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +71,11 @@ from modlm.config import (
     RetrofitConfig,
     RetrofitTrain,
     RoutingConfig,
+    TrainConfig,
 )
 from modlm.model import ModelOutput, assemble_output, check_token_inputs
 from modlm.router import LinearRouter, Predictor
+from modlm.tokenizer import Tokenizer
 
 ROTARY_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*ROTARY_FAMILY, "gpt2")
@@ -640,12 +642,13 @@ def _check_attn(attn_implementation: str) -> None:
                             f"Hugging Face offers on CPU), got {attn_implementation!r}")
 
 
-def build_for_training(cfg: Any, tokenizer: Any, *, pretrained: bool) -> tuple[Any, RetrofitLM]:
+def build_for_training(cfg: TrainConfig, tokenizer: Tokenizer, *, pretrained: bool
+                       ) -> tuple[TrainConfig, RetrofitLM]:
     """The trainer's hook (modlm.train): the retrofitted model and the TrainConfig resolved for it
     (`model` = the mirror config, `retrofit.hf_config` recorded). `pretrained` loads the weights
     of `retrofit.source` (a new run); otherwise the architecture comes from the recorded
     `retrofit.hf_config` and the weights from the checkpoint being resumed."""
-    retro: RetrofitConfig = cfg.retrofit
+    retro = cfg.retrofit
     options = dict(attn_implementation=retro.attn_implementation,
                    identity_init=retro.identity_init)
     if pretrained:
@@ -689,11 +692,11 @@ def _read_source_config(source: str | None) -> dict[str, Any]:
     return AutoConfig.from_pretrained(resolve_source(source), local_files_only=True).to_dict()
 
 
-def planned_model(cfg: Any) -> tuple[ModelConfig, Any]:
+def planned_model(cfg: TrainConfig) -> tuple[ModelConfig, Callable[[], RetrofitLM]]:
     """What a retrofit TrainConfig will train, from the source's config.json alone (no weights
     read): (the mirror ModelConfig, a function building the model with random weights and the
     run's trainable set), for plans and counts made before a run starts."""
-    retro: RetrofitConfig = cfg.retrofit
+    retro = cfg.retrofit
     hf_config = hf_config_from_dict(retro.hf_config or _read_source_config(retro.source))
 
     def build() -> RetrofitLM:
