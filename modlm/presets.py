@@ -1,4 +1,4 @@
-"""Named model presets: plain functions returning a `ModelConfig`.
+"""Named presets: plain functions returning a `ModelConfig`, and the training presets built on them.
 
 Every preset is a MoD model with the paper's best routing (capacity 12.5%, every other block,
 first block dense; Sec 4.1); the `-dense` twin of each is the same shape with no routing.
@@ -16,14 +16,26 @@ base shape with 4 top-1 SwiGLU experts of the dense MLP's width in every block:
                       MLP compute is spent; attention is unchanged).
 - `-moe-reduced`:     the paper's foil: MoE whose capacity factor is cut to 0.5 so it spends the
                       same MLP compute as integrated MoDE by dropping overflow tokens.
+
+Training presets (`train_preset(name)`, the CLI's `--preset`): each model preset with a
+`TrainConfig` sized for it; `configure(name, overrides)` adds the CLI's dotted `--set` overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from modlm.config import ConfigError, ModelConfig, MoEConfig, RoutingConfig
+from modlm.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    MoEConfig,
+    RoutingConfig,
+    TrainConfig,
+    apply_overrides,
+)
 
 
 def tiny() -> ModelConfig:
@@ -101,3 +113,32 @@ def base_preset(name: str) -> str:
         if name.endswith(f"-{variant}") and name[:-len(variant) - 1] in _BASE:
             return name[:-len(variant) - 1]
     return name
+
+
+# ---- training presets ----------------------------------------------------------------------------
+
+def train_preset(name: str) -> TrainConfig:
+    """A model preset with training defaults sized for it (the CLI's `--preset`)."""
+    model = get_preset(name)
+    base = base_preset(name)
+    length = {"tiny": dict(steps=60, batch_size=8, eval_every=30, checkpoint_every=30,
+                           warmup_steps=10, log_every=5, eval_batches=4),
+              "small": dict(steps=300, batch_size=16, eval_every=100, checkpoint_every=100,
+                            warmup_steps=30)}.get(base, dict(steps=1000))
+    # The GPT-2-sized presets come with GPT-2's vocabulary, so they read text with its BPE.
+    tokenizer = "gpt2" if base == "gpt2-small" else "bytes"
+    return TrainConfig(model=model, data=DataConfig(seq_len=model.max_seq_len,
+                                                    tokenizer=tokenizer),
+                       preset=name, **length)
+
+
+def configure(preset: str, overrides: Mapping[str, Any]) -> TrainConfig:
+    """A training preset with dotted overrides (the CLI's `--preset` and `--set`). A length given
+    as `tokens` or `flops` replaces the preset's `steps`; a `retrofit.source` without a
+    `data.tokenizer` trains with the source model's own tokenizer."""
+    overrides = dict(overrides)
+    if ("tokens" in overrides or "flops" in overrides) and "steps" not in overrides:
+        overrides["steps"] = None
+    if "retrofit.source" in overrides and "data.tokenizer" not in overrides:
+        overrides["data.tokenizer"] = "auto"   # the source model's own tokenizer (modlm.train)
+    return apply_overrides(train_preset(preset), overrides)

@@ -29,9 +29,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from modlm.config import ConfigError
+from modlm.config import DTYPES, ConfigError
 
-DTYPES = ("float32", "bfloat16")
 T = TypeVar("T")
 
 

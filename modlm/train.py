@@ -3,7 +3,7 @@
 A run lives in its own folder (`out_dir/run_name/`): `config.json` (the resolved TrainConfig),
 `env.json` (versions, device, dtype, git revision), `tokenizer/`, `metrics.jsonl` (one JSON object
 per logged step and per evaluation), `checkpoints/` (see modlm.checkpoint), and optional
-TensorBoard events under `tb/`.
+TensorBoard events under `tb/` (both written by modlm.metrics).
 
 Length is given as optimizer steps, tokens, or a training-FLOP budget converted through
 modlm.flops, so dense and MoD runs at the same budget are isoFLOP by construction. AdamW, linear
@@ -28,9 +28,9 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,20 +38,19 @@ import torch.distributed as dist
 from modlm import atomic, runtime
 from modlm import checkpoint as ckpt
 from modlm import flops as flop_count
-from modlm.config import (
-    ConfigError,
-    ModelConfig,
-    apply_overrides,
-    check,
-    is_positive_int,
-    reject_unknown_keys,
+from modlm.config import ConfigError, TrainConfig
+from modlm.data import PreparedData, TrainSampler, prepare_data, split_windows
+from modlm.evaluate import ModeResult, evaluate
+from modlm.metrics import (
+    EvalRecord,
+    MetricsWriter,
+    StepRecord,
+    StepStats,
+    evaluation_json,
 )
-from modlm.data import DataConfig, PreparedData, TrainSampler, prepare_data, split_windows
-from modlm.evaluate import evaluate
-from modlm.hf.retrofit import RetrofitConfig
 from modlm.model import MoDLM
 from modlm.optim import build_optimizer, lr_at, set_lr
-from modlm.presets import base_preset, get_preset
+from modlm.presets import configure, train_preset  # noqa: F401 (re-exported: modlm.train's API)
 from modlm.tokenizer import (
     PretrainedTokenizer,
     Tokenizer,
@@ -63,153 +62,6 @@ from modlm.tokenizer import (
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says what was kept."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs besides the data on disk; saved as the run's config.json.
-
-    Length: exactly one of `steps`, `tokens` (total training tokens, all processes) or `flops`
-    (total training FLOPs by modlm.flops).
-    `fsdp`: under torchrun, shard parameters, gradients and optimizer state with FSDP2
-    (`fully_shard` per block, then the whole model) instead of replicating them with DDP.
-    `batch_size` is per process and per micro-step; the global batch is
-    batch_size * grad_accum * world_size sequences of data.seq_len tokens.
-    `retrofit.source`: start from a local Hugging Face decoder retrofitted with routers
-    (modlm.hf.retrofit) instead of a fresh MoDLM; its config then decides `model`'s shape and
-    `model.routing` says where and how it routes.
-    """
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    preset: str = "custom"
-    steps: int | None = None
-    tokens: int | None = None
-    flops: float | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    decay_all: bool = False
-    grad_clip: float = 1.0
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    keep_last: int = 3
-    log_every: int = 10
-    seed: int = 0
-    out_dir: str = "runs"
-    run_name: str | None = None
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    tensorboard: bool = False
-    retrofit: RetrofitConfig = field(default_factory=RetrofitConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, Mapping):
-            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
-        if isinstance(self.data, Mapping):
-            object.__setattr__(self, "data", DataConfig.from_dict(self.data))
-        if isinstance(self.retrofit, Mapping):
-            reject_unknown_keys(RetrofitConfig, self.retrofit, "retrofit.")
-            object.__setattr__(self, "retrofit", RetrofitConfig(**self.retrofit))
-        if isinstance(self.betas, list):
-            object.__setattr__(self, "betas", tuple(self.betas))
-        if self.data.tokenizer == "auto" and not self.retrofit.enabled:
-            # What "auto" means for a modlm model, resolved now so records and run hashes name
-            # it; a retrofit run resolves it when it starts (it reads the source folder).
-            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer="bytes"))
-        check(self.data.tokenizer != "hf" or self.retrofit.enabled,
-               "data.tokenizer 'hf' is a Hugging Face model's own tokenizer, read from "
-               "retrofit.source; set retrofit.source or choose bytes, bpe or gpt2")
-        lengths = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
-        check(len(lengths) == 1,
-               "set the training length one way: steps=N, tokens=N or flops=X (a training-FLOP "
-               f"budget); got {lengths or 'none'}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "eps", "flops"):
-            v = getattr(self, name)
-            check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                 and math.isfinite(v)),
-                   f"{name} must be a finite number, got {v!r}")
-        for name in ("steps", "tokens"):
-            v = getattr(self, name)
-            check(v is None or is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
-        check(self.flops is None or self.flops > 0, f"flops must be > 0, got {self.flops}")
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_batches",
-                     "checkpoint_every", "keep_last", "log_every"):
-            v = getattr(self, name)
-            check(is_positive_int(v), f"{name} must be a positive integer, got {v!r}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                            and 0 <= b < 1 for b in self.betas),
-               f"betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got {self.betas!r}")
-        check(0 <= self.min_lr_ratio <= 1,
-               f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-               f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        check(self.dtype in runtime.DTYPES,
-               f"dtype must be one of {runtime.DTYPES} (float16 is ~100x slower on CPU), "
-               f"got {self.dtype!r}")
-        check(self.device in ("auto", "cpu", "cuda"),
-               f"device must be auto, cpu or cuda, got {self.device!r}")
-        check(self.on_nonfinite in ("stop", "skip"),
-               f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        check(not (self.retrofit.enabled and self.fsdp),
-               "fsdp=true shards modlm's own blocks; train a retrofitted Hugging Face model with "
-               "one process or DDP (fsdp=false)")
-        # A retrofitted model's length limit comes from its Hugging Face config (checked there).
-        check(self.retrofit.enabled or self.data.seq_len <= self.model.max_seq_len,
-               f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
-               f"({self.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["model"], d["data"] = self.model.to_dict(), self.data.to_dict()
-        d["retrofit"] = self.retrofit.to_dict()
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        reject_unknown_keys(cls, d, "")
-        return cls(**d)
-
-
-def train_preset(name: str) -> TrainConfig:
-    """A model preset with training defaults sized for it (the CLI's `--preset`)."""
-    model = get_preset(name)
-    base = base_preset(name)
-    length = {"tiny": dict(steps=60, batch_size=8, eval_every=30, checkpoint_every=30,
-                           warmup_steps=10, log_every=5, eval_batches=4),
-              "small": dict(steps=300, batch_size=16, eval_every=100, checkpoint_every=100,
-                            warmup_steps=30)}.get(base, dict(steps=1000))
-    # The GPT-2-sized presets come with GPT-2's vocabulary, so they read text with its BPE.
-    tokenizer = "gpt2" if base == "gpt2-small" else "bytes"
-    return TrainConfig(model=model, data=DataConfig(seq_len=model.max_seq_len,
-                                                    tokenizer=tokenizer),
-                       preset=name, **length)
-
-
-def configure(preset: str, overrides: Mapping[str, Any]) -> TrainConfig:
-    """A training preset with dotted overrides (the CLI's `--preset` and `--set`). A length given
-    as `tokens` or `flops` replaces the preset's `steps`; a `retrofit.source` without a
-    `data.tokenizer` trains with the source model's own tokenizer."""
-    overrides = dict(overrides)
-    if ("tokens" in overrides or "flops" in overrides) and "steps" not in overrides:
-        overrides["steps"] = None
-    if "retrofit.source" in overrides and "data.tokenizer" not in overrides:
-        overrides["data.tokenizer"] = "auto"   # the source model's own tokenizer (_start)
-    return apply_overrides(train_preset(preset), overrides)
 
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -227,7 +79,7 @@ class TrainResult:
     step: int
     total_steps: int
     interrupted: bool
-    final_eval: dict[str, Any] | None
+    final_eval: dict[str, Any] | None   # the last evaluation as metrics.jsonl records it
     last_checkpoint: Path | None
 
 
@@ -276,21 +128,6 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop records a killed run logged past its last checkpoint."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line half-written when the process was killed
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -346,7 +183,7 @@ class _Session:
     sampler: TrainSampler
     routing_gen: torch.Generator
     steps_total: int
-    tb: Any
+    metrics: MetricsWriter | None   # rank 0's; None on the other ranks
 
     @property
     def tokens_per_step(self) -> int:
@@ -428,16 +265,18 @@ def _run(cfg: TrainConfig, d: runtime.Dist, run_dir: Path, resume: bool) -> Trai
             progress.update(state.step, start_step, st.loss, tok_s)
             last_step = state.step == s.steps_total
             if not st.finite or state.step % s.cfg.log_every == 0 or last_step:
-                _log(s, _step_record(s, state, st, lr, tok_s))
+                _log(s, StepRecord(state.step, state.tokens, s.flops_at(state.step), lr, tok_s,
+                                   st))
             val_loss = None
             if state.step % s.cfg.eval_every == 0 or last_step:
-                final_eval = _evaluate_splits(s)
-                val_loss = _headline_loss(final_eval["val"])
-                _log(s, {"step": state.step, "tokens": state.tokens,
-                         "flops": s.flops_at(state.step), "eval": final_eval})
+                record = EvalRecord(state.step, state.tokens, s.flops_at(state.step),
+                                    _evaluate_splits(s))
+                val_loss = _headline_loss(record.evaluation["val"])
+                final_eval = evaluation_json(record.evaluation)
+                _log(s, record)
                 if d.is_main:
                     progress.close()
-                    print(_eval_line(state.step, final_eval), flush=True)
+                    print(record.line(), flush=True)
             stop_now = _agree(stop.requested, d)
             if state.step % s.cfg.checkpoint_every == 0 or last_step or stop_now:
                 last_ckpt = _save(s, state, val_loss) or last_ckpt
@@ -445,8 +284,8 @@ def _run(cfg: TrainConfig, d: runtime.Dist, run_dir: Path, resume: bool) -> Trai
                 interrupted = True
                 break
     progress.close()
-    if s.tb is not None:
-        s.tb.close()
+    if s.metrics is not None:
+        s.metrics.close()
     return TrainResult(s.run_dir, state.step, s.steps_total, interrupted, final_eval, last_ckpt)
 
 
@@ -554,7 +393,7 @@ def _start(cfg: TrainConfig, d: runtime.Dist, run_dir: Path,
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    def write_records() -> Any:
+    def write_records() -> MetricsWriter:
         """Rank 0 writes the run's records; its error reaches every rank (on_rank_zero)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run_dir / "config.json", cfg.to_dict())
@@ -562,13 +401,14 @@ def _start(cfg: TrainConfig, d: runtime.Dist, run_dir: Path,
         atomic.write_json(run_dir / env_name, runtime.environment(device, cfg.dtype, d))
         if not (run_dir / "tokenizer").exists():
             data.tokenizer.save(run_dir / "tokenizer")
+        metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
         if resume:
-            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        return _tensorboard(run_dir / "tb") if cfg.tensorboard else None
+            metrics.drop_after(state.step)
+        return metrics
 
-    tb = runtime.on_rank_zero(d, write_records)
+    metrics = runtime.on_rank_zero(d, write_records)
     session = _Session(cfg, d, device, run_dir, data, model, train_model, optimizer, sampler,
-                       routing_gen, total_steps(cfg, d.world_size), tb)
+                       routing_gen, total_steps(cfg, d.world_size), metrics)
     return session, state, loaded is not None
 
 
@@ -595,37 +435,20 @@ def _parallelize(model: MoDLM, cfg: TrainConfig, d: runtime.Dist,
         find_unused_parameters=unused)
 
 
-def _log(s: _Session, record: dict[str, Any]) -> None:
-    if s.d.is_main:
-        with open(s.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if s.tb is not None:
-            _tb_write(s.tb, record)
+def _log(s: _Session, record: StepRecord | EvalRecord) -> None:
+    if s.metrics is not None:    # rank 0 writes the run's records
+        s.metrics.write(record)
 
 
-def _step_record(s: _Session, state: TrainState, st: _StepStats, lr: float,
-                 tok_s: float) -> dict[str, Any]:
-    return {"step": state.step, "tokens": state.tokens, "flops": s.flops_at(state.step),
-            "loss": st.loss, "lm_loss": st.lm_loss,
-            "router_aux_loss": st.router_aux_loss, "predictor_loss": st.predictor_loss,
-            "predictor_accuracy": st.predictor_accuracy or None,
-            "router_accuracy": st.router_accuracy or None, "lr": lr,
-            "grad_norm": st.grad_norm, "tokens_per_s": tok_s,
-            **({"moe_balance_loss": st.moe_balance_loss, "moe_noop": list(st.moe_noop),
-                "moe_dropped": list(st.moe_dropped)} if st.moe_noop else {}),
-            **({} if st.finite else {"skipped": True})}
-
-
-def _evaluate_splits(s: _Session) -> dict[str, Any]:
+def _evaluate_splits(s: _Session) -> dict[str, dict[str, ModeResult]]:
     result = {}
     for split, ids, n_bytes in (("val", s.data.val, s.data.val_bytes),
                                 ("pydoc", s.data.pydoc, s.data.pydoc_bytes)):
         # The same windows whatever the number of processes (when it divides batch_size).
-        modes = evaluate(s.model, ids, n_bytes=n_bytes, seq_len=s.cfg.data.seq_len,
-                         batch_size=max(1, s.cfg.batch_size // s.d.world_size),
-                         max_batches=s.cfg.eval_batches, device=s.device, dtype=s.cfg.dtype,
-                         d=s.d)
-        result[split] = {m: r.as_dict() for m, r in modes.items()}
+        result[split] = evaluate(s.model, ids, n_bytes=n_bytes, seq_len=s.cfg.data.seq_len,
+                                 batch_size=max(1, s.cfg.batch_size // s.d.world_size),
+                                 max_batches=s.cfg.eval_batches, device=s.device,
+                                 dtype=s.cfg.dtype, d=s.d)
     return result
 
 
@@ -643,28 +466,6 @@ def _save(s: _Session, state: TrainState, val_loss: float | None) -> Path | None
         model_state=model_state))
 
 
-@dataclass(frozen=True)
-class _StepStats:
-    """One optimizer step's forward/backward, every value averaged over the step's micro-batches
-    and processes. A loss the model does not have (no learned router, no predictor, no MoE) is
-    None, never a stand-in 0.0; accuracies and MoE shares have one value per routed / MoE layer."""
-
-    loss: float
-    lm_loss: float
-    router_aux_loss: float | None
-    predictor_loss: float | None
-    router_accuracy: list[float]
-    predictor_accuracy: list[float]
-    grad_norm: float
-    moe_balance_loss: float | None = None   # MoE layers (modlm/moe.py): mean balance loss,
-    moe_noop: tuple[float, ...] = ()        # and per layer the no-op and dropped shares
-    moe_dropped: tuple[float, ...] = ()
-
-    @property
-    def finite(self) -> bool:
-        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
-
-
 def _step_values(out: Any) -> dict[str, torch.Tensor]:
     """The scalars a step record reports from one forward, by name; absent ones left out. The
     names depend only on the model's configuration, so they agree across micro-batches and
@@ -680,7 +481,7 @@ def _step_values(out: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().double() for k, v in values.items() if v is not None}
 
 
-def _forward_backward(s: _Session) -> _StepStats:
+def _forward_backward(s: _Session) -> StepStats:
     """Accumulate gradients over cfg.grad_accum micro-batches, then clip (or just measure) them."""
     cfg, d, model = s.cfg, s.d, s.model
     sums: dict[str, torch.Tensor] = {}
@@ -712,11 +513,11 @@ def _forward_backward(s: _Session) -> _StepStats:
                                         key=lambda n: int(n.rsplit(".", 1)[1]))]
     # The fractions routed are exactly the capacity in the top-k training forward; the agreement
     # of the causal rules with top-k is what is learned.
-    return _StepStats(
+    return StepStats(
         loss=mean["loss"], lm_loss=mean["lm_loss"],
         router_aux_loss=mean.get("router_aux_loss"), predictor_loss=mean.get("predictor_loss"),
-        router_accuracy=per_layer("router_accuracy"),
-        predictor_accuracy=per_layer("predictor_accuracy"),
+        router_accuracy=tuple(per_layer("router_accuracy")),
+        predictor_accuracy=tuple(per_layer("predictor_accuracy")),
         grad_norm=grad_norm, moe_balance_loss=mean.get("moe_balance_loss"),
         moe_noop=tuple(per_layer("moe_noop")), moe_dropped=tuple(per_layer("moe_dropped")))
 
@@ -757,18 +558,10 @@ def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                              options=StateDictOptions(full_state_dict=True))
 
 
-def _headline_loss(modes: dict[str, Any]) -> float:
+def _headline_loss(modes: Mapping[str, ModeResult]) -> float:
     """The honest validation loss: the best causal mode for MoD models, top-k for dense ones."""
-    causal = [modes[m]["loss"] for m in ("router", "predictor") if m in modes]
-    return min(causal) if causal else modes["topk"]["loss"]
-
-
-def _eval_line(step: int, ev: dict[str, Any]) -> str:
-    parts = []
-    for split, modes in ev.items():
-        parts.append(split + " " + " ".join(f"{m} {r['loss']:.4f} ({r['bpb']:.3f} bpb)"
-                                            for m, r in modes.items()))
-    return f"eval @ step {step}: " + " | ".join(parts)
+    causal = [modes[m].loss for m in ("router", "predictor") if m in modes]
+    return min(causal) if causal else modes["topk"].loss
 
 
 def _agree(flag: bool, d: runtime.Dist) -> bool:
@@ -778,23 +571,3 @@ def _agree(flag: bool, d: runtime.Dist) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("tensorboard=true needs the tensorboard package: "
-                          "pip install 'modlm[tensorboard]'") from e
-    return SummaryWriter(str(path))
-
-
-def _tb_write(tb, record: dict[str, Any]) -> None:
-    step = record["step"]
-    for key in ("loss", "lm_loss", "router_aux_loss", "predictor_loss", "lr", "tokens_per_s"):
-        if record.get(key) is not None:
-            tb.add_scalar(f"train/{key}", record[key], step)
-    for split, modes in record.get("eval", {}).items():
-        for mode, r in modes.items():
-            tb.add_scalar(f"{split}/{mode}_loss", r["loss"], step)
-            tb.add_scalar(f"{split}/{mode}_bpb", r["bpb"], step)

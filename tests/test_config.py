@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -168,3 +170,40 @@ def test_apply_overrides_coerces_integral_floats(make_cfg, key, value, expected)
 def test_apply_overrides_errors(make_cfg, overrides, error, match):
     with pytest.raises(error, match=match):
         apply_overrides(make_cfg(), overrides)
+
+
+# ---- one home, no torch --------------------------------------------------------------------------
+
+HEAVY = ("torch", "transformers", "tokenizers", "matplotlib", "tensorboard")
+
+
+def test_every_config_is_built_and_checked_without_torch_or_optional_packages():
+    """modlm.config holds every config (model, data, retrofit, training) and the training presets
+    build on it alone: a planner or record reader can make and validate a full TrainConfig
+    without loading torch or any optional package. The last line shows the check can fail."""
+    script = f"""
+import sys
+import modlm.config as c
+from modlm.presets import configure
+assert not [m for m in sys.modules if m.split(".")[0] in {HEAVY!r}], "import"
+cfg = configure("tiny", {{"tokens": 10_000, "data.tokenizer": "bpe", "retrofit.train": "routing"}})
+assert c.TrainConfig.from_dict(cfg.to_dict()) == cfg and cfg.steps is None
+c.RetrofitConfig(source="folder", pretrained_lr=1e-5)
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+assert not loaded, loaded
+import modlm.train
+assert "torch" in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_configs_are_still_importable_where_they_were():
+    from modlm import config, presets
+    from modlm.data import DataConfig
+    from modlm.hf.retrofit import RetrofitConfig
+    from modlm.train import TrainConfig, configure, train_preset
+
+    assert (TrainConfig, DataConfig, RetrofitConfig) == (
+        config.TrainConfig, config.DataConfig, config.RetrofitConfig)
+    assert (configure, train_preset) == (presets.configure, presets.train_preset)

@@ -38,8 +38,14 @@ import statistics
 import time
 from typing import Any
 
-from modlm.config import ModelConfig, RoutingConfig, apply_overrides
-from modlm.data import DataConfig
+from modlm.config import (
+    DataConfig,
+    ModelConfig,
+    RetrofitConfig,
+    RoutingConfig,
+    TrainConfig,
+    apply_overrides,
+)
 from modlm.experiment import (
     Context,
     Experiment,
@@ -93,10 +99,8 @@ def source(ctx: Context) -> str:
     return str(ctx.options.overrides.get("retrofit.source", SOURCE))
 
 
-def train_config(ctx: Context, routing_cfg: RoutingConfig, train: str) -> Any:
+def train_config(ctx: Context, routing_cfg: RoutingConfig, train: str) -> TrainConfig:
     """A tuning run of the pretrained model with this routing (the --set overrides last)."""
-    from modlm.hf.retrofit import RetrofitConfig
-    from modlm.train import TrainConfig
     steps = ctx.steps(STEPS)
     cfg = TrainConfig(model=ModelConfig(routing=routing_cfg),
                       data=DataConfig(seq_len=SEQ_LEN, tokenizer="hf"), steps=steps,

