@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[512],
                    help="prompt lengths at every batch size")
-    p.add_argument("--long-prompt-lens", type=int, nargs="+", default=[2048, 4096],
+    p.add_argument("--long-prompt-lens", type=int, nargs="*", default=[2048, 4096],
                    help="longer prompts, at batch 1 only")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--capacity", type=float, default=0.125)

@@ -241,6 +241,19 @@ class RoutedLayer(nn.Module):
             mask_BT = None
         return logits_BT, pred_BT, mask_BT
 
+    def decide_one(self, x_B1D: Tensor, mode: RoutingMode) -> tuple[Tensor, Tensor | None]:
+        """A decode step's decision for one new token per row: (mask (B,), router logits (B, 1)
+        in mode "router", None in mode "predictor", where the router need only score the rows
+        that route). Only what the causal rule reads is computed (`causal_decision` also
+        computes what training statistics need)."""
+        if mode == "router":
+            logits_B1 = self.router(x_B1D)
+            return logits_B1[:, 0] > self.router.causal_threshold(self.capacity), logits_B1
+        if mode == "predictor" and self.predictor is not None:
+            return self.predictor(x_B1D)[:, 0] > 0.0, None
+        raise ValueError(f"decoding needs a causal mode ('router', or 'predictor' with a "
+                         f"predictor), got {mode!r}")
+
     def forward(self, x_BTD: Tensor, rotary: EncodePositions, mode: RoutingMode = "topk",
                 generator: torch.Generator | None = None, pos_BT: Tensor | None = None,
                 valid_BT: Tensor | None = None) -> tuple[Tensor, LayerRouting]:

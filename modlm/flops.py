@@ -119,7 +119,8 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown
 
 
 def decode_flops(cfg: ModelConfig, context: float,
-                 routed_fraction: float | Mapping[int, float] | None = None) -> FlopBreakdown:
+                 routed_fraction: float | Mapping[int, float] | None = None,
+                 mode: Literal["router", "predictor"] = "router") -> FlopBreakdown:
     """Forward FLOPs of one decode step for one row: a new token whose `context` earlier tokens
     are in the KV cache (`seq_len` of the result is 1).
 
@@ -127,9 +128,11 @@ def decode_flops(cfg: ModelConfig, context: float,
     own included). A routed block runs with probability f, its routed fraction (a number for
     every routed block, one per block, or None for each block's capacity), and its cache holds
     the routed share f of the context, so in expectation it costs f x (projections + MLP +
-    attention over f x context + 1 keys): the FLOP limit of sampling from MoD. Router,
-    predictor and LM head run on every token. With f in {0, 1} the count is exact (tests check
-    it against FlopCounterMode).
+    attention over f x context + 1 keys): the FLOP limit of sampling from MoD. The causal rule
+    runs on every token: in mode "router" the router (whose logit is also the routed token's
+    weight), in mode "predictor" the predictor, and the router then scores the routed tokens
+    alone. The LM head runs on every token. With f in {0, 1} the count is exact (tests check it
+    against FlopCounterMode).
     """
     D, F, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
     mlp_mats = 3 if cfg.mlp == "swiglu" else 2
@@ -157,10 +160,10 @@ def decode_flops(cfg: ModelConfig, context: float,
             mlp += n * moe_mlp_flops(cfg, expected_expert_tokens(cfg, 1))
         else:
             mlp += n * 2 * mlp_mats * D * F
-    n_routed = len(cfg.routed_layers)
-    router = 2 * D * n_routed if cfg.routing.router == "learned" else 0.0
+    scored = (len(routed) if mode == "router" else sum(fraction(i) for i in routed))
+    router = 2 * D * scored if cfg.routing.router == "learned" else 0.0
     P = cfg.predictor_hidden
-    predictor = 2 * (D * P + P) * n_routed if cfg.routing.predictor and n_routed else 0.0
+    predictor = 2 * (D * P + P) * len(routed) if mode == "predictor" else 0.0
     return FlopBreakdown(1, proj, scores, mlp, router, predictor, moe_router, 2 * D * V)
 
 

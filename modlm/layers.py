@@ -48,23 +48,27 @@ class Rotary(nn.Module):
                              .float(), persistent=False)
 
     def forward(self, positions: Tensor) -> Tensor:
-        """positions (T,) or (B, K) -> complex rotations (T, R) or (B, K, R), R = Dh / 2."""
+        """positions (T,) or (B, K) -> complex rotations (T, R) or (B, K, R), R = Dh / 2; under
+        torch.compile, which generates no code for complex numbers, their (cos, sin) pairs
+        (T, R, 2) or (B, K, R, 2) instead."""
         # .float(): a model cast to bfloat16 casts this table too, and complex needs float32.
-        return torch.view_as_complex(self.cos_sin_TR2[positions].float())
+        cos_sin = self.cos_sin_TR2[positions].float()
+        return cos_sin if torch.compiler.is_compiling() else torch.view_as_complex(cos_sin)
 
 
 def apply_rotary(x_BKNHd: Tensor, rot_BKR: Tensor) -> Tensor:
     """Rotate q and k together: x (B, K, N, H, Dh) with N stacked tensors, rotations (B, K, R)."""
     shape = x_BKNHd.shape
     pairs = x_BKNHd.float().reshape(*shape[:-1], -1, 2)
-    rot = rot_BKR[..., None, None, :]
     if torch.compiler.is_compiling():
         # Inductor generates no code for complex ops but fuses this real form into one kernel.
-        cos, sin = rot.real, rot.imag
+        if rot_BKR.is_complex():
+            rot_BKR = torch.view_as_real(rot_BKR)
+        cos, sin = rot_BKR[..., None, None, :, 0], rot_BKR[..., None, None, :, 1]
         x0, x1 = pairs.unbind(-1)
         out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
     else:
-        out = torch.view_as_real(torch.view_as_complex(pairs) * rot)
+        out = torch.view_as_real(torch.view_as_complex(pairs) * rot_BKR[..., None, None, :])
     return out.reshape(shape).to(x_BKNHd.dtype)
 
 

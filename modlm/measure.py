@@ -134,10 +134,14 @@ class RateRouter(LinearRouter):
     untrained router routes arbitrarily, and a briefly trained one drifts with the text).
 
     It does a learned router's work per token (the same r = w^T x) and then replaces the logits
-    by draws of N(0, 1) from its own seeded generator, so a token routes when its draw passes the
-    (1 - rate) quantile; the routed update is weighted by sigmoid of that draw, as a trained
-    router's would be by its logit. Rows and steps route independently.
+    by draws of N(0, 1), taken in turn from a table drawn once from `seed` (2^16 of them, reused
+    in a cycle), so a token routes when its draw passes the (1 - rate) quantile; the routed
+    update is weighted by sigmoid of that draw, as a trained router's would be by its logit.
+    Rows and steps route independently. The table and its cursor are buffers, so a compiled
+    decode step draws the same values as the eager one.
     """
+
+    TABLE = 1 << 16
 
     def __init__(self, weight: torch.nn.Parameter, rate: float, seed: int = 0) -> None:
         if not 0.0 <= rate <= 1.0:
@@ -145,7 +149,11 @@ class RateRouter(LinearRouter):
         super().__init__(weight.shape[0])
         self.weight = weight
         self.rate = rate
-        self.generator = torch.Generator(device=weight.device).manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("draws", torch.randn(self.TABLE, generator=g).to(weight.device),
+                             persistent=False)
+        self.register_buffer("cursor", torch.zeros((), dtype=torch.long, device=weight.device),
+                             persistent=False)
         self.threshold = (math.inf if rate == 0.0 else -math.inf if rate == 1.0 else
                           statistics.NormalDist().inv_cdf(1.0 - rate))
 
@@ -155,8 +163,10 @@ class RateRouter(LinearRouter):
     def forward(self, x_BTD: torch.Tensor, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
         logits_BT = super().forward(x_BTD, generator)
-        return torch.randn(logits_BT.shape, generator=self.generator, device=logits_BT.device,
-                           dtype=logits_BT.dtype)
+        n = logits_BT.numel()
+        idx = (self.cursor + torch.arange(n, device=logits_BT.device)) % self.TABLE
+        self.cursor.add_(n)
+        return self.draws[idx].view(logits_BT.shape)
 
 
 def route_at_rate(model: torch.nn.Module, rate: float, seed: int = 0) -> None:

@@ -7,6 +7,7 @@ SDPA backend, whose attention decomposes into two bmm calls the counter sees.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -167,25 +168,40 @@ def test_match_forward_flops_grows_width(make_cfg):
     assert flops.param_count(mod).total > flops.param_count(dense).total
 
 
-@pytest.mark.parametrize("name,rate", [("dense", None), ("mod_every_other", 1.0),
-                                       ("mod_every_other", 0.0), ("gelu", 1.0),
-                                       ("no_predictor", 0.0)])
-def test_decode_flops_match_counter(make_cfg, name, rate):
+@pytest.mark.parametrize("name,rate,mode", [("dense", None, "router"),
+                                            ("mod_every_other", 1.0, "router"),
+                                            ("mod_every_other", 0.0, "router"),
+                                            ("mod_every_other", 1.0, "predictor"),
+                                            ("mod_every_other", 0.0, "predictor"),
+                                            ("gelu", 1.0, "router"),
+                                            ("no_predictor", 0.0, "router")])
+def test_decode_flops_match_counter(make_cfg, name, rate, mode):
     """One decode step's FLOPs per row, counted, equal flops.decode_flops with the routed
-    fraction the step had (routers forced to route every token or none, so prefill and decode
-    route alike and each routed cache holds that share of the context)."""
+    fraction the step had (every token routed or none, in prefill and decode alike, so each
+    routed cache holds that share of the context)."""
     from modlm.generate import Engine
-    from modlm.measure import route_at_rate
     cfg = make_cfg(**CONFIGS[name])
+    if mode == "predictor":
+        cfg = dataclasses.replace(cfg, routing=dataclasses.replace(cfg.routing, predictor=True))
     model = MoDLM(cfg).eval()
     if rate is not None:
-        route_at_rate(model, rate)
-    engine = Engine(model, "router")
+        for i in cfg.routed_layers:
+            _force_routing(model.blocks[i], route=rate == 1.0)
+    engine = Engine(model, mode)
     prompts = [[3, 1, 4, 1, 5, 9, 2], [2, 7, 1, 8, 2, 8, 1]]
     state, _ = engine.prefill(prompts)
     counted = count(lambda: engine.decode_step(state, [6, 5])).get_total_flops() / 2
-    predicted = flops.decode_flops(cfg, 7, rate)
+    predicted = flops.decode_flops(cfg, 7, rate, mode)
     assert rel_close(counted, predicted.total)
     assert predicted.seq_len == 1 and predicted.lm_head == 2 * cfg.d_model * cfg.vocab_size
-    if rate == 0.0:   # a routed block that nobody enters costs its router and predictor only
-        assert predicted.total < flops.decode_flops(cfg, 7, 1.0).total
+    if rate == 0.0:   # a routed block that nobody enters costs its causal rule only
+        assert predicted.total < flops.decode_flops(cfg, 7, 1.0, mode).total
+
+
+def _force_routing(layer, route: bool) -> None:
+    """Make a routed block's causal rules route every token (or none) while their matmuls still
+    run: the router's threshold moves out of reach, the predictor's logit is shifted."""
+    layer.router.causal_threshold = lambda capacity: -math.inf if route else math.inf
+    if layer.predictor is not None:
+        real = layer.predictor.forward
+        layer.predictor.forward = lambda x: real(x) * 0.0 + (1.0 if route else -1.0)

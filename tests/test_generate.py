@@ -408,3 +408,98 @@ def test_bfloat16_model_generates_what_float32_does():
     assert all(len(t) == n for t in tokens_16)
     agree = sum(x == y for r32, r16 in zip(tokens_32, tokens_16) for x, y in zip(r32, r16))
     assert agree >= 0.9 * n * len(PROMPTS)
+
+
+def test_rate_router_routes_at_its_rate_whatever_the_text(make_cfg):
+    """measure.route_at_rate: sampling routes the given share of tokens in every routed block,
+    at any text (greedy decoding of a random model repeats itself, which would make a
+    content-based router route all or nothing), and rates 0 and 1 route nothing and
+    everything."""
+    from modlm.measure import RateRouter, route_at_rate
+    cfg = make_cfg(max_seq_len=512)
+    fractions = {}
+    for rate in (0.0, 0.25, 1.0):
+        torch.manual_seed(0)
+        model = MoDLM(cfg).eval()
+        route_at_rate(model, rate, seed=3)
+        assert all(isinstance(model.blocks[i].router, RateRouter) for i in cfg.routed_layers)
+        result = Engine(model, "router").generate([[1] * 8] * 4, 96)      # greedy
+        fractions[rate] = result.decode_routed_fraction
+    assert set(fractions[0.0].values()) == {0.0} and set(fractions[1.0].values()) == {1.0}
+    for f in fractions[0.25].values():      # 4 x 95 decisions per block: sd 0.022
+        assert abs(f - 0.25) < 0.08
+    with pytest.raises(ValueError, match="learned routers"):
+        route_at_rate(MoDLM(make_cfg(routing=dict(router="none"))), 0.5)
+
+
+# ---- the compiled decode step (static shapes) --------------------------------------------------
+
+
+def static_engine(kind: str, **kw) -> Engine:
+    """An engine whose decode step is the static-shape step (modlm/generate/static.py) run
+    without compiling it: the same computation the compiled graph performs, tested fast."""
+    engine = engine_for(kind, **kw)
+    engine.compiled = True
+    engine._static_fn = engine._static
+    return engine
+
+
+@pytest.mark.parametrize("kind", MODES)
+def test_static_step_equals_the_eager_step(kind, monkeypatch):
+    """Every logit of prefill + teacher-forced decode, rows of different lengths (so dense
+    slots and routed counts differ per row), and the caches it leaves: what the eager step
+    gives. Decisions vary (some rows route, some do not, in the same step), and routed caches
+    start with one spare slot, so they grow while decoding."""
+    monkeypatch.setattr("modlm.generate.engine._ROUTED_HEADROOM", 1)
+    eager, static = engine_for(kind), static_engine(kind)
+    start = [c.slots for c in static.prefill(PROMPTS)[0].caches]
+    e_state, e_logits, _ = teacher_forced(eager, PROMPTS, n_steps=9)
+    s_state, s_logits, _ = teacher_forced(static, PROMPTS, n_steps=9)
+    for a, b in zip(e_logits, s_logits):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert s_state.routed_tokens == e_state.routed_tokens
+    assert s_state.cache_entries() == e_state.cache_entries()
+    for ce, cs in zip(e_state.caches, s_state.caches):
+        for b in range(len(PROMPTS)):
+            n = int(ce.n_B[b])
+            assert int(cs.n_B[b]) == n
+            assert torch.equal(cs.pos_BC[b, :n], ce.pos_BC[b, :n])
+            torch.testing.assert_close(cs.k_BHCd[b, :, :n], ce.k_BHCd[b, :, :n], atol=1e-6,
+                                       rtol=0)
+    if kind != "dense":
+        counts = {int(c.n_B[b]) for c in s_state.caches if c.routed for b in range(3)}
+        assert len(counts) > 1                         # rows really routed differently
+        assert all(c.slots > n for c, n in zip(s_state.caches, start) if c.routed)
+
+
+@pytest.mark.parametrize("kind", ["router", "predictor"])
+def test_static_step_generates_the_eager_tokens_as_rows_finish(kind):
+    """Greedy generation with stop tokens (rows leave the batch at different steps, so the
+    batch shrinks under the static step) and routed caches that must grow."""
+    eager, static = engine_for(kind), static_engine(kind)
+    ref = eager.generate(PROMPTS, 30)
+    stop = [ref.tokens[0][5]]
+    a, b = eager.generate(PROMPTS, 30, stop_token_ids=stop), \
+        static.generate(PROMPTS, 30, stop_token_ids=stop)
+    assert b.tokens == a.tokens and b.finish_reasons == a.finish_reasons
+    assert "stop_token" in a.finish_reasons and "length" in a.finish_reasons
+    assert b.routed_fraction == a.routed_fraction and b.kv_cache_bytes == a.kv_cache_bytes
+
+
+@pytest.mark.slow   # torch.compile builds each graph in about 10 s on 2 cores
+def test_compiled_engines_generate_the_eager_tokens():
+    """Engine(compile=True) on a MoD model and on its dense twin of the same shapes, in one
+    process: each generates what its eager engine generates (so neither runs the other's
+    graph), greedily and sampling, and its logits agree to rounding."""
+    for kind in ("dense", "router"):
+        model = make_model(kind)
+        eager, compiled = Engine(model, "router"), Engine(model, "router", compile=True)
+        for temperature in (0.0, 1.0):
+            a = eager.generate(PROMPTS, 16, temperature=temperature, seed=3)
+            b = compiled.generate(PROMPTS, 16, temperature=temperature, seed=3)
+            assert b.tokens == a.tokens
+            assert b.routed_fraction == a.routed_fraction
+        _, e_logits, _ = teacher_forced(eager, PROMPTS, n_steps=6)
+        _, c_logits, _ = teacher_forced(compiled, PROMPTS, n_steps=6)
+        for x, y in zip(e_logits, c_logits):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)

@@ -42,8 +42,8 @@ class Rows(NamedTuple):
     @classmethod
     def where(cls, mask_B: Tensor) -> Rows:
         """The rows whose entry of a boolean (B,) mask is set."""
-        host = np.flatnonzero(_host_array(mask_B))
-        return cls(host, _on_device(host, mask_B.device), host.size == mask_B.shape[0])
+        index = mask_B.nonzero().view(-1)
+        return cls(_host_array(index), index, index.shape[0] == mask_B.shape[0])
 
 
 class LayerCache:
@@ -105,8 +105,7 @@ class LayerCache:
         return their new counts (host)."""
         n_N = self.n_host if rows.all else self.n_host[rows.host]
         lo, hi = _bounds(n_N)
-        if hi + 1 > self.slots:
-            self._grow(hi + 1)
+        self.make_room(hi + 1)
         if rows.all and lo == hi:
             # Every row at the same slot (the common case): plain slice writes, no scatter.
             self.k_BHCd[:, :, lo] = k_NHd
@@ -123,6 +122,11 @@ class LayerCache:
             return self.n_host
         self.n_host[rows.host] += 1
         return n_N + 1
+
+    def make_room(self, need: int) -> None:
+        """At least `need` slots per row (growing by doubling, up to the limit)."""
+        if need > self.slots:
+            self._grow(need)
 
     def _grow(self, need: int) -> None:
         if need > self.limit:
@@ -200,7 +204,7 @@ def _empty_cache(layer: DecoderLayer, B: int, slots: int, limit: int, routed: bo
 def _host_array(x: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     """An int64 / bool NumPy copy-free view of a CPU tensor (a copy from another device)."""
     if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
+        return (x if x.device.type == "cpu" else x.cpu()).numpy()
     return np.asarray(x)
 
 

@@ -32,6 +32,7 @@ from modlm.generate.cache import (
     LayerCache,
     Rows,
     _attend_cached,
+    _bounds,
     _empty_cache,
     _length_mask,
 )
@@ -44,6 +45,7 @@ from modlm.generate.results import (
     TextStream,
 )
 from modlm.generate.sampling import _check_sampling, _sample
+from modlm.generate.static import StaticStep
 from modlm.tokenizer import not_unicode
 
 GENERATION_MODES = ("router", "predictor")
@@ -93,7 +95,7 @@ class Engine:
     A dense model has no routing; any causal mode is accepted and ignored for it.
     """
 
-    def __init__(self, model: Backbone, mode: str = "router") -> None:
+    def __init__(self, model: Backbone, mode: str = "router", compile: bool = False) -> None:
         if not hasattr(model, "decoder_layers"):
             raise GenerationError(
                 f"the generation engine runs modlm models (MoDLM) and retrofitted Hugging Face "
@@ -135,6 +137,10 @@ class Engine:
         self.context_name = (f"max_seq_len={self.context}" if self.context == cfg.max_seq_len
                               else f"of {self.context} tokens (its attention window)")
         self.device = next(model.parameters()).device
+        # compile=True: the whole decode step as one graph with static shapes (static.py).
+        self.compiled = compile
+        self._static = StaticStep(model, self.layers, mode)
+        self._static_fn = self._static.compiled() if compile else None
 
     # ---- input checks --------------------------------------------------------------------------
 
@@ -282,6 +288,8 @@ class Engine:
         if max(state.positions.tolist()) >= state.capacity:
             raise GenerationError(f"a row has reached the cache capacity ({state.capacity} "
                                   f"tokens); prefill with a larger capacity")
+        if self.compiled:
+            return self._static_step(state, tok_B)
         B, dev = state.batch_size, self.device
         pos_B = state.pos_B
         x_B1D = self.model.embed_tokens(tok_B[:, None], pos_B[:, None])
@@ -300,8 +308,8 @@ class Engine:
                 x_B1D = x_B1D + finish(layer, x_B1D, y, None, enforce_capacity=False)[0]
                 state.routed_tokens[i] += B
                 continue
-            logits_B1, _, mask_B1 = layer.causal_decision(x_B1D, self.mode)
-            rows = Rows.where(mask_B1[:, 0])     # only the rows whose token routes
+            mask_B, logits_B1 = layer.decide_one(x_B1D, self.mode)
+            rows = Rows.where(mask_B)            # only the rows whose token routes
             state.routed_tokens[i] += rows.host.size
             if rows.host.size:
                 x_B1D = self._routed_step(layer, cache, x_B1D, logits_B1, rows, pe_B1, pos_B)
@@ -309,11 +317,45 @@ class Engine:
         state.positions = state.positions + 1
         return self.model.head(x_B1D[:, 0])
 
+    def _static_step(self, state: DecodeState, tok_B: Tensor) -> Tensor:
+        """The compiled step (static.py) over caches of `state.capacity` slots each."""
+        caches = state.caches
+        for c in caches:
+            if c.routed:
+                c.make_room(_bounds(c.n_host)[1] + 1)       # room for this step's token
+            elif c.slots != state.capacity:
+                raise GenerationError("a dense cache of this state does not hold the whole "
+                                      "capacity; decode it with the engine that prefilled it")
+            # The slot axis is dynamic in the graph: caches of another request's capacity, or a
+            # routed cache that grew, run the same graph.
+            torch._dynamo.maybe_mark_dynamic(c.k_BHCd, 2)
+            torch._dynamo.maybe_mark_dynamic(c.v_BHCd, 2)
+            torch._dynamo.maybe_mark_dynamic(c.pos_BC, 1)
+        routed = [c.routed for c in caches]
+        counts = [c.n_B if r else None for c, r in zip(caches, routed)]
+        before = [c.entries() for c in caches]
+        logits_BV = self._static_fn(tok_B, state.pos_B, [c.k_BHCd for c in caches],
+                                    [c.v_BHCd for c in caches], [c.pos_BC for c in caches],
+                                    counts)
+        B = state.batch_size
+        for i, (cache, n_B) in enumerate(zip(caches, counts)):
+            if n_B is None:
+                cache.n_host += 1
+            elif n_B.device.type != "cpu":      # on a CPU the counts are the host's own memory
+                cache.n_host[:] = n_B.cpu().numpy()
+            state.seen_tokens[i] += B
+            state.routed_tokens[i] += cache.entries() - before[i]
+        state.positions = state.positions + 1
+        return logits_BV
+
     def _routed_step(self, layer: RoutedLayer, cache: LayerCache, x_B1D: Tensor,
-                     logits_B1: Tensor, rows: Rows, pe_B1: PositionEncoding,
+                     logits_B1: Tensor | None, rows: Rows, pe_B1: PositionEncoding,
                      pos_B: Tensor) -> Tensor:
-        """Eq. 1 for the rows whose new token routes into `layer` (at least one)."""
+        """Eq. 1 for the rows whose new token routes into `layer` (at least one); logits_B1:
+        the router's logits of every row, or None to score only the routed rows."""
         sel = routing.Selection.rows(rows.index, every=rows.all)
+        logits_N1 = (layer.router(sel.gather(x_B1D)) if logits_B1 is None
+                     else sel.gather(logits_B1))
 
         def compute(x_N1D: Tensor) -> tuple[Tensor, None]:
             step = layer.inner
@@ -325,8 +367,7 @@ class Engine:
             return finish(step, x_N1D, y, None, enforce_capacity=False,
                           mlp=not layer.attention_only)[0], None
 
-        return routing.routed_update(x_B1D, sel, layer.router_weights(sel.gather(logits_B1)),
-                                     compute)[0]
+        return routing.routed_update(x_B1D, sel, layer.router_weights(logits_N1), compute)[0]
 
     # ---- generation ----------------------------------------------------------------------------
 
