@@ -38,7 +38,13 @@ import torch
 from modlm import flops
 from modlm.config import ModelConfig
 from modlm.generate import Engine
-from modlm.measure import hf_decode_tokens_per_s, interleaved, medians, route_at_rate
+from modlm.measure import (
+    RateRouter,
+    hf_decode_tokens_per_s,
+    interleaved,
+    medians,
+    route_at_rate,
+)
 from modlm.model import MoDLM
 from modlm.presets import dense
 from modlm.runtime import cpu_model
@@ -94,20 +100,32 @@ def step_profile(engine: Engine, prompts: list[list[int]],
 
 
 def time_setting(engines: dict[str, Engine], hf: HFLlama | None, prompts: list[list[int]],
-                 new_tokens: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Decode tokens/s of each generator, interleaved; and each engine's last result."""
+                 new_tokens: int, repeats: int, routers: list[RateRouter]
+                 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Decode tokens/s of each generator, interleaved; and each engine's last result. In a
+    round every engine samples with the same seed and the MoD engines route with the same draws,
+    so eager and compiled engines generate the same text."""
     last: dict[str, Any] = {}
-    seeds = iter(range(10_000))
+    rounds: dict[str, int] = {name: 0 for name in engines}
 
     def gen(name: str) -> float:
+        for router in routers:
+            router.rewind()
         last[name] = engines[name].generate(prompts, new_tokens, temperature=1.0,
-                                            seed=next(seeds))
+                                            seed=rounds[name])
+        rounds[name] += 1
         return last[name].decode_tokens_per_s
 
     fns = {n: (lambda n=n: gen(n)) for n in engines}
     if hf is not None:
         fns["hf"] = lambda: hf.decode_tokens_per_s(prompts, new_tokens)
     return interleaved(fns, repeats=repeats, warmup=1), last
+
+
+def _share_equal(a: tuple[tuple[int, ...], ...], b: tuple[tuple[int, ...], ...]) -> float:
+    """The share of positions at which two generations hold the same token."""
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
 
 
 def main() -> None:
@@ -125,6 +143,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hf", action="store_true", help="also Hugging Face generate (dense shape)")
     p.add_argument("--profile", action="store_true", help="where a MoD decode step's time goes")
+    p.add_argument("--compile", action="store_true",
+                   help="also time Engine(compile=True), dense and MoD (one graph per step)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,13 +161,17 @@ def main() -> None:
                                                                    capacity=args.capacity))
         torch.manual_seed(0)
         mod = MoDLM(cfg).eval()
-        route_at_rate(mod, args.capacity)
+        routers = route_at_rate(mod, args.capacity)
         twin = MoDLM(dense(cfg)).eval()
         engines = {"dense": Engine(twin, "router"), "mod": Engine(mod, "router")}
+        if args.compile:
+            engines |= {"dense_compiled": Engine(twin, "router", compile=True),
+                        "mod_compiled": Engine(mod, "router", compile=True)}
         hf = HFLlama(twin.cfg) if args.hf else None
         for B, P in settings:
             prompts = torch.randint(0, 256, (B, P), generator=g).tolist()
-            samples, last = time_setting(engines, hf, prompts, args.new_tokens, args.repeats)
+            samples, last = time_setting(engines, hf, prompts, args.new_tokens, args.repeats,
+                                         routers)
             med = medians(samples)
             r = last["mod"]
             f_dec = {int(k): v for k, v in r.decode_routed_fraction.items()}
@@ -163,6 +187,12 @@ def main() -> None:
                    "decode_routed_mean": statistics.fmean(f_dec.values()),
                    "kv_cache_bytes": {n: last[n].kv_cache_bytes for n in last},
                    "kv_cache_ratio": r.kv_cache_ratio}
+            if args.compile:
+                row["speedup_compiled"] = med["mod_compiled"] / med["dense_compiled"]
+                row["of_predicted_compiled"] = row["speedup_compiled"] / predicted
+                row["same_tokens_compiled"] = {
+                    n: _share_equal(last[f"{n}_compiled"].tokens, last[n].tokens)
+                    for n in ("dense", "mod")}
             if hf is not None:
                 row["dense_over_hf"] = med["dense"] / med["hf"]
             if args.profile:
@@ -170,11 +200,18 @@ def main() -> None:
             results.append(row)
             hf_part = (f", HF {med['hf']:.1f} (dense / HF {row['dense_over_hf']:.2f})"
                        if hf is not None else "")
+            compiled_part = (f"; compiled: dense {med['dense_compiled']:.1f}, MoD "
+                             f"{med['mod_compiled']:.1f}, MoD / dense "
+                             f"{row['speedup_compiled']:.2f} (of predicted "
+                             f"{row['of_predicted_compiled']:.2f}; tokens equal to eager's: "
+                             + ", ".join(f"{n} {v:.3f}" for n, v in
+                                         row["same_tokens_compiled"].items())
+                             + ")" if args.compile else "")
             print(f"d{d} batch {B} prompt {P}: decode tokens/s dense {med['dense']:.1f}, MoD "
                   f"{med['mod']:.1f}{hf_part}; MoD / dense {row['speedup']:.2f}, FLOP-predicted "
                   f"{predicted:.2f} (measured / predicted {row['of_predicted']:.2f}); routed "
                   f"{row['decode_routed_mean']:.3f}; KV cache MoD / dense "
-                  f"{r.kv_cache_ratio:.2f}", flush=True)
+                  f"{r.kv_cache_ratio:.2f}{compiled_part}", flush=True)
             if args.profile:
                 print("   per step, ms: " + "; ".join(
                     f"{n} {v['step_ms']:.2f} (kernels {v['kernels_ms']:.2f}, other ops "

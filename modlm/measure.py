@@ -150,31 +150,51 @@ class RateRouter(LinearRouter):
         self.weight = weight
         self.rate = rate
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("draws", torch.randn(self.TABLE, generator=g).to(weight.device),
+        table = torch.randn(self.TABLE, generator=g)
+        # The table twice over, so a run of draws that wraps around is one slice.
+        self.register_buffer("draws", torch.cat((table, table)).to(weight.device),
                              persistent=False)
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long, device=weight.device),
                              persistent=False)
+        self.host_cursor = 0     # the eager path's cursor (a slice costs less than a gather)
         self.threshold = (math.inf if rate == 0.0 else -math.inf if rate == 1.0 else
                           statistics.NormalDist().inv_cdf(1.0 - rate))
 
     def causal_threshold(self, capacity: float) -> float:
         return self.threshold
 
+    def rewind(self) -> None:
+        """Start the draws again from the first: the next generation routes as the first did."""
+        self.cursor.zero_()
+        self.host_cursor = 0
+
     def forward(self, x_BTD: torch.Tensor, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
         logits_BT = super().forward(x_BTD, generator)
         n = logits_BT.numel()
-        idx = (self.cursor + torch.arange(n, device=logits_BT.device)) % self.TABLE
-        self.cursor.add_(n)
-        return self.draws[idx].view(logits_BT.shape)
+        if n > self.TABLE:
+            raise ValueError(f"a RateRouter draws at most {self.TABLE} values per call, "
+                             f"got {n} tokens")
+        if torch.compiler.is_compiling():
+            # In a graph the cursor is a tensor (a Python int would be baked into the graph).
+            start = self.cursor % self.TABLE
+            draws = self.draws[start + torch.arange(n, device=logits_BT.device)]
+            self.cursor.add_(n)
+        else:
+            start, self.host_cursor = self.host_cursor, (self.host_cursor + n) % self.TABLE
+            draws = self.draws[start:start + n]
+            self.cursor.fill_(self.host_cursor)
+        return draws.view(logits_BT.shape)
 
 
-def route_at_rate(model: torch.nn.Module, rate: float, seed: int = 0) -> None:
+def route_at_rate(model: torch.nn.Module, rate: float, seed: int = 0) -> list[RateRouter]:
     """Give every learned router of `model` (a MoDLM or a retrofitted model) a `RateRouter` with
-    its weights, so sampling in mode "router" routes `rate` of the tokens of each routed block."""
+    its weights, so sampling in mode "router" routes `rate` of the tokens of each routed block;
+    return them (`RateRouter.rewind` replays their draws)."""
     from modlm.block import RoutedLayer
     layers = [m for m in model.modules() if isinstance(m, RoutedLayer)]
     if not layers or not all(isinstance(m.router, LinearRouter) for m in layers):
         raise ValueError("route_at_rate needs a model whose routed blocks have learned routers")
     for i, layer in enumerate(layers):
         layer.router = RateRouter(layer.router.weight, rate, seed=seed * 1000 + i)
+    return [layer.router for layer in layers]
