@@ -106,9 +106,10 @@ def attend(q_BHKd: Tensor, k_BGSd: Tensor, v_BGSd: Tensor, *, scale: float | Non
     """Scaled dot-product attention of K queries over S keys (the same tokens, or a KV cache),
     with grouped-query attention when there are fewer key/value heads G than query heads H.
     scale None is 1/sqrt(Dh)."""
+    # bool(): under torch.compile with dynamic head counts the comparison is symbolic.
     return F.scaled_dot_product_attention(q_BHKd, k_BGSd, v_BGSd, attn_mask=mask,
                                           dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                          enable_gqa=q_BHKd.shape[1] != k_BGSd.shape[1])
+                                          enable_gqa=bool(q_BHKd.shape[1] != k_BGSd.shape[1]))
 
 
 class MLP(nn.Module):

@@ -93,6 +93,9 @@ class Engine:
     causal routing mode ("router" or "predictor").
 
     A dense model has no routing; any causal mode is accepted and ignored for it.
+    compile=True runs each decode step as one `torch.compile` graph with static shapes
+    (modlm/generate/static.py): the same tokens, faster once compiled for small models and long
+    generations; the model must not change under the engine.
     """
 
     def __init__(self, model: Backbone, mode: str = "router", compile: bool = False) -> None:

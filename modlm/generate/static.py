@@ -24,6 +24,7 @@ compiled graph fuses and reorders float operations, so logits agree to rounding.
 
 from __future__ import annotations
 
+import itertools
 import types
 from collections.abc import Callable, Sequence
 
@@ -32,6 +33,8 @@ from torch import Tensor
 
 from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, finish
 from modlm.layers import attend
+
+_ENGINES = itertools.count()
 
 
 class StaticStep:
@@ -59,8 +62,11 @@ class StaticStep:
         its graphs per code object).
         """
         call = StaticStep.__call__
-        own = types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__,
-                                 call.__defaults__, call.__closure__)
+        # A name of its own too: torch.compile's record of which shapes varied is kept per
+        # (file, line, name), and another model's shapes are not this one's.
+        code = call.__code__.replace(co_name=f"decode_step_{next(_ENGINES)}")
+        own = types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__,
+                                 call.__closure__)
         return torch.compile(types.MethodType(own, self), fullgraph=True, options={
             "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
 
@@ -118,6 +124,8 @@ class StaticStep:
             empty = k_c.new_zeros(B, G, Dh)
             return x_B1D.clone(), empty, empty.clone()
 
+        # Deviation: when any row's token routes, f runs on every row (static shapes) and only
+        # the routed rows keep it; the eager step runs exactly the routed rows (docs/design.md).
         new_B1D, k_BGd, v_BGd = torch.cond(route_B.any(), run, skip, (x_B1D, k_c, v_c))
         # Every row writes its next free slot; a row that did not route leaves its count as it
         # was, so what it wrote there is past its filled slots (never attended to) and is
