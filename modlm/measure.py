@@ -156,7 +156,6 @@ class RateRouter(LinearRouter):
                              persistent=False)
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long, device=weight.device),
                              persistent=False)
-        self.host_cursor = 0     # the eager path's cursor (a slice costs less than a gather)
         self.threshold = (math.inf if rate == 0.0 else -math.inf if rate == 1.0 else
                           statistics.NormalDist().inv_cdf(1.0 - rate))
 
@@ -166,7 +165,6 @@ class RateRouter(LinearRouter):
     def rewind(self) -> None:
         """Start the draws again from the first: the next generation routes as the first did."""
         self.cursor.zero_()
-        self.host_cursor = 0
 
     def forward(self, x_BTD: torch.Tensor, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
@@ -176,14 +174,13 @@ class RateRouter(LinearRouter):
             raise ValueError(f"a RateRouter draws at most {self.TABLE} values per call, "
                              f"got {n} tokens")
         if torch.compiler.is_compiling():
-            # In a graph the cursor is a tensor (a Python int would be baked into the graph).
+            # In a graph the start is a tensor (a Python int would be baked into the graph).
             start = self.cursor % self.TABLE
             draws = self.draws[start + torch.arange(n, device=logits_BT.device)]
-            self.cursor.add_(n)
         else:
-            start, self.host_cursor = self.host_cursor, (self.host_cursor + n) % self.TABLE
+            start = int(self.cursor) % self.TABLE     # a slice costs less than a gather
             draws = self.draws[start:start + n]
-            self.cursor.fill_(self.host_cursor)
+        self.cursor.add_(n)
         return draws.view(logits_BT.shape)
 
 

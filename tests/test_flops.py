@@ -31,6 +31,8 @@ CONFIGS = {
     "predictor_weight_0": dict(routing=dict(predictor_loss_weight=0.0)),
     "router_untrained": dict(routing=dict(router_weight="constant", aux_loss_weight=0.0)),
 }
+# Configurations only the decode-step FLOP test uses.
+DECODE_CONFIGS = {"attention_only": dict(routing=dict(skip="attention"))}
 
 
 def count(fn):
@@ -174,13 +176,17 @@ def test_match_forward_flops_grows_width(make_cfg):
                                             ("mod_every_other", 1.0, "predictor"),
                                             ("mod_every_other", 0.0, "predictor"),
                                             ("gelu", 1.0, "router"),
-                                            ("no_predictor", 0.0, "router")])
+                                            ("no_predictor", 0.0, "router"),
+                                            ("mod_all", 1.0, "router"),
+                                            ("mod_all", 0.0, "predictor"),
+                                            ("attention_only", 1.0, "router"),
+                                            ("attention_only", 0.0, "predictor")])
 def test_decode_flops_match_counter(make_cfg, name, rate, mode):
     """One decode step's FLOPs per row, counted, equal flops.decode_flops with the routed
     fraction the step had (every token routed or none, in prefill and decode alike, so each
     routed cache holds that share of the context)."""
     from modlm.generate import Engine
-    cfg = make_cfg(**CONFIGS[name])
+    cfg = make_cfg(**{**CONFIGS, **DECODE_CONFIGS}[name])
     if mode == "predictor":
         cfg = dataclasses.replace(cfg, routing=dataclasses.replace(cfg.routing, predictor=True))
     model = MoDLM(cfg).eval()

@@ -473,9 +473,11 @@ def test_static_step_equals_the_eager_step(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["router", "predictor"])
-def test_static_step_generates_the_eager_tokens_as_rows_finish(kind):
+def test_static_step_generates_the_eager_tokens_as_rows_finish(kind, monkeypatch):
     """Greedy generation with stop tokens (rows leave the batch at different steps, so the
-    batch shrinks under the static step) and routed caches that must grow."""
+    batch shrinks under the static step), routed caches started with one spare slot (so they
+    grow while decoding)."""
+    monkeypatch.setattr("modlm.generate.engine._ROUTED_HEADROOM", 1)
     eager, static = engine_for(kind), static_engine(kind)
     ref = eager.generate(PROMPTS, 30)
     stop = [ref.tokens[0][5]]
@@ -484,21 +486,61 @@ def test_static_step_generates_the_eager_tokens_as_rows_finish(kind):
     assert b.tokens == a.tokens and b.finish_reasons == a.finish_reasons
     assert "stop_token" in a.finish_reasons and "length" in a.finish_reasons
     assert b.routed_fraction == a.routed_fraction and b.kv_cache_bytes == a.kv_cache_bytes
+    assert b.kv_cache_allocated_bytes == a.kv_cache_allocated_bytes
+
+
+def test_compile_refuses_what_it_cannot_compile():
+    """Mixture-of-experts layers dispatch tokens with data-dependent shapes: refused at once,
+    with the fix, rather than failing after the prefill."""
+    moe = MoDLM(ModelConfig(**CFG, moe=dict(experts=4, layers="all"))).eval()
+    with pytest.raises(GenerationError, match="mixture-of-experts.*compile=False"):
+        Engine(moe, "router", compile=True)
+    Engine(moe, "router")                                # the eager engine serves it
+
+
+def test_rate_router_keeps_one_stream_of_draws(make_cfg, monkeypatch):
+    """A RateRouter's draws continue where the last call stopped, whether that call ran inside
+    a compiled graph or eagerly, and rewind() replays them."""
+    from modlm.measure import route_at_rate
+    model = MoDLM(make_cfg()).eval()
+    router = route_at_rate(model, 0.5)[0]
+    x = torch.randn(2, 3, model.cfg.d_model)
+    first = router(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    second = router(x)                                   # the graph's form of the draw
+    monkeypatch.undo()
+    third = router(x)
+    router.rewind()
+    replay = torch.cat([router(x), router(x), router(x)])
+    assert torch.equal(replay, torch.cat([first, second, third]))
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    assert torch.equal(torch.cat([first, second, third]).flatten(), router.draws[:18])
 
 
 @pytest.mark.slow   # torch.compile builds each graph in about 10 s on 2 cores
-def test_compiled_engines_generate_the_eager_tokens():
+def test_compiled_engines_generate_the_eager_tokens(monkeypatch):
     """Engine(compile=True) on a MoD model and on its dense twin of the same shapes, in one
     process: each generates what its eager engine generates (so neither runs the other's
-    graph), greedily and sampling, and its logits agree to rounding."""
+    graph), greedily and sampling, with rows that stop early (the batch shrinks) and routed
+    caches that grow, and its logits agree to rounding; and neither shrinking batches nor
+    growing caches compile the step again (a compile costs 10 s or more)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr("modlm.generate.engine._ROUTED_HEADROOM", 1)
     for kind in ("dense", "router"):
         model = make_model(kind)
         eager, compiled = Engine(model, "router"), Engine(model, "router", compile=True)
+        stop = [eager.generate(PROMPTS, 16).tokens[0][4]]
+        graphs = []
         for temperature in (0.0, 1.0):
-            a = eager.generate(PROMPTS, 16, temperature=temperature, seed=3)
-            b = compiled.generate(PROMPTS, 16, temperature=temperature, seed=3)
-            assert b.tokens == a.tokens
+            a = eager.generate(PROMPTS, 16, temperature=temperature, seed=3, stop_token_ids=stop)
+            b = compiled.generate(PROMPTS, 16, temperature=temperature, seed=3,
+                                  stop_token_ids=stop)
+            assert b.tokens == a.tokens and b.finish_reasons == a.finish_reasons
             assert b.routed_fraction == a.routed_fraction
+            graphs.append(counters["stats"]["unique_graphs"])
+            if temperature == 0.0:          # greedy: the first row stops early, the rest run on
+                assert "stop_token" in a.finish_reasons and "length" in a.finish_reasons
+        assert graphs[1] == graphs[0]       # the second generation compiled nothing new
         _, e_logits, _ = teacher_forced(eager, PROMPTS, n_steps=6)
         _, c_logits, _ = teacher_forced(compiled, PROMPTS, n_steps=6)
         for x, y in zip(e_logits, c_logits):

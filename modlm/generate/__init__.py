@@ -67,6 +67,7 @@ from modlm.generate.results import (
     TextStream,
 )
 from modlm.generate.sampling import sample_next
+from modlm.generate.static import StaticStep
 
 __all__ = [
     "FINISH_REASONS",
@@ -78,6 +79,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStream",
     "LayerCache",
+    "StaticStep",
     "StepTokens",
     "TextGeneration",
     "TextStream",

@@ -112,14 +112,14 @@ class LayerCache:
             self.v_BHCd[:, :, lo] = v_NHd
             self.pos_BC[:, lo] = pos_N
             self.n_host += 1
-            return self.n_host
+            return self.n_host.copy()
         index = rows.index, _on_device(n_N, self.k_BHCd.device)
         self.k_BHCd[index[0], :, index[1]] = k_NHd
         self.v_BHCd[index[0], :, index[1]] = v_NHd
         self.pos_BC[index] = pos_N
         if rows.all:
             self.n_host += 1
-            return self.n_host
+            return self.n_host.copy()
         self.n_host[rows.host] += 1
         return n_N + 1
 
@@ -140,11 +140,12 @@ class LayerCache:
         k[:, :, :C], v[:, :, :C], pos[:, :C] = self.k_BHCd, self.v_BHCd, self.pos_BC
         self.k_BHCd, self.v_BHCd, self.pos_BC = k, v, pos
 
-    def keep(self, rows: Tensor) -> None:
-        """Keep only the given rows (in that order): finished rows leave the batch."""
+    def keep(self, rows: Tensor, rows_host: np.ndarray) -> None:
+        """Keep only the given rows (in that order; on the device and on the host): finished
+        rows leave the batch."""
         self.k_BHCd, self.v_BHCd = self.k_BHCd[rows], self.v_BHCd[rows]
         self.pos_BC = self.pos_BC[rows]
-        self.n_host = self.n_host[_host_array(rows)]
+        self.n_host = self.n_host[rows_host]
 
 
 @dataclass
@@ -183,7 +184,7 @@ class DecodeState:
         idx = _on_device(host, self.caches[0].k_BHCd.device)
         for i, cache in enumerate(self.caches):
             self.retired_entries[i] += cache.entries() - int(cache.n_host[host].sum())
-            cache.keep(idx)
+            cache.keep(idx, host)
         self.positions = self.positions[host]
         self.rows = [self.rows[i] for i in keep]
 

@@ -141,9 +141,18 @@ class Engine:
                               else f"of {self.context} tokens (its attention window)")
         self.device = next(model.parameters()).device
         # compile=True: the whole decode step as one graph with static shapes (static.py).
+        if compile and cfg.moe_layers:
+            raise GenerationError("compile=True does not support mixture-of-experts layers "
+                                  "(their expert dispatch has data-dependent shapes); use the "
+                                  "eager engine (compile=False)")
+        if compile and not hasattr(torch.compiler, "keep_portable_guards_unsafe"):
+            raise GenerationError(f"compile=True needs a newer torch (its guard filters; torch "
+                                  f"{torch.__version__} has none); use compile=False or "
+                                  f"upgrade torch")
         self.compiled = compile
         self._static = StaticStep(model, self.layers, mode)
         self._static_fn = self._static.compiled() if compile else None
+        self._signature = self._static.signature()
 
     # ---- input checks --------------------------------------------------------------------------
 
@@ -283,8 +292,9 @@ class Engine:
     def _step(self, state: DecodeState, tok_B: Tensor) -> Tensor:
         """`decode_step` without checking the tokens (the engine's own samples are in range).
 
-        The hot path of generation: per layer, the fewest device operations and no waiting on
-        the device but for a routed layer's decision. Cache counts and positions are on the host,
+        The hot path of generation: per layer, the fewest device operations and (on a CPU) no
+        reads of the device but a routed layer's decision. Cache counts and positions are on the
+        host,
         every dense layer shares one attention mask, and a routed layer gathers and scatters
         only when some rows route and others do not.
         """
@@ -306,7 +316,7 @@ class Engine:
                 q, k, v = layer.project(x_B1D, pe_B1)
                 n_B = cache.append(every, k[:, 0], v[:, 0], pos_B)
                 if dense_n is None:
-                    dense_n, dense_mask = n_B.copy(), _length_mask(n_B, dev)
+                    dense_n, dense_mask = n_B, _length_mask(n_B, dev)
                 y = _attend_cached(layer, q, cache, every, dense_n, dense_mask)
                 x_B1D = x_B1D + finish(layer, x_B1D, y, None, enforce_capacity=False)[0]
                 state.routed_tokens[i] += B
@@ -322,6 +332,12 @@ class Engine:
 
     def _static_step(self, state: DecodeState, tok_B: Tensor) -> Tensor:
         """The compiled step (static.py) over caches of `state.capacity` slots each."""
+        # Inference tensors throughout (tokens sampled outside inference mode are not): a graph
+        # guards on the kind of tensor it is given, and a second kind would compile it again.
+        tok_B = tok_B.clone()
+        if self._static.signature() != self._signature:
+            raise GenerationError("the model changed under this compiled engine (a cast, a move "
+                                  "or a swapped router or layer); build a new Engine for it")
         caches = state.caches
         for c in caches:
             if c.routed:
@@ -329,15 +345,18 @@ class Engine:
             elif c.slots != state.capacity:
                 raise GenerationError("a dense cache of this state does not hold the whole "
                                       "capacity; decode it with the engine that prefilled it")
-            # The slot axis is dynamic in the graph: caches of another request's capacity, or a
-            # routed cache that grew, run the same graph.
-            torch._dynamo.maybe_mark_dynamic(c.k_BHCd, 2)
-            torch._dynamo.maybe_mark_dynamic(c.v_BHCd, 2)
-            torch._dynamo.maybe_mark_dynamic(c.pos_BC, 1)
         routed = [c.routed for c in caches]
         counts = [c.n_B if r else None for c, r in zip(caches, routed)]
+        pos_B = state.pos_B
+        # The batch and slot axes are dynamic in the graph: a batch that shrinks as rows finish,
+        # caches of another request's capacity and routed caches that grew run the same graph.
+        for t, dims in [(tok_B, (0,)), (pos_B, (0,))] + [
+                (t, (0, 2)) for c in caches for t in (c.k_BHCd, c.v_BHCd)] + [
+                (c.pos_BC, (0, 1)) for c in caches] + [(n, (0,)) for n in counts if n is not None]:
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         before = [c.entries() for c in caches]
-        logits_BV = self._static_fn(tok_B, state.pos_B, [c.k_BHCd for c in caches],
+        logits_BV = self._static_fn(tok_B, pos_B, [c.k_BHCd for c in caches],
                                     [c.v_BHCd for c in caches], [c.pos_BC for c in caches],
                                     counts)
         B = state.batch_size
@@ -551,7 +570,8 @@ class Engine:
             if not keep:
                 break
             t0 = time.perf_counter()
-            state.keep(keep)
+            with torch.inference_mode():       # the caches stay inference tensors
+                state.keep(keep)
             logits_BV = self._step(state, next_B[keep])
             next_B = sample(logits_BV)
             tokens = next_B.tolist()

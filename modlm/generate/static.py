@@ -8,15 +8,17 @@ filled so far, a routed layer run on exactly the rows whose token routes. Shapes
 every step would make a compiled graph recompile every step, so this step keeps every shape
 fixed for a generation and one graph runs the whole step, all layers, with no host round trip:
 
-- every cache holds C slots (allocated whole at prefill); attention runs over all of them with a
-  mask of the filled ones (dense caches: slots <= the row's position; routed caches: the row's
-  routed count, a tensor the graph increments);
+- a dense cache holds C slots (allocated whole at prefill) and attention runs over all of them
+  with a mask of the filled ones (slots <= the row's position); a routed cache grows by doubling
+  as in the eager step (its slot axis is dynamic in the graph, so growing does not recompile)
+  and attention masks it by the row's routed count, a tensor the graph increments;
 - a routed layer's decision and the skip are inside the graph (`torch.cond`): when no row's
   token routes, the layer does nothing; when some do, the layer runs on every row of the batch
-  and only the routed rows' updates and cache writes are kept (the others' are masked out).
-  Batch 1 therefore computes exactly what the eager step does; at batch > 1 a routed layer
-  computes f for rows that do not route whenever another row does (`torch.where` keeps their
-  residual stream bit for bit): the price of static shapes, which the decode benchmark measures.
+  and only the routed rows' updates and cache entries count (`torch.where` keeps the others'
+  residual stream bit for bit).
+At batch 1 a routed layer thus runs exactly when the eager step runs it; attention covers the
+allocated slots (masked) rather than the filled ones. At batch > 1 a routed layer computes f for
+rows that do not route whenever another row does: the price of static shapes.
 
 The step computes what the eager step computes (tests compare the tokens and logits); a
 compiled graph fuses and reorders float operations, so logits agree to rounding.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import itertools
 import types
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +38,14 @@ from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, finish
 from modlm.layers import attend
 
 _ENGINES = itertools.count()
+
+
+def _step_guards(entries: Sequence[Any]) -> list[bool]:
+    """The guards a compiled decode step keeps: its input tensors', symbolic shapes', global
+    state's (a guard filter for torch.compile; see `StaticStep.compiled`)."""
+    return [g.guard_type in ("SHAPE_ENV", "GLOBAL_STATE")
+            or (g.guard_type == "TENSOR_MATCH" and not isinstance(g.value, torch.nn.Parameter))
+            for g in entries]
 
 
 class StaticStep:
@@ -54,12 +65,14 @@ class StaticStep:
         """This step under `torch.compile`, one graph for the whole step.
 
         Deviation from torch.compile's defaults: before each call only the guards on the
-        step's own tensors (tokens, positions, caches: shapes and dtypes) are checked, not those
-        on the model's modules, which cost more than a small model's whole step; an engine
-        serves one model whose code and structure do not change under it. So that the graphs
-        of two engines (a MoD model and its dense twin, of the same shapes) can never be taken
-        for each other, each step compiles from a code object of its own (torch.compile keeps
-        its graphs per code object).
+        step's input tensors (shapes, dtypes, devices), on symbolic shapes and on global state
+        (grad mode, autocast) are checked, not those on the model's modules and parameters,
+        which cost more than half of a small model's compiled step; what they would catch (a
+        model cast to another dtype or moved, a router swapped) the engine checks itself with
+        `signature()`, at a fraction of the cost. So that the graphs of two engines
+        (a MoD model and its dense twin, of the same shapes) can never be taken for each other,
+        each step compiles from a code object of its own (torch.compile keeps its graphs per
+        code object).
         """
         call = StaticStep.__call__
         # A name of its own too: torch.compile's record of which shapes varied is kept per
@@ -67,8 +80,17 @@ class StaticStep:
         code = call.__code__.replace(co_name=f"decode_step_{next(_ENGINES)}")
         own = types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__,
                                  call.__closure__)
-        return torch.compile(types.MethodType(own, self), fullgraph=True, options={
-            "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+        return torch.compile(types.MethodType(own, self), fullgraph=True,
+                             options={"guard_filter_fn": _step_guards})
+
+    def signature(self) -> tuple[object, ...]:
+        """What the compiled graph takes for granted about the model and was not told to guard
+        (see `compiled`): the parameters' dtype and device, and which router, predictor and
+        inner layer each layer holds. The engine compares it before every compiled step."""
+        p = next(self.model.parameters())  # type: ignore[attr-defined]
+        return (p.dtype, p.device) + tuple(
+            (id(layer.router), id(layer.predictor), id(layer.inner))
+            if isinstance(layer, RoutedLayer) else id(layer) for layer in self.layers)
 
     def __call__(self, tok_B: Tensor, pos_B: Tensor, keys: list[Tensor], values: list[Tensor],
                  positions: list[Tensor], counts: list[Tensor | None]) -> Tensor:
@@ -98,11 +120,8 @@ class StaticStep:
         """Eq. 1 for the rows whose token routes, inside the graph. The branch that runs the layer
         only reads the cache (its new key and value join the attention directly); the cache
         writes happen after it."""
-        if self.mode == "router":
-            logits_B1 = layer.router(x_B1D)
-            route_B = logits_B1[:, 0] > layer.router.causal_threshold(layer.capacity)
-        else:
-            route_B = layer.predictor(x_B1D)[:, 0] > 0.0  # type: ignore[misc]
+        route_B, logits_B1 = layer.decide_one(x_B1D, self.mode)  # type: ignore[arg-type]
+        if logits_B1 is None:                       # mode "predictor": score every row here
             logits_B1 = layer.router(x_B1D)
         inner = layer.inner
         slots_S = torch.arange(k_c.shape[2], device=n_B.device)   # this cache's own slots
