@@ -587,13 +587,9 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     """Run (or plan) a named experiment; print its report."""
     from modlm import experiments
-    from modlm.experiment import (
-        ExperimentInterrupted,
-        Options,
-        plan_experiment,
-        plan_table,
-        run_experiment,
-    )
+    from modlm.experiments.plan import plan_experiment, plan_table
+    from modlm.experiments.runner import ExperimentInterrupted, run_experiment
+    from modlm.experiments.spec import Options
     exp = experiments.get(args.name)
     options = Options(out=args.out, budget_scale=args.budget_scale,
                       eval_windows=args.eval_windows, threads=args.threads,
