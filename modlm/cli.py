@@ -529,6 +529,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     from modlm.config import RoutingConfig
     from modlm.corpus import load_pydoc_text
     from modlm.hf import retrofit as rf
+    from modlm.hf.closeness import measure_closeness
     from modlm.tokenizer import PretrainedTokenizer, build_tokenizer, has_hf_tokenizer
 
     routing_cfg = apply_overrides(RoutingConfig(), _parse_overrides(args.overrides))
@@ -555,7 +556,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
         model = rf.retrofit(copy.deepcopy(original),
                             dataclasses.replace(routing_cfg, capacity=capacity),
                             identity_init=args.identity_init)
-        c = rf.measure_closeness(model, ids_BT1)
+        c = measure_closeness(model, ids_BT1)
         layers = ",".join(map(str, model.cfg.routed_layers)) or "none"
         print(f"{capacity:8g} {layers:>14s} {c.max_abs_logit_diff:12.3g} "
               f"{c.mean_abs_logit_diff:13.3g} {c.loss_original:13.4f} {c.loss_retrofit:13.4f} "
