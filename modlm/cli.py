@@ -56,8 +56,8 @@ def _describe(cfg: ModelConfig) -> str:
     if cfg.moe_layers:
         m = cfg.moe
         noop = f" + {m.noop_experts} no-op" if m.noop_experts else ""
-        cap = "no capacity limit" if m.capacity_factor is None else \
-            f"capacity factor {m.capacity_factor:g}"
+        cap = "no expert slot limit" if m.capacity_factor is None else \
+            f"expert slots {m.capacity_factor:g}x a balanced share"
         parts.append(f"MoE: {m.experts}{noop} experts, top-{m.top_k}, {cap}, blocks "
                      f"{','.join(map(str, cfg.moe_layers))}")
     return "; ".join(parts) or "dense"
