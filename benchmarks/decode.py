@@ -78,7 +78,7 @@ def step_profile(engine: Engine, prompts: list[list[int]],
     """Milliseconds per decode step by kind (under the profiler, which adds its own overhead):
     matrix products and attention kernels, the other torch ops, and the rest (Python, dispatch,
     the engine's bookkeeping)."""
-    state, logits = engine.prefill(prompts, capacity=len(prompts[0]) + steps + 8)
+    state, logits = engine.prefill(prompts, max_tokens=len(prompts[0]) + steps + 8)
     tok = logits.argmax(-1)
     for _ in range(4):
         tok = engine.decode_step(state, tok).argmax(-1)

@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modlm.config import RoutingConfig  # noqa: E402
 from modlm.corpus import load_pydoc_text  # noqa: E402
-from modlm.hf.retrofit import measure_closeness, retrofit  # noqa: E402
+from modlm.hf.closeness import measure_closeness  # noqa: E402
+from modlm.hf.retrofit import retrofit  # noqa: E402
 
 
 def build(kind: str, args: argparse.Namespace) -> torch.nn.Module:

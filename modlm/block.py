@@ -80,25 +80,25 @@ class DecoderLayer(Protocol):
         ...
 
     def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
-                   enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+                   drop_overflow: bool = True) -> tuple[Tensor, MoERouting | None]:
         """The MLP sublayer's update of the residual stream h (its norm included)."""
         ...
 
 
 def finish(layer: DecoderLayer, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor | None = None,
-           enforce_capacity: bool = True, mlp: bool = True) -> tuple[Tensor, MoERouting | None]:
+           drop_overflow: bool = True, mlp: bool = True) -> tuple[Tensor, MoERouting | None]:
     """f(x) given the attention heads' output: the update (never the residual itself), with the
     MLP sublayer, or without it (`mlp=False`: the attention update alone, for routing that skips
     attention only)."""
     attn_BKD = layer.attn_out(y_BHKd)
     if not mlp:
         return attn_BKD, None
-    mlp_BKD, moe = layer.mlp_update(x_BKD + attn_BKD, valid_BK, enforce_capacity)
+    mlp_BKD, moe = layer.mlp_update(x_BKD + attn_BKD, valid_BK, drop_overflow)
     return attn_BKD + mlp_BKD, moe
 
 
 def causal_update(layer: DecoderLayer, x_BKD: Tensor, pe: PositionEncoding,
-                  valid_BK: Tensor | None = None, enforce_capacity: bool = True,
+                  valid_BK: Tensor | None = None, drop_overflow: bool = True,
                   mlp: bool = True) -> tuple[Tensor, MoERouting | None, tuple[Tensor, Tensor]]:
     """f(x) for tokens in time order attending causally among themselves: (update, MoE
     statistics, (keys, values)). The keys and values are what a KV cache stores. mlp=False:
@@ -107,7 +107,7 @@ def causal_update(layer: DecoderLayer, x_BKD: Tensor, pe: PositionEncoding,
     # The K axis is in time order, so is_causal masks by original position.
     y_BHKd = attend(q_BKHd.transpose(1, 2), k_BKGd.transpose(1, 2), v_BKGd.transpose(1, 2),
                     scale=layer.attn_scale, is_causal=True, dropout_p=layer.attention_dropout())
-    delta_BKD, moe = finish(layer, x_BKD, y_BHKd, valid_BK, enforce_capacity, mlp)
+    delta_BKD, moe = finish(layer, x_BKD, y_BHKd, valid_BK, drop_overflow, mlp)
     return delta_BKD, moe, (k_BKGd, v_BKGd)
 
 
@@ -136,27 +136,27 @@ class Block(nn.Module):
         return 0.0
 
     def update(self, x_BKD: Tensor, rot: Tensor, valid_BK: Tensor | None = None,
-               enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+               drop_overflow: bool = True) -> tuple[Tensor, MoERouting | None]:
         """f(x) for the given tokens; `rot` is the rotary table at their true positions.
 
         valid_BK marks real tokens when rows are padded (an MoE MLP ignores the others);
-        enforce_capacity applies an MoE MLP's expert capacity (training, `topk` mode).
+        drop_overflow: an MoE MLP drops what overflows an expert's slots (training, `topk` mode).
         """
-        return causal_update(self, x_BKD, rot, valid_BK, enforce_capacity)[:2]
+        return causal_update(self, x_BKD, rot, valid_BK, drop_overflow)[:2]
 
     def attn_out(self, y_BHKd: Tensor) -> Tensor:
         return self.attn.merge(y_BHKd)
 
     def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
-                   enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+                   drop_overflow: bool = True) -> tuple[Tensor, MoERouting | None]:
         if isinstance(self.mlp, MoE):
-            return self.mlp(self.mlp_norm(h_BKD), valid_BK, enforce_capacity)
+            return self.mlp(self.mlp_norm(h_BKD), valid_BK, drop_overflow)
         return self.mlp(self.mlp_norm(h_BKD)), None
 
     def forward(self, x_BTD: Tensor, rotary: Rotary,
                 mode: RoutingMode = "topk") -> tuple[Tensor, MoERouting | None]:
         rot_TR = rotary(torch.arange(x_BTD.shape[1], device=x_BTD.device))
-        delta_BTD, moe = self.update(x_BTD, rot_TR, enforce_capacity=mode == "topk")
+        delta_BTD, moe = self.update(x_BTD, rot_TR, drop_overflow=mode == "topk")
         return x_BTD + delta_BTD, moe
 
 
@@ -284,29 +284,29 @@ class RoutedLayer(nn.Module):
         def compute(x_NKD: Tensor) -> tuple[Tensor, MoERouting | None]:
             pos_NK = sel.gather(pos_BT)                                   # true positions
             return self.update(x_NKD, rotary(pos_NK), pos_NK, sel.valid_NK,
-                               enforce_capacity=mode == "topk")
+                               drop_overflow=mode == "topk")
 
         out_BTD, moe = routing.routed_update(
             x_BTD, sel, self.router_weights(sel.gather(logits_BT)), compute)
-        out_BTD, dense_moe = self.unrouted_mlp(out_BTD, valid_BT, enforce_capacity=mode == "topk")
+        out_BTD, dense_moe = self.unrouted_mlp(out_BTD, valid_BT, drop_overflow=mode == "topk")
         return out_BTD, self._stats(k, logits_BT, pred_BT, topk_BT, mask_BT, valid_BT,
                                     moe or dense_moe)
 
     def update(self, x_NKD: Tensor, pe: PositionEncoding, pos_NK: Tensor,
-               valid_NK: Tensor | None, enforce_capacity: bool) -> tuple[Tensor, MoERouting | None]:
+               valid_NK: Tensor | None, drop_overflow: bool) -> tuple[Tensor, MoERouting | None]:
         """f of the full-sequence forward on the gathered tokens (time order, true positions):
         the inner layer's causal update (its attention update alone when only attention is
         routed)."""
-        return causal_update(self.inner, x_NKD, pe, valid_NK, enforce_capacity,
+        return causal_update(self.inner, x_NKD, pe, valid_NK, drop_overflow,
                              mlp=not self.attention_only)[:2]
 
     def unrouted_mlp(self, x_BTD: Tensor, valid_BT: Tensor | None = None,
-                     enforce_capacity: bool = True) -> tuple[Tensor, MoERouting | None]:
+                     drop_overflow: bool = True) -> tuple[Tensor, MoERouting | None]:
         """After the routed update: with `skip = "attention"` the MLP sublayer on every token
         (skipped tokens skip attention only); otherwise nothing."""
         if not self.attention_only:
             return x_BTD, None
-        mlp_BTD, moe = self.inner.mlp_update(x_BTD, valid_BT, enforce_capacity)
+        mlp_BTD, moe = self.inner.mlp_update(x_BTD, valid_BT, drop_overflow)
         return x_BTD + mlp_BTD, moe
 
     def _stats(self, k: int, logits_BT: Tensor, pred_BT: Tensor | None, topk_BT: Tensor,

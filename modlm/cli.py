@@ -56,8 +56,8 @@ def _describe(cfg: ModelConfig) -> str:
     if cfg.moe_layers:
         m = cfg.moe
         noop = f" + {m.noop_experts} no-op" if m.noop_experts else ""
-        cap = "no capacity limit" if m.capacity_factor is None else \
-            f"capacity factor {m.capacity_factor:g}"
+        cap = "no expert slot limit" if m.capacity_factor is None else \
+            f"expert slots {m.capacity_factor:g}x a balanced share"
         parts.append(f"MoE: {m.experts}{noop} experts, top-{m.top_k}, {cap}, blocks "
                      f"{','.join(map(str, cfg.moe_layers))}")
     return "; ".join(parts) or "dense"
@@ -529,6 +529,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     from modlm.config import RoutingConfig
     from modlm.corpus import load_pydoc_text
     from modlm.hf import retrofit as rf
+    from modlm.hf.closeness import measure_closeness
     from modlm.tokenizer import PretrainedTokenizer, build_tokenizer, has_hf_tokenizer
 
     routing_cfg = apply_overrides(RoutingConfig(), _parse_overrides(args.overrides))
@@ -555,7 +556,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
         model = rf.retrofit(copy.deepcopy(original),
                             dataclasses.replace(routing_cfg, capacity=capacity),
                             identity_init=args.identity_init)
-        c = rf.measure_closeness(model, ids_BT1)
+        c = measure_closeness(model, ids_BT1)
         layers = ",".join(map(str, model.cfg.routed_layers)) or "none"
         print(f"{capacity:8g} {layers:>14s} {c.max_abs_logit_diff:12.3g} "
               f"{c.mean_abs_logit_diff:13.3g} {c.loss_original:13.4f} {c.loss_retrofit:13.4f} "
@@ -587,13 +588,9 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     """Run (or plan) a named experiment; print its report."""
     from modlm import experiments
-    from modlm.experiment import (
-        ExperimentInterrupted,
-        Options,
-        plan_experiment,
-        plan_table,
-        run_experiment,
-    )
+    from modlm.experiments.plan import plan_experiment, plan_table
+    from modlm.experiments.runner import ExperimentInterrupted, run_experiment
+    from modlm.experiments.spec import Options
     exp = experiments.get(args.name)
     options = Options(out=args.out, budget_scale=args.budget_scale,
                       eval_windows=args.eval_windows, threads=args.threads,

@@ -179,9 +179,10 @@ class MoEConfig:
     noop_experts:  extra router choices whose update is zero (integrated MoDE): about
                    experts / (experts + noop_experts) of the MLP compute is spent.
     top_k:         token-choice routing to 1 or 2 choices.
-    capacity_factor: per-sequence slots per real expert = ceil(factor * tokens * top_k / choices);
-                   overflow tokens get a zero MLP update. Below 1 it is the paper's foil
-                   (reduced-capacity MoE, dropping tokens); null means no limit.
+    capacity_factor: per-sequence slots per real expert = ceil(factor * tokens * top_k / choices)
+                   (`moe.slots_per_expert`; Switch Transformer's name for the factor, kept so
+                   saved configs load); overflow tokens get a zero MLP update. Below 1 it is the
+                   paper's foil (reduced-capacity MoE, dropping tokens); null means no limit.
     layers:        which blocks get an MoE MLP: "all", "every_other" (blocks 1, 3, ...), "routed"
                    (the MoD-routed blocks), "none", or a list of block indices.
     d_expert:      each expert's hidden width; null means the dense MLP's width.

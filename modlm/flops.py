@@ -22,7 +22,7 @@ Convention (the same as `torch.utils.flop_counter.FlopCounterMode`, which a test
   experts) plus the expert matmuls of the choice slots a real expert computes. That count depends
   on where tokens go, so the FLOP module gives the expectation under balanced routing (what the
   load-balancing loss aims for): each of the A choices receives tokens * top_k / A slots, a real
-  expert computes min(that, its capacity), no-op choices compute nothing. `moe_mlp_flops` gives
+  expert computes min(that, its slots), no-op choices compute nothing. `moe_mlp_flops` gives
   the exact number for measured per-expert counts.
 
 Helpers size a MoD model to a dense model's forward FLOPs (the paper's isoFLOP rule, Sec 4.1:
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from modlm.config import ModelConfig, RoutingConfig
-from modlm.moe import expert_capacity
+from modlm.moe import slots_per_expert
 from modlm.routing import capacity_k
 
 COMPONENTS = ("attention_projections", "attention_scores", "mlp", "router", "predictor",
@@ -80,10 +80,10 @@ def tokens_per_block(cfg: ModelConfig, seq_len: int) -> list[int]:
 
 def expected_expert_tokens(cfg: ModelConfig, tokens: int) -> float:
     """Choice slots the real experts of one MoE layer compute for a group of `tokens` tokens,
-    under balanced routing: experts * min(tokens * top_k / choices, capacity)."""
+    under balanced routing: experts * min(tokens * top_k / choices, slots_per_expert)."""
     m = cfg.moe
     share = tokens * m.top_k / m.choices
-    cap = expert_capacity(tokens, m.top_k, m.choices, m.capacity_factor)
+    cap = slots_per_expert(tokens, m.top_k, m.choices, m.capacity_factor)
     return m.experts * min(share, cap)
 
 

@@ -1,4 +1,5 @@
-"""Mixture-of-experts MLP with token-choice routing, capacity and no-op experts (paper Sec 4.3).
+"""Mixture-of-experts MLP with token-choice routing, a slot limit per expert and no-op
+experts (paper Sec 4.3).
 
 Legend: B groups (one per sequence), K tokens per group, D model width, F expert hidden width,
 E real experts, N no-op experts, A = E + N router choices, S = top_k * K choice slots per group.
@@ -7,16 +8,18 @@ The MoE layer replaces a block's MLP. Three models of the paper's Sec 4.3 / Fig 
 configurations of this one layer (`MoEConfig`), not forks:
 
 - MoE: E SwiGLU experts, a learned router choosing top-1 or top-2 per token (token choice, so
-  each token decides from its own features: causal by construction), an expert capacity with
-  overflow passed through on the residual (its MLP update is zero), the Switch Transformer
-  load-balancing loss and the ST-MoE router z-loss, router maths in float32.
+  each token decides from its own features: causal by construction), a limit on each expert's
+  slots (Switch Transformer's capacity factor, `moe.capacity_factor`) with overflow passed
+  through on the residual (its MLP update is zero), the Switch Transformer load-balancing loss
+  and the ST-MoE router z-loss, router maths in float32.
 - Integrated MoDE: the router's choices include N no-op experts; a token sent to one gets a zero
   MLP update (attention is unchanged), so about E / (E + N) of the MLP compute is spent.
-- The paper's foil: plain MoE with a reduced capacity factor, so overflow tokens are dropped.
+- The paper's foil ("reduced capacity" MoE): plain MoE with a capacity factor below 1, so fewer
+  slots per expert and overflow tokens dropped.
 - Staged MoDE needs nothing here: an MoD-routed block (modlm/block.py) whose MLP is this layer.
 
 Dispatch is sparse: choices are sorted by expert and each expert runs one matmul chain on exactly
-the tokens sent to it. Capacity is per sequence with time-order priority (all first choices of a
+the tokens sent to it. Slots are per sequence with time-order priority (all first choices of a
 sequence before its second choices, GShard's rule), so whether a token overflows depends only on
 earlier tokens of its own sequence: never on later tokens, never on other rows of the batch.
 """
@@ -33,16 +36,16 @@ from torch import Tensor, nn
 from modlm.config import ModelConfig
 
 
-def expert_capacity(tokens: int, top_k: int, choices: int, capacity_factor: float | None) -> int:
+def slots_per_expert(tokens: int, top_k: int, choices: int, factor: float | None) -> int:
     """Most choice slots one real expert takes per group: ceil(factor * tokens * top_k / choices).
 
-    Switch Transformer's capacity (tokens per expert = factor x tokens / experts), with every router
-    choice, no-op experts included, in the denominator: a factor of 1 is one balanced share.
-    None means no limit (every choice slot fits).
+    Switch Transformer's expert capacity (tokens per expert = capacity factor x tokens / experts;
+    `moe.capacity_factor`), with every router choice, no-op experts included, in the denominator:
+    a factor of 1 is one balanced share. None means no limit (every choice slot fits).
     """
-    if capacity_factor is None:
+    if factor is None:
         return tokens * top_k
-    return max(1, math.ceil(capacity_factor * tokens * top_k / choices - 1e-9))
+    return max(1, math.ceil(factor * tokens * top_k / choices - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ class Dispatch:
 
     expert_BS: chosen expert (0..A-1; ids >= E are no-ops). gate_BS: its weight in the combined
     output. token_BS: the token (0..K-1) the slot belongs to. rank_BS: how many earlier slots of the
-    group chose the same expert. keep_BS: the slot is computed (a real expert, within capacity,
-    and a valid token).
+    group chose the same expert. keep_BS: the slot is computed (a real expert, within its
+    slots_per_expert, and a valid token).
     """
 
     expert_BS: Tensor
@@ -62,9 +65,10 @@ class Dispatch:
     keep_BS: Tensor
 
 
-def route(logits_BKA: Tensor, top_k: int, n_real: int, capacity: int,
+def route(logits_BKA: Tensor, top_k: int, n_real: int, slots_per_expert: int,
           valid_BK: Tensor | None = None) -> Dispatch:
-    """Token-choice top-k routing with per-group capacity, as pure tensor maths.
+    """Token-choice top-k routing with at most `slots_per_expert` slots per real expert and group,
+    as pure tensor maths.
 
     Gates: the chosen experts' softmax probabilities, renormalised over the top_k choices when
     top_k > 1 (top-1 keeps the raw probability, as Switch does, so the router gets a gradient).
@@ -82,7 +86,7 @@ def route(logits_BKA: Tensor, top_k: int, n_real: int, capacity: int,
                 else valid_BK.repeat(1, top_k))
     onehot_BSA = F.one_hot(expert_BS, A) * valid_BS.unsqueeze(-1)
     rank_BS = (onehot_BSA.cumsum(dim=1) - onehot_BSA).gather(2, expert_BS.unsqueeze(-1))[..., 0]
-    keep_BS = valid_BS & (expert_BS < n_real) & (rank_BS < capacity)
+    keep_BS = valid_BS & (expert_BS < n_real) & (rank_BS < slots_per_expert)
     return Dispatch(expert_BS, gate_BS, token_BS, rank_BS, keep_BS)
 
 
@@ -108,12 +112,12 @@ class MoERouting:
 
     load_A: share of valid choice slots sent to each choice (real experts first, then no-ops).
     computed / dropped / noop: shares of valid choice slots that a real expert computed, that
-    overflowed a real expert's capacity, and that chose a no-op (they sum to 1).
+    overflowed a real expert's slots, and that chose a no-op (they sum to 1).
     expert_tokens_E: tokens each real expert computed.
     """
 
     layer: int
-    capacity: int
+    slots_per_expert: int
     load_A: Tensor
     computed: Tensor
     dropped: Tensor
@@ -131,7 +135,7 @@ class MoE(nn.Module):
         m = cfg.moe
         self.layer = layer
         self.n_real, self.n_noop, self.top_k = m.experts, m.noop_experts, m.top_k
-        self.capacity_factor = m.capacity_factor
+        self.slot_factor = m.capacity_factor     # `moe.capacity_factor` (Switch Transformer's name)
         self.kind = cfg.mlp
         D, F_ = cfg.d_model, cfg.expert_hidden
         n_in = 2 if cfg.mlp == "swiglu" else 1
@@ -148,18 +152,19 @@ class MoE(nn.Module):
         return F.linear(F.gelu(h), self.down[e])
 
     def forward(self, x_BKD: Tensor, valid_BK: Tensor | None = None,
-                enforce_capacity: bool = True) -> tuple[Tensor, MoERouting]:
+                drop_overflow: bool = True) -> tuple[Tensor, MoERouting]:
         """The MLP update of every token (zero for no-op, overflow and invalid tokens).
 
-        enforce_capacity=False (the causal inference modes) computes every real-expert choice.
+        drop_overflow=False (the causal inference modes) computes every real-expert choice: no
+        expert has a slot limit.
         """
         B, K, D = x_BKD.shape
         A = self.n_real + self.n_noop
         with torch.autocast(x_BKD.device.type, enabled=False):
             logits_BKA = F.linear(x_BKD.float(), self.router.weight.float())
-        factor = self.capacity_factor if enforce_capacity else None
-        capacity = expert_capacity(K, self.top_k, A, factor)
-        d = route(logits_BKA, self.top_k, self.n_real, capacity, valid_BK)
+        factor = self.slot_factor if drop_overflow else None
+        per_expert = slots_per_expert(K, self.top_k, A, factor)
+        d = route(logits_BKA, self.top_k, self.n_real, per_expert, valid_BK)
 
         # Sparse dispatch: kept slots sorted by expert; expert e computes its contiguous run only.
         keep_N = d.keep_BS.reshape(-1)
@@ -194,7 +199,7 @@ class MoE(nn.Module):
         noop = (chosen_S >= self.n_real).sum() / slots
         computed = d.keep_BS.sum() / slots
         stats = MoERouting(
-            layer=self.layer, capacity=capacity,
+            layer=self.layer, slots_per_expert=per_expert,
             load_A=torch.bincount(chosen_S, minlength=A).float() / slots,
             computed=computed, dropped=1.0 - computed - noop, noop=noop,
             expert_tokens_E=expert_tokens_E, balance_loss=balance, z_loss=z)

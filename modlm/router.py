@@ -6,6 +6,10 @@ Legend: B batch, T time, D model width, P predictor hidden width.
 - `RandomRouter`: Gaussian scores, the stochastic-routing control of Sec 4.1.
 - `Predictor`: a small MLP that sees the router's input through a stop-gradient and predicts
   whether a token is in the top-k (Sec 3.5, fix 2); its loss reaches no other parameter.
+
+These are the modules with weights (or a random stream) that produce scores; what is done with
+the scores (k from the capacity, top-k in time order, gather, scatter, the routed update) is
+pure maths in routing.py.
 """
 
 from __future__ import annotations

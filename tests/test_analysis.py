@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modlm import analysis
+from modlm.experiments import analysis
 from modlm.model import MoDLM
 from tests.conftest import tiny_config
 

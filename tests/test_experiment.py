@@ -13,25 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from modlm import experiments, flops, plots
+from modlm import experiments, flops
 from modlm import train as train_module
 from modlm.config import ConfigError, ModelConfig
-from modlm.experiment import (
-    MIN_STEPS,
-    Context,
-    Experiment,
-    ExperimentInterrupted,
-    Options,
-    Report,
-    RunResult,
-    headline_mode,
-    interleaved_step_times,
-    markdown_table,
-    plan_experiment,
-    results_table,
-    run_experiment,
-)
-from modlm.experiments import controls, isoflop, sizes
+from modlm.experiments import controls, isoflop, plots, sizes
+from modlm.experiments.plan import interleaved_step_times, plan_experiment
+from modlm.experiments.runner import Context, ExperimentInterrupted, run_experiment
+from modlm.experiments.spec import MIN_STEPS, Experiment, Options, Report, RunResult, headline_mode
+from modlm.experiments.tables import markdown_table, results_table
 from modlm.presets import dense
 
 TINY = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, d_mlp=37, max_seq_len=16)
@@ -567,7 +556,7 @@ def test_run_killed_during_its_final_evaluation_is_evaluated_again(tmp_path, cor
 
 
 def test_a_record_trained_on_several_processors_says_so_in_its_header(tmp_path, corpus):
-    from modlm.experiment import training_machines
+    from modlm.experiments.runner import training_machines
     ctx = Context(isoflop.EXPERIMENT, opts(tmp_path, corpus))
     results = {}
     for i, model in enumerate(["Xeon", "Xeon", "EPYC", None]):

@@ -294,6 +294,24 @@ def test_context_limit_refused_or_truncated():
     assert len(result.tokens[0]) == 8 and len(result.tokens[1]) == 10
 
 
+def test_prefill_max_tokens_bounds_decoding_and_its_old_name_still_works():
+    engine = engine_for("router")
+    state, logits = engine.prefill(PROMPTS, max_tokens=12)   # the longest prompt has 11
+    assert state.max_tokens == 12
+    tok_B = engine.decode_step(state, logits.argmax(-1)).argmax(-1)   # that row reaches 12
+    with pytest.raises(GenerationError, match=r"\(12\); prefill with a larger max_tokens"):
+        engine.decode_step(state, tok_B)
+    with pytest.warns(DeprecationWarning, match=r"prefill\(max_tokens=") as caught:
+        old, old_logits = engine.prefill(PROMPTS, capacity=12)
+    assert caught[0].filename == __file__          # the warning names the caller's line
+    assert old.max_tokens == 12
+    torch.testing.assert_close(old_logits, logits, atol=0, rtol=0)
+    with pytest.warns(DeprecationWarning, match="DecodeState.max_tokens"):
+        assert old.capacity == 12
+    with pytest.raises(GenerationError, match="give max_tokens alone"):
+        engine.prefill(PROMPTS, max_tokens=13, capacity=12)
+
+
 @pytest.mark.parametrize("prompts, match", [
     ([[1, 2], []], "prompt 1 is empty"),
     ([list(range(48))], "prompt 0 has 48 tokens but the model's context is max_seq_len=48"),

@@ -26,13 +26,13 @@ from support import tiny_hf_model  # noqa: E402
 from modlm.checkpoint import latest_checkpoint, load_model  # noqa: E402
 from modlm.config import ConfigError, ModelConfig, RoutingConfig  # noqa: E402
 from modlm.data import DataConfig  # noqa: E402
+from modlm.hf.closeness import measure_closeness  # noqa: E402
 from modlm.hf.retrofit import (  # noqa: E402
     MoDLayer,
     RetrofitConfig,
     RetrofitError,
     from_pretrained,
     load_hf_model,
-    measure_closeness,
     retrofit,
 )
 from modlm.train import TrainConfig, load_run_config, train  # noqa: E402

@@ -32,22 +32,22 @@ def moe_cfg(make_cfg, routing=None, **moe_fields):
 
 # ---- pure routing maths ------------------------------------------------------------------------
 
-def test_expert_capacity_by_hand():
-    assert moe.expert_capacity(16, 1, 4, 1.0) == 4
-    assert moe.expert_capacity(16, 1, 4, 1.25) == 5
-    assert moe.expert_capacity(16, 2, 4, 1.25) == 10          # top-2 doubles the slots
-    assert moe.expert_capacity(16, 1, 8, 0.5) == 1            # no-op choices share the slots
-    assert moe.expert_capacity(3, 1, 4, 0.01) == 1            # at least one slot
-    assert moe.expert_capacity(16, 2, 4, None) == 32          # no limit: every slot fits
+def test_slots_per_expert_by_hand():
+    assert moe.slots_per_expert(16, 1, 4, 1.0) == 4
+    assert moe.slots_per_expert(16, 1, 4, 1.25) == 5
+    assert moe.slots_per_expert(16, 2, 4, 1.25) == 10          # top-2 doubles the slots
+    assert moe.slots_per_expert(16, 1, 8, 0.5) == 1            # no-op choices share the slots
+    assert moe.slots_per_expert(3, 1, 4, 0.01) == 1            # at least one slot
+    assert moe.slots_per_expert(16, 2, 4, None) == 32          # no limit: every slot fits
 
 
-def test_route_priority_capacity_and_gates_by_hand():
-    # One group of 4 tokens, 3 choices (2 real experts + 1 no-op), top-2, capacity 2 per expert.
+def test_route_priority_slots_and_gates_by_hand():
+    # One group of 4 tokens, 3 choices (2 real experts + 1 no-op), top-2, 2 slots per expert.
     logits_BKA = torch.log(torch.tensor([[[0.6, 0.3, 0.1],
                                           [0.5, 0.1, 0.4],
                                           [0.7, 0.2, 0.1],
                                           [0.2, 0.3, 0.5]]]))
-    d = moe.route(logits_BKA, top_k=2, n_real=2, capacity=2)
+    d = moe.route(logits_BKA, top_k=2, n_real=2, slots_per_expert=2)
     # Slots: first choices of tokens 0..3, then their second choices.
     assert d.expert_BS.tolist() == [[0, 0, 0, 2, 1, 2, 1, 1]]
     assert d.token_BS.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
@@ -58,16 +58,16 @@ def test_route_priority_capacity_and_gates_by_hand():
     torch.testing.assert_close(d.gate_BS[0, [0, 4]], torch.tensor([0.6, 0.3]) / 0.9)
     torch.testing.assert_close(d.gate_BS.view(2, 4).sum(0), torch.ones(4))
 
-    # Padding tokens take no slot and never push a real token over capacity: with token 0
+    # Padding tokens take no slot and never push a real token past its slots: with token 0
     # padding, token 2 fits expert 0 and token 3's second choice fits expert 1.
     valid_BK = torch.tensor([[False, True, True, True]])
-    d = moe.route(logits_BKA, top_k=2, n_real=2, capacity=2, valid_BK=valid_BK)
+    d = moe.route(logits_BKA, top_k=2, n_real=2, slots_per_expert=2, valid_BK=valid_BK)
     assert d.keep_BS.tolist() == [[False, True, True, False, False, False, True, True]]
 
 
 def test_top1_gate_is_the_raw_probability():
     logits_BKA = torch.randn(2, 5, 4)
-    d = moe.route(logits_BKA, top_k=1, n_real=4, capacity=99)
+    d = moe.route(logits_BKA, top_k=1, n_real=4, slots_per_expert=99)
     probs = torch.softmax(logits_BKA, -1)
     torch.testing.assert_close(d.gate_BS, probs.amax(-1))
     assert d.keep_BS.all()
@@ -117,7 +117,7 @@ def test_each_expert_computes_only_its_tokens(make_cfg, monkeypatch, top_k, noop
     out_BKD, stats = layer(x_BKD)
     with torch.no_grad():
         logits = x_BKD @ layer.router.weight.T
-    cap = moe.expert_capacity(x_BKD.shape[1], top_k, E + noop, factor)
+    cap = moe.slots_per_expert(x_BKD.shape[1], top_k, E + noop, factor)
     d = moe.route(logits, top_k, E, cap)
     for e in range(E):
         want = [x_BKD[b, d.token_BS[b, s]] for b, s in
@@ -130,7 +130,7 @@ def test_each_expert_computes_only_its_tokens(make_cfg, monkeypatch, top_k, noop
             w = torch.stack(want)
             assert torch.equal(got[key(got)], w[key(w)])
     assert sum(v.shape[0] for v in seen.values()) == int(d.keep_BS.sum())
-    if noop or (factor is not None and factor < 1):  # no-ops or a tight capacity skip slots
+    if noop or (factor is not None and factor < 1):  # no-ops or a tight slot limit skip slots
         assert int(d.keep_BS.sum()) < d.keep_BS.numel()
     torch.testing.assert_close(stats.computed + stats.dropped + stats.noop, torch.tensor(1.0))
     assert float(stats.load_A.sum()) == pytest.approx(1.0)
@@ -140,7 +140,7 @@ def test_dropped_and_noop_tokens_get_exactly_zero_update(make_cfg):
     layer, x_BKD = layer_and_input(make_cfg, noop_experts=2, capacity_factor=0.5, K=21)
     out_BKD, stats = layer(x_BKD)
     logits = x_BKD @ layer.router.weight.T
-    d = moe.route(logits, 1, E, stats.capacity)
+    d = moe.route(logits, 1, E, stats.slots_per_expert)
     kept_BK = d.keep_BS  # top-1: slot s is token s
     noop_BK = d.expert_BS >= E
     dropped_BK = ~kept_BK & ~noop_BK
@@ -165,7 +165,7 @@ def test_block_passes_dropped_tokens_through_on_the_residual(make_cfg):
     out_BTD, stats = block(x_BTD, rotary)
     attn_only_BTD, _ = dense_twin(x_BTD, rotary)
     h = block.mlp_norm(attn_only_BTD)
-    d = moe.route(h @ block.mlp.router.weight.T, 1, E, stats.capacity)
+    d = moe.route(h @ block.mlp.router.weight.T, 1, E, stats.slots_per_expert)
     skipped_BT = ~d.keep_BS
     assert skipped_BT.any() and not skipped_BT.all()
     assert torch.equal(out_BTD[skipped_BT], attn_only_BTD[skipped_BT])
@@ -270,7 +270,7 @@ def test_changing_future_tokens_leaves_past_logits_unchanged(make_cfg, kind):
     b = a.clone()
     b[:, 15:] = torch.randint(0, 99, (2, 9), generator=g)
     modes = ["router", "predictor"] if kind == "staged" else ["router", "topk"]
-    for mode in modes:  # MoE capacity is per sequence in time order: causal even in training
+    for mode in modes:  # MoE slots are per sequence in time order: causal even in training
         with torch.no_grad():
             la, lb = model(a, mode=mode).logits_BTV, model(b, mode=mode).logits_BTV
         torch.testing.assert_close(la[:, :15], lb[:, :15], rtol=0, atol=1e-6)
@@ -324,7 +324,7 @@ def test_forward_flops_match_counter_given_the_measured_loads(make_cfg, kind):
     assert f.moe_router == sum(2 * k * cfg.d_model * cfg.moe.choices for k in n)
 
 
-def test_forward_flops_exact_when_every_expert_fills_its_capacity(make_cfg):
+def test_forward_flops_exact_when_every_expert_fills_its_slots(make_cfg):
     cfg = make_cfg(routing=dict(router="none"), moe=dict(experts=2, capacity_factor=0.2))
     model = MoDLM(cfg).eval()
     idx = torch.randint(0, 99, (1, 30))
@@ -394,12 +394,12 @@ def test_evaluation_reports_moe_shares_in_both_forwards(make_cfg):
     res = evaluate(model, ids, n_bytes=400, seq_len=24, batch_size=4, max_batches=2)
     train_fwd, infer_fwd = res["topk"].moe, res["router"].moe
     assert [m.layer for m in train_fwd] == list(model.cfg.moe_layers)
-    assert all(m.dropped > 0 for m in train_fwd)           # capacity applies when training
+    assert all(m.dropped > 0 for m in train_fwd)           # slot limits apply when training
     assert all(m.dropped == 0 and m.computed == 1 for m in infer_fwd)  # not at inference
     assert res["topk"].loss != res["router"].loss
 
 
-def test_one_expert_without_capacity_is_the_dense_mlp(make_cfg):
+def test_one_expert_without_a_slot_limit_is_the_dense_mlp(make_cfg):
     """A single expert gets gate softmax([r]) = 1 and every token: the dense MLP exactly."""
     cfg = make_cfg(routing=dict(router="none"), moe=dict(experts=1, capacity_factor=None))
     dense_cfg = dataclasses.replace(cfg, moe=MoEConfig())

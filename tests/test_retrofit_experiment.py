@@ -14,8 +14,9 @@ tokenizers = pytest.importorskip("tokenizers", reason="the tiny source's BPE nee
 
 from safetensors.torch import load_file  # noqa: E402
 
-from modlm.experiment import Options, run_experiment  # noqa: E402
 from modlm.experiments import retrofit as exp  # noqa: E402
+from modlm.experiments.runner import run_experiment  # noqa: E402
+from modlm.experiments.spec import Options  # noqa: E402
 
 pytestmark = pytest.mark.slow   # trains seven tiny runs and times 12 models (about a minute)
 

@@ -485,7 +485,8 @@ def test_the_random_control_trains_everything_and_refuses_routing_only(tuning_ru
 
 
 def test_a_retrofit_plan_counts_and_times_the_source_model_not_the_placeholder(tuning_run):
-    from modlm.experiment import PlannedRun, RunSpec, _time_steps, plan_table
+    from modlm.experiments.plan import PlannedRun, _time_steps, plan_table
+    from modlm.experiments.spec import RunSpec
     from modlm.flops import param_count
     make, folder = tuning_run
     cfg = make("planned", train="routing")

@@ -16,11 +16,23 @@
 - retrofit: a pretrained model (SmolLM2-135M) retrofitted and router-tuned: held-out loss
             against measured decode speed-up, learned routing beside the random control.
 
-Each module defines `EXPERIMENT` (a `modlm.experiment.Experiment`); modules are imported only
+What they share (imported by them, never by the model):
+
+- spec.py:     what an experiment is: `RunSpec`, `RunResult`, `Options`, `Experiment`, `Report`.
+- runner.py:   `Context` (what stages and reports use) and the resumable runner, which trains
+               through `modlm.train` and writes the record folder.
+- plan.py:     `--plan` (every run with its steps, FLOPs and a measured step time) and
+               interleaved step timing of trained runs' models.
+- tables.py:   markdown tables and number formatting.
+- analysis.py: routing analysis (paper Fig 1 and 5): blocks used per token, prediction entropy.
+- plots.py:    the figures (optional matplotlib).
+- sizes.py:    the model sizes the experiments train (dense ladder, isoFLOP MoD twins).
+
+Each experiment module defines `EXPERIMENT` (a `spec.Experiment`); modules are imported only
 when asked for. Adding an experiment: a module here whose stages return `ctx.spec(...)` runs (any
 ModelConfig or preset, training overrides, seed, family) and whose report builds tables
-(`experiment.results_table`, `markdown_table`) and figures (`modlm.plots`, e.g.
-`scatter_families` for loss against forward FLOPs), plus its name in NAMES.
+(`tables.results_table`, `markdown_table`) and figures (`plots`, e.g. `scatter_families` for loss
+against forward FLOPs), plus its name in NAMES.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ NAMES = ("demo", "isoflop", "controls", "causal", "routing", "speed", "mode", "r
 
 
 def get(name: str):
-    """The experiment called `name` (a `modlm.experiment.Experiment`)."""
+    """The experiment called `name` (a `modlm.experiments.spec.Experiment`)."""
     if name not in NAMES:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(NAMES)}")
     return importlib.import_module(f"modlm.experiments.{name}").EXPERIMENT

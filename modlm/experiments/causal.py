@@ -16,17 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from modlm.experiment import (
-    Context,
-    Experiment,
-    Report,
-    RunResult,
-    RunSpec,
-    fmt,
-    markdown_table,
-    metrics,
-)
 from modlm.experiments import sizes
+from modlm.experiments.runner import Context, metrics
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import fmt, markdown_table
 
 BUDGET = 3e13
 DENSE_RUNG = (128, 6, 4)
@@ -41,7 +34,7 @@ def stage(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
 
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
-    from modlm import plots
+    from modlm.experiments import plots
     (run,) = results.values()
     records = metrics(run, ctx.root)
     evals = [r for r in records if "eval" in r]

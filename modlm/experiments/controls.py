@@ -23,16 +23,10 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from modlm.experiment import (
-    Context,
-    Experiment,
-    Report,
-    RunResult,
-    RunSpec,
-    fmt,
-    markdown_table,
-)
 from modlm.experiments import sizes
+from modlm.experiments.runner import Context
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import fmt, markdown_table
 
 BUDGET = 1e13
 DENSE_RUNG = (128, 4, 4)
@@ -72,7 +66,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
-    from modlm import plots
+    from modlm.experiments import plots
     by_variant: dict[str, list[RunResult]] = {}
     for r in results.values():
         by_variant.setdefault(r.tags["variant"], []).append(r)

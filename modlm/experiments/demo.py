@@ -16,19 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from modlm.experiment import (
-    Context,
-    Experiment,
-    Report,
-    RunResult,
-    RunSpec,
-    fmt,
-    interleaved_step_times,
-    markdown_table,
-    ms,
-    results_table,
-)
 from modlm.experiments import sizes
+from modlm.experiments.plan import interleaved_step_times
+from modlm.experiments.runner import Context
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import fmt, markdown_table, ms, results_table
 
 # Deviation: 3e13 while the job trained two models; 2.4e13 keeps three within about 15 minutes.
 BUDGET = 2.4e13
@@ -53,7 +45,7 @@ def extras(ctx: Context, results: dict[str, RunResult]) -> dict[str, Any]:
     held-out window."""
     import torch
 
-    from modlm.analysis import collect_routing
+    from modlm.experiments.analysis import collect_routing
     from modlm.generate import Engine
     out: dict[str, Any] = {"samples": {}}
     for name in ("mod", "random", "dense"):
@@ -76,7 +68,7 @@ def extras(ctx: Context, results: dict[str, RunResult]) -> dict[str, Any]:
 
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
-    from modlm import plots
+    from modlm.experiments import plots
     mod, dense = results["mod"], results["dense"]
     ex = ctx.cached("demo_extras", lambda: extras(ctx, results))
     h = ex["heatmap"]

@@ -31,17 +31,11 @@ import math
 import statistics
 from typing import Any
 
-from modlm.experiment import (
-    Context,
-    Experiment,
-    Report,
-    RunResult,
-    RunSpec,
-    interleaved_step_times,
-    markdown_table,
-    results_table,
-)
 from modlm.experiments import sizes
+from modlm.experiments.plan import interleaved_step_times
+from modlm.experiments.runner import Context
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import markdown_table, results_table
 
 # Deviation: the paper's budgets are 6e18, 2e19 and 1e20 FLOPs (Sec 4.1); these fit 2 CPU cores.
 BUDGETS = (2e12, 6e12, 2e13)
@@ -130,7 +124,7 @@ def step_times(results: dict[str, RunResult]) -> dict[str, dict[str, float]]:
 
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
-    from modlm import plots
+    from modlm.experiments import plots
     times = ctx.cached("step_times", lambda: step_times(results))
     md: list[str] = []
     summary: dict[str, Any] = {"budgets": {}}

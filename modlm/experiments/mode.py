@@ -25,16 +25,10 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from modlm.experiment import (
-    Context,
-    Experiment,
-    Report,
-    RunResult,
-    RunSpec,
-    fmt,
-    interleaved_step_times,
-    markdown_table,
-)
+from modlm.experiments.plan import interleaved_step_times
+from modlm.experiments.runner import Context
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import fmt, markdown_table
 
 BUDGET = 3e13
 BASE = "small"
@@ -60,7 +54,7 @@ def _shares(r: RunResult, mode: str) -> dict[str, float] | None:
 
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
-    from modlm import plots
+    from modlm.experiments import plots
     times = ctx.cached("step_times", lambda: interleaved_step_times(results, STEP_REPEATS))
     dense = results["dense"]
     rows, summary = [], {}

@@ -46,16 +46,9 @@ from modlm.config import (
     TrainConfig,
     apply_overrides,
 )
-from modlm.experiment import (
-    Context,
-    Experiment,
-    Report,
-    RunResult,
-    RunSpec,
-    evaluate_splits,
-    fmt,
-    markdown_table,
-)
+from modlm.experiments.runner import Context, evaluate_splits
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import fmt, markdown_table
 
 SOURCE = "smollm2-135m"
 CAPACITIES = (0.5, 0.75, 0.9)
@@ -394,7 +387,7 @@ def _lm_eval_section(ctx: Context, results: dict[str, RunResult]
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
     from modlm import flops as flop_count
-    from modlm import plots
+    from modlm.experiments import plots
     t_start = time.perf_counter()
     none = routing(1.0, "block", "every_other", "none")
     base_eval = untuned_eval(ctx, "original", none)["eval"]

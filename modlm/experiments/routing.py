@@ -19,16 +19,10 @@ import dataclasses
 from typing import Any
 
 from modlm.config import ModelConfig
-from modlm.experiment import (
-    Context,
-    Experiment,
-    Report,
-    RunResult,
-    RunSpec,
-    fmt,
-    markdown_table,
-)
 from modlm.experiments import sizes
+from modlm.experiments.runner import Context
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import fmt, markdown_table
 
 BUDGET = 3e13
 WIDTH, DEPTH, HEADS = 128, 12, 4
@@ -50,8 +44,8 @@ def stage(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
 
 def analyse(ctx: Context, run: RunResult) -> dict[str, Any]:
     """Routing records of the trained model on held-out windows, summarised (JSON)."""
-    from modlm import analysis
     from modlm.data import eval_batches, split_windows
+    from modlm.experiments import analysis
     net, tokenizer = ctx.load_model(run)
     data = ctx.data()
     n_windows = min(ANALYSIS_WINDOWS, ctx.windows)
@@ -71,7 +65,7 @@ def analyse(ctx: Context, run: RunResult) -> dict[str, Any]:
 
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
-    from modlm import plots
+    from modlm.experiments import plots
     (run,) = results.values()
     a = ctx.cached("routing_analysis", lambda: analyse(ctx, run))
     layers = a["topk"]["layers"]

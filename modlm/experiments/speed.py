@@ -25,8 +25,10 @@ from typing import Any
 
 from modlm import flops
 from modlm.config import ModelConfig
-from modlm.experiment import Context, Experiment, Report, RunResult, RunSpec, markdown_table
 from modlm.experiments import sizes
+from modlm.experiments.runner import Context
+from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
+from modlm.experiments.tables import markdown_table
 from modlm.presets import dense
 
 TRAIN_STEPS = 200

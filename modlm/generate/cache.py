@@ -14,6 +14,7 @@ cache rows and counts what they held.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -131,7 +132,7 @@ class LayerCache:
     def _grow(self, need: int) -> None:
         if need > self.limit:
             raise GenerationError(f"a row needs {need} cache slots but the cache was built for "
-                                  f"{self.limit}; pass a larger capacity to prefill")
+                                  f"{self.limit}; pass a larger max_tokens to prefill")
         slots = min(self.limit, max(need, 2 * self.slots))
         B, H, C, Dh = self.k_BHCd.shape
         k = self.k_BHCd.new_zeros(B, H, slots, Dh)
@@ -154,7 +155,9 @@ class DecodeState:
 
     rows: original (prompt) index of each live row. positions: tokens each live row has fed
     through the model so far (= the position the next token takes), on the host; `pos_B` is the
-    same on the device. caches: one per block.
+    same on the device. caches: one per block. max_tokens: the most tokens a row may feed
+    (`Engine.prefill`; `capacity` is its old name, still readable and settable with a
+    DeprecationWarning).
     routed_tokens / seen_tokens: per block, tokens routed into it and tokens that reached it,
     summed over prefill and decode and over all rows (including rows that have since left).
     retired_entries: per block, cache entries of rows that have left the batch.
@@ -163,10 +166,22 @@ class DecodeState:
     rows: list[int]
     positions: np.ndarray
     caches: list[LayerCache]
-    capacity: int
+    max_tokens: int
     routed_tokens: list[int]
     seen_tokens: list[int]
     retired_entries: list[int]
+
+    @property
+    def capacity(self) -> int:
+        warnings.warn("DecodeState.capacity is now DecodeState.max_tokens", DeprecationWarning,
+                      stacklevel=2)
+        return self.max_tokens
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        warnings.warn("DecodeState.capacity is now DecodeState.max_tokens", DeprecationWarning,
+                      stacklevel=2)
+        self.max_tokens = value
 
     @property
     def batch_size(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -193,22 +194,32 @@ class Engine:
     # ---- prefill and decode --------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], *, capacity: int | None = None,
-                all_logits: bool = False) -> tuple[DecodeState, Tensor]:
+    def prefill(self, prompts: Sequence[Sequence[int]], *, max_tokens: int | None = None,
+                all_logits: bool = False, capacity: int | None = None
+                ) -> tuple[DecodeState, Tensor]:
         """Run the prompts through the model and fill the caches.
 
-        capacity: the most tokens any row will feed through the model (prompt + decoded), at most
-        the context (the default). Returns the state and the logits of each row's last prompt
-        token (B, V), or with all_logits the logits of every position (B, T, V), right-padded
-        (positions past a row's prompt are meaningless).
+        max_tokens: the most tokens any row will feed through the model (prompt + decoded), at
+        most the context (the default). Returns the state and the logits of each row's last
+        prompt token (B, V), or with all_logits the logits of every position (B, T, V),
+        right-padded (positions past a row's prompt are meaningless). `capacity` is max_tokens's
+        old name, still accepted with a DeprecationWarning (in modlm capacity is the routed
+        fraction).
         """
+        if capacity is not None:
+            if max_tokens is not None and max_tokens != capacity:
+                raise GenerationError(f"prefill got max_tokens={max_tokens} and its old name "
+                                      f"capacity={capacity}; give max_tokens alone")
+            warnings.warn("Engine.prefill(capacity=...) is now Engine.prefill(max_tokens=...)",
+                          DeprecationWarning, stacklevel=3)   # 3: past inference_mode's wrapper
+            max_tokens = capacity
         ids = self._check_prompts(prompts)
         L = self.context
-        capacity = L if capacity is None else capacity
+        max_tokens = L if max_tokens is None else max_tokens
         lengths = [len(p) for p in ids]
-        if not max(lengths) <= capacity <= L:
-            raise GenerationError(f"capacity must be in {max(lengths)}..{L} (longest prompt.."
-                                  f"context), got {capacity}")
+        if not max(lengths) <= max_tokens <= L:
+            raise GenerationError(f"max_tokens must be in {max(lengths)}..{L} (longest prompt.."
+                                  f"context), got {max_tokens}")
         B, T, dev = len(ids), max(lengths), self.device
         idx_BT = torch.zeros(B, T, dtype=torch.long, device=dev)
         for b, p in enumerate(ids):
@@ -224,11 +235,11 @@ class Engine:
         for layer in self.layers:
             if isinstance(layer, RoutedLayer):
                 x_BTD, cache, n_routed = self._prefill_routed(layer, x_BTD, pos_BT, valid_BT,
-                                                              capacity)
+                                                              max_tokens)
             else:
-                cache = _empty_cache(layer, B, capacity, capacity, False, dev)
+                cache = _empty_cache(layer, B, max_tokens, max_tokens, False, dev)
                 delta_BTD, _, (k, v) = causal_update(layer, x_BTD, pe, valid_BT,
-                                                     enforce_capacity=False)
+                                                     drop_overflow=False)
                 x_BTD = x_BTD + delta_BTD
                 # Padding slots are written too but lie past n_B, so attention never sees them.
                 cache.fill(k, v, pos_BT, len_B)
@@ -243,17 +254,17 @@ class Engine:
             logits = self.model.head(x_BTD[torch.arange(B, device=dev), len_B - 1])
         state = DecodeState(rows=list(range(B)), positions=np.array(lengths, dtype=np.int64),
                             caches=caches,
-                            capacity=capacity, routed_tokens=routed_tokens,
+                            max_tokens=max_tokens, routed_tokens=routed_tokens,
                             seen_tokens=seen_tokens, retired_entries=[0] * len(caches))
         return state, logits
 
     def _prefill_routed(self, layer: RoutedLayer, x_BTD: Tensor, pos_BT: Tensor,
-                        valid_BT: Tensor, capacity: int) -> tuple[Tensor, LayerCache, int]:
+                        valid_BT: Tensor, max_tokens: int) -> tuple[Tensor, LayerCache, int]:
         logits_BT, _, mask_BT = layer.causal_decision(x_BTD, self.mode)
         sel = routing.Selection.from_mask(mask_BT & valid_BT)   # padding is never routed
         n_B = sel.valid_NK.sum(dim=1)
         cache = _empty_cache(layer.inner, x_BTD.shape[0],
-                             min(capacity, sel.idx_NK.shape[1] + _ROUTED_HEADROOM), capacity,
+                             min(max_tokens, sel.idx_NK.shape[1] + _ROUTED_HEADROOM), max_tokens,
                              True, x_BTD.device)
 
         def compute(x_BKD: Tensor) -> tuple[Tensor, None]:
@@ -262,14 +273,14 @@ class Engine:
             # original position and never lets a routed token see padding.
             delta_BKD, _, (k, v) = causal_update(layer.inner, x_BKD,
                                                  self.model.encode_positions(pos_BK),
-                                                 sel.valid_NK, enforce_capacity=False,
+                                                 sel.valid_NK, drop_overflow=False,
                                                  mlp=not layer.attention_only)
             cache.fill(k, v, pos_BK, n_B)
             return delta_BKD, None
 
         x_BTD, _ = routing.routed_update(x_BTD, sel, layer.router_weights(sel.gather(logits_BT)),
                                          compute)
-        x_BTD = layer.unrouted_mlp(x_BTD, valid_BT, enforce_capacity=False)[0]
+        x_BTD = layer.unrouted_mlp(x_BTD, valid_BT, drop_overflow=False)[0]
         return x_BTD, cache, int(n_B.sum())
 
     @torch.inference_mode()
@@ -298,9 +309,9 @@ class Engine:
         every dense layer shares one attention mask, and a routed layer gathers and scatters
         only when some rows route and others do not.
         """
-        if max(state.positions.tolist()) >= state.capacity:
-            raise GenerationError(f"a row has reached the cache capacity ({state.capacity} "
-                                  f"tokens); prefill with a larger capacity")
+        if max(state.positions.tolist()) >= state.max_tokens:
+            raise GenerationError(f"a row has reached the most tokens its caches hold "
+                                  f"({state.max_tokens}); prefill with a larger max_tokens")
         if self.compiled:
             return self._static_step(state, tok_B)
         B, dev = state.batch_size, self.device
@@ -318,7 +329,7 @@ class Engine:
                 if dense_n is None:
                     dense_n, dense_mask = n_B, _length_mask(n_B, dev)
                 y = _attend_cached(layer, q, cache, every, dense_n, dense_mask)
-                x_B1D = x_B1D + finish(layer, x_B1D, y, None, enforce_capacity=False)[0]
+                x_B1D = x_B1D + finish(layer, x_B1D, y, None, drop_overflow=False)[0]
                 state.routed_tokens[i] += B
                 continue
             mask_B, logits_B1 = layer.decide_one(x_B1D, self.mode)
@@ -326,12 +337,12 @@ class Engine:
             state.routed_tokens[i] += rows.host.size
             if rows.host.size:
                 x_B1D = self._routed_step(layer, cache, x_B1D, logits_B1, rows, pe_B1, pos_B)
-            x_B1D = layer.unrouted_mlp(x_B1D, enforce_capacity=False)[0]
+            x_B1D = layer.unrouted_mlp(x_B1D, drop_overflow=False)[0]
         state.positions = state.positions + 1
         return self.model.head(x_B1D[:, 0])
 
     def _static_step(self, state: DecodeState, tok_B: Tensor) -> Tensor:
-        """The compiled step (static.py) over caches of `state.capacity` slots each."""
+        """The compiled step (static.py) over caches of `state.max_tokens` slots each."""
         # Inference tensors throughout (tokens sampled outside inference mode are not): a graph
         # guards on the kind of tensor it is given, and a second kind would compile it again.
         tok_B = tok_B.clone()
@@ -342,14 +353,14 @@ class Engine:
         for c in caches:
             if c.routed:
                 c.make_room(_bounds(c.n_host)[1] + 1)       # room for this step's token
-            elif c.slots != state.capacity:
-                raise GenerationError("a dense cache of this state does not hold the whole "
-                                      "capacity; decode it with the engine that prefilled it")
+            elif c.slots != state.max_tokens:
+                raise GenerationError("a dense cache of this state does not hold all max_tokens "
+                                      "slots; decode it with the engine that prefilled it")
         routed = [c.routed for c in caches]
         counts = [c.n_B if r else None for c, r in zip(caches, routed)]
         pos_B = state.pos_B
         # The batch and slot axes are dynamic in the graph: a batch that shrinks as rows finish,
-        # caches of another request's capacity and routed caches that grew run the same graph.
+        # caches of another request's max_tokens and routed caches that grew run the same graph.
         for t, dims in [(tok_B, (0,)), (pos_B, (0,))] + [
                 (t, (0, 2)) for c in caches for t in (c.k_BHCd, c.v_BHCd)] + [
                 (c.pos_BC, (0, 1)) for c in caches] + [(n, (0,)) for n in counts if n is not None]:
@@ -386,7 +397,7 @@ class Engine:
             n_N = cache.append(rows, k[:, 0], v[:, 0],
                                pos_B if rows.all else pos_B.index_select(0, rows.index))
             y = _attend_cached(step, q, cache, rows, n_N, _length_mask(n_N, x_N1D.device))
-            return finish(step, x_N1D, y, None, enforce_capacity=False,
+            return finish(step, x_N1D, y, None, drop_overflow=False,
                           mlp=not layer.attention_only)[0], None
 
         return routing.routed_update(x_B1D, sel, layer.router_weights(logits_N1), compute)[0]
@@ -540,11 +551,11 @@ class Engine:
             return _sample(logits_BV, temperature, top_k, top_p, live)
 
         # The last sampled token of a row is never fed back, hence the -1.
-        capacity = max(len(p) + n - 1 for p, n in zip(ids, budgets))
+        max_tokens = max(len(p) + n - 1 for p, n in zip(ids, budgets))
         # Timed: the engine's own work (prefill or decode step, and sampling up to the host
         # reading the tokens), never the time a consumer spends on a yielded step.
         t0 = time.perf_counter()
-        state, logits_BV = self.prefill(ids, capacity=max(capacity, max(map(len, ids))))
+        state, logits_BV = self.prefill(ids, max_tokens=max(max_tokens, max(map(len, ids))))
         next_B = sample(logits_BV)
         tokens = next_B.tolist()
         prefill_s = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The decode step with static shapes, for `torch.compile` (`Engine(model, compile=True)`).
 
 Legend: B batch (live rows), D model width, H heads, G key/value heads, Dh head width, C cache
-slots (the same for every cache: the request's capacity), V vocabulary.
+slots (the same for every cache: the request's max_tokens), V vocabulary.
 
 The eager step (`Engine._step`) sizes everything from host-side counts: attention over the slots
 filled so far, a routed layer run on exactly the rows whose token routes. Shapes that change
@@ -108,11 +108,11 @@ class StaticStep:
                     slots_C = torch.arange(k_c.shape[2], device=tok_B.device)
                     seen_B11C = (slots_C <= pos_B[:, None])[:, None, None, :]
                 y = attend(q.transpose(1, 2), k_c, v_c, scale=layer.attn_scale, mask=seen_B11C)
-                x_B1D = x_B1D + finish(layer, x_B1D, y, None, enforce_capacity=False)[0]
+                x_B1D = x_B1D + finish(layer, x_B1D, y, None, drop_overflow=False)[0]
                 continue
             assert n_B is not None
             x_B1D = self._routed(layer, x_B1D, pe_B1, pos_B, k_c, v_c, p_c, n_B, rows_B)
-            x_B1D = layer.unrouted_mlp(x_B1D, enforce_capacity=False)[0]
+            x_B1D = layer.unrouted_mlp(x_B1D, drop_overflow=False)[0]
         return self.model.head(x_B1D[:, 0])  # type: ignore[attr-defined]
 
     def _routed(self, layer: RoutedLayer, x_B1D: Tensor, pe_B1: PositionEncoding, pos_B: Tensor,
@@ -131,7 +131,7 @@ class StaticStep:
         def run(x_B1D: Tensor, k_c: Tensor, v_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             q, k, v = inner.project(x_B1D, pe_B1)
             y = _attend_with_new(q, k[:, 0], v[:, 0], k_c, v_c, cached_B11S, inner.attn_scale)
-            delta_B1D = finish(inner, x_B1D, y, None, enforce_capacity=False,
+            delta_B1D = finish(inner, x_B1D, y, None, drop_overflow=False,
                                mlp=not layer.attention_only)[0]
             w_B1 = layer.router_weights(logits_B1)
             # Fresh tensors: both branches' outputs must have the same layout.

@@ -3,7 +3,9 @@
 - `modlm.hf.modeling`: `ModLMConfig` / `ModLMForCausalLM`, a modlm model or a retrofitted Hugging
   Face model as a transformers model (save_pretrained / from_pretrained in safetensors, `generate`
   through modlm's causal routing and its token-skipping KV cache).
-- `modlm.hf.retrofit`: a pretrained Hugging Face decoder (Llama family, GPT-2) with MoD routers.
+- `modlm.hf.retrofit`: a pretrained Hugging Face decoder (Llama family, GPT-2) with MoD routers;
+  `modlm.hf.families`: the decoder families it takes and how each backbone is driven;
+  `modlm.hf.closeness`: how far a retrofitted model starts from the original.
 - `modlm.hf.export`: the shim that lets stock clients load exported folders.
 - `modlm.hf.tokenizer`: modlm tokenizers exported as transformers tokenizers.
 - `modlm.hf.llama`: the dense modlm model <-> Hugging Face Llama weight mapping and converters.

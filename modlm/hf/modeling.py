@@ -262,17 +262,17 @@ class ModLMCache(Cache):
         engine = Engine(model, mode)   # refuses 'topk' and rules the model was not trained for
         L = engine.context          # max_seq_len, or a sliding-window model's window
         longest = max(map(len, prompts))
-        capacity = L
+        max_tokens = L
         if self.max_cache_len is not None:
             # Tokens still to be fed after the prompt, the same for every row in the padded frame.
             later = max(self.max_cache_len - padded_len, 0)
-            capacity = longest + later
-            if capacity > L or longest >= L:
+            max_tokens = longest + later
+            if max_tokens > L or longest >= L:
                 raise GenerationError(
                     f"the longest prompt has {longest} real tokens; with {later + 1} new tokens "
                     f"it would exceed the model's context {engine.context_name} (room for "
                     f"{max(L - longest, 0)} new tokens); lower max_new_tokens or shorten it")
-        self.state, logits = engine.prefill(prompts, capacity=capacity, all_logits=all_logits)
+        self.state, logits = engine.prefill(prompts, max_tokens=max_tokens, all_logits=all_logits)
         self.engine = engine
         self._seen = padded_len
         return logits
@@ -286,7 +286,7 @@ class ModLMCache(Cache):
             raise GenerationError(f"the cache holds {B} rows but {tokens_BN.shape[0]} were fed; "
                                   f"a cache serves the batch that filled it")
         need = int(self.state.pos_B.max()) + tokens_BN.shape[1]
-        if need > self.state.capacity:
+        if need > self.state.max_tokens:
             # A cache passed back to generate to continue: let it grow (lazily, by doubling) up
             # to the context.
             L = self.engine.context
@@ -294,7 +294,7 @@ class ModLMCache(Cache):
                 raise GenerationError(f"a row would hold {need} tokens, beyond the model's "
                                       f"context {self.engine.context_name}; lower "
                                       f"max_new_tokens")
-            self.state.capacity = L
+            self.state.max_tokens = L
             for layer_cache in self.state.caches:
                 layer_cache.limit = L
         logits = []

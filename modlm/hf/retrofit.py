@@ -23,8 +23,11 @@ is computed for them.
 Generation: `RetrofitLM` is a `modlm.generate.Backbone`, so modlm's engine (`Engine(model, mode)`,
 `modlm sample`, and Hugging Face `generate` through `modlm.hf.modeling.from_modlm(model)`) runs it
 with the KV cache that holds only routed tokens. The engine drives every decoder layer through
-`modlm.block.DecoderLayer` (`_RotaryLayer`, `_GPT2Layer` below: the layer's own modules in pieces,
-grouped-query attention over its cache); tests hold prefill + decode equal to the full forward.
+`modlm.block.DecoderLayer` (families.py: the layer's own modules in pieces, grouped-query
+attention over its cache); tests hold prefill + decode equal to the full forward.
+
+The families a model can come from, and how each backbone is driven: families.py. How far a
+retrofitted model starts from the original: closeness.py.
 
 Starting close to the original (our choice; the paper trains from scratch): by default the weight
 on a routed update is `2 * sigmoid(g * r)` with a learned gain g per routed layer that starts at 0
@@ -53,12 +56,10 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modlm import untrusted
@@ -66,230 +67,24 @@ from modlm.block import DecoderLayer, LayerRouting, RoutedLayer, RoutingMode
 from modlm.config import (
     ATTN_IMPLEMENTATIONS,
     AttnImplementation,
-    ConfigError,
     ModelConfig,
     RetrofitConfig,
     RetrofitTrain,
     RoutingConfig,
     TrainConfig,
 )
+from modlm.hf.closeness import Closeness, measure_closeness  # noqa: F401  (moved; importable here)
+from modlm.hf.families import (
+    SUPPORTED_MODEL_TYPES,
+    Family,
+    RetrofitError,
+    causal_mask,
+    family_of,
+    sliding_window,
+)
 from modlm.model import ModelOutput, assemble_output, check_token_inputs
 from modlm.router import LinearRouter, Predictor
 from modlm.tokenizer import Tokenizer
-
-ROTARY_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_MODEL_TYPES = (*ROTARY_FAMILY, "gpt2")
-
-
-class RetrofitError(ConfigError):
-    """A model cannot be retrofitted or run as asked; the message says why and what to do."""
-
-
-# ---- model families: how to drive each Hugging Face backbone ------------------------------------
-
-class _Family:
-    """Where a backbone keeps its modules and how its decoder layers are called."""
-
-    def layers(self, hf: nn.Module) -> nn.ModuleList:
-        raise NotImplementedError
-
-    def embed(self, hf: nn.Module, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def positions(self, hf: nn.Module, x_BTD: Tensor, pos_BT: Tensor) -> Any:
-        """What a layer needs about positions besides the hidden states (None for GPT-2)."""
-        return None
-
-    def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
-             pe: Any) -> Tensor:
-        raise NotImplementedError
-
-    def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def step(self, layer: nn.Module, hf_config: Any) -> DecoderLayer:
-        """The layer behind modlm's `DecoderLayer` interface (what the engine drives)."""
-        raise NotImplementedError
-
-
-class _RotaryFamily(_Family):
-    """Llama and the models that share its layout (Mistral, Qwen2, Qwen3): `model.embed_tokens`,
-    `model.layers`, `model.norm`, `model.rotary_emb`, `lm_head`; each layer takes the rotary
-    (cos, sin) of its tokens' positions as `position_embeddings`."""
-
-    def layers(self, hf: nn.Module) -> nn.ModuleList:
-        return hf.model.layers
-
-    def embed(self, hf: nn.Module, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
-        return hf.model.embed_tokens(idx_BT)
-
-    def positions(self, hf: nn.Module, x_BTD: Tensor, pos_BT: Tensor) -> tuple[Tensor, Tensor]:
-        return hf.model.rotary_emb(x_BTD, position_ids=pos_BT)     # cos, sin: (B, T, Dh)
-
-    def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
-             pe: tuple[Tensor, Tensor]) -> Tensor:
-        return _hidden(layer(x_BKD, attention_mask=mask, position_ids=pos_BK,
-                             position_embeddings=pe))
-
-    def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
-        return hf.lm_head(hf.model.norm(x_BTD))
-
-    def step(self, layer: nn.Module, hf_config: Any) -> DecoderLayer:
-        return _RotaryLayer(layer, hf_config)
-
-
-class _GPT2Family(_Family):
-    """GPT-2: learned positions added to the token embeddings before the first layer, so a routed
-    layer's gathered hidden states already carry their true positions."""
-
-    def layers(self, hf: nn.Module) -> nn.ModuleList:
-        return hf.transformer.h
-
-    def embed(self, hf: nn.Module, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
-        t = hf.transformer
-        return t.drop(t.wte(idx_BT) + t.wpe(pos_BT))
-
-    def call(self, layer: nn.Module, x_BKD: Tensor, mask: Tensor | None, pos_BK: Tensor,
-             pe: Any) -> Tensor:
-        return _hidden(layer(x_BKD, attention_mask=mask))
-
-    def head(self, hf: nn.Module, x_BTD: Tensor) -> Tensor:
-        return hf.lm_head(hf.transformer.ln_f(x_BTD))
-
-    def step(self, layer: nn.Module, hf_config: Any) -> DecoderLayer:
-        return _GPT2Layer(layer, hf_config)
-
-
-class _RotaryLayer:
-    """A Llama-family decoder layer as a `DecoderLayer`: input norm, q/k/v projections (Qwen3's
-    per-head q/k norms), Hugging Face's half-split rotary at the given (cos, sin), grouped-query
-    attention, o_proj, post-attention norm and MLP, with the layer's own modules and weights."""
-
-    def __init__(self, layer: nn.Module, hf_config: Any) -> None:
-        attn = layer.self_attn
-        self.module = layer
-        self.head_dim = attn.head_dim
-        self.n_heads = hf_config.num_attention_heads
-        self.n_kv_heads = hf_config.num_key_value_heads
-        self.attn_scale = attn.scaling
-        self._qk_norm = hasattr(attn, "q_norm")
-
-    @property
-    def kv_dtype(self) -> torch.dtype:
-        return self.module.self_attn.k_proj.weight.dtype
-
-    def project(self, x_BKD: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        attn = self.module.self_attn
-        h_BKD = _rms_norm(self.module.input_layernorm, x_BKD)
-        B, K, _ = h_BKD.shape
-        q = attn.q_proj(h_BKD).view(B, K, -1, self.head_dim)
-        k = attn.k_proj(h_BKD).view(B, K, -1, self.head_dim)
-        v = attn.v_proj(h_BKD).view(B, K, -1, self.head_dim)
-        if self._qk_norm:
-            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
-        # Queries and keys rotate together (one set of kernels for both).
-        qk = _rotate(torch.cat((q, k), dim=2), pe[0][:, :, None, :], pe[1][:, :, None, :])
-        return qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], v
-
-    def attention_dropout(self) -> float:
-        return float(self.module.self_attn.attention_dropout) if self.module.training else 0.0
-
-    def attn_out(self, y_BHKd: Tensor) -> Tensor:
-        B, H, K, Dh = y_BHKd.shape
-        return self.module.self_attn.o_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh))
-
-    def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
-                   enforce_capacity: bool = True) -> tuple[Tensor, None]:
-        layer = self.module
-        return layer.mlp(_rms_norm(layer.post_attention_layernorm, h_BKD)), None
-
-
-def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """A Llama-family RMSNorm with fewer kernels than its Python forward and the same rounding:
-    normalise in float32, cast back to the input's dtype, then scale by the weight. Any other
-    norm module runs as it is."""
-    eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or not type(norm).__name__.endswith("RMSNorm"):
-        return norm(x)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-
-
-def _rotate(x_BKHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Hugging Face's rotary layout: the two halves of each head rotate together."""
-    x1, x2 = x_BKHd.chunk(2, dim=-1)
-    return x_BKHd * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class _GPT2Layer:
-    """A GPT-2 block as a `DecoderLayer`: ln_1, the fused q/k/v projection, attention (GPT-2's
-    scale, per-layer inverse scaling included), c_proj, ln_2 and MLP, dropouts where training."""
-
-    def __init__(self, layer: nn.Module, hf_config: Any) -> None:
-        self.module = layer
-        self.n_heads = self.n_kv_heads = hf_config.n_head
-        self.head_dim = hf_config.n_embd // hf_config.n_head
-        self.attn_scale = float(layer.attn.scaling)
-
-    @property
-    def kv_dtype(self) -> torch.dtype:
-        return self.module.attn.c_attn.weight.dtype
-
-    def project(self, x_BKD: Tensor, pe: None) -> tuple[Tensor, Tensor, Tensor]:
-        h_BKD = self.module.ln_1(x_BKD)
-        B, K, D = h_BKD.shape
-        q, k, v = self.module.attn.c_attn(h_BKD).split(D, dim=2)
-        shape = (B, K, self.n_heads, self.head_dim)
-        return q.view(shape), k.view(shape), v.view(shape)
-
-    def attention_dropout(self) -> float:
-        return float(self.module.attn.attn_dropout.p) if self.module.training else 0.0
-
-    def attn_out(self, y_BHKd: Tensor) -> Tensor:
-        B, H, K, Dh = y_BHKd.shape
-        attn = self.module.attn
-        return attn.resid_dropout(attn.c_proj(y_BHKd.transpose(1, 2).reshape(B, K, H * Dh)))
-
-    def mlp_update(self, h_BKD: Tensor, valid_BK: Tensor | None = None,
-                   enforce_capacity: bool = True) -> tuple[Tensor, None]:
-        return self.module.mlp(self.module.ln_2(h_BKD)), None
-
-
-def _hidden(out: Any) -> Tensor:
-    """A decoder layer's hidden states (older transformers versions return a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _family(hf_config: Any) -> _Family:
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type in ROTARY_FAMILY:
-        return _RotaryFamily()
-    if model_type == "gpt2":
-        if getattr(hf_config, "add_cross_attention", False):
-            raise RetrofitError("GPT-2 models with cross-attention are not supported; retrofit a "
-                                "decoder-only GPT-2 (add_cross_attention=false)")
-        return _GPT2Family()
-    raise RetrofitError(f"cannot retrofit a Hugging Face model of type {model_type!r}: supported "
-                        f"are {SUPPORTED_MODEL_TYPES} (decoder layers with the Llama or GPT-2 "
-                        f"layout)")
-
-
-def _causal_mask(hf_config: Any, x_BKD: Tensor, padding_BK: Tensor | None) -> Tensor | None:
-    """The attention mask Hugging Face builds for a causal forward over these tokens (the
-    unrouted layers of a full-sequence forward), in the form the configured implementation takes
-    (None: sdpa's is_causal; a 4-D float mask for eager, with padding)."""
-    from transformers.masking_utils import create_causal_mask
-    return create_causal_mask(config=hf_config, inputs_embeds=x_BKD, attention_mask=padding_BK,
-                              cache=None)
-
-
-def _sliding_window(hf_config: Any) -> int | None:
-    """The attention window of a model whose layers use one, else None."""
-    window = getattr(hf_config, "sliding_window", None)
-    types = getattr(hf_config, "layer_types", None)
-    if window is None or (types is not None and "sliding_attention" not in types):
-        return None
-    return int(window)
-
 
 # ---- the routed layer --------------------------------------------------------------------------
 
@@ -300,12 +95,12 @@ class MoDLayer(RoutedLayer):
     `predictor` learns top-k membership from stop-gradient inputs (Sec 3.5, fix 2); `gain` (with
     identity_init) scales the router logit inside the update weight and starts at 0. The routed
     update is modlm's (`RoutedLayer`, Eq. 1); f is the layer's own modules driven through `inner`
-    (`_RotaryLayer` / `_GPT2Layer`), in the full forward and in generation alike, so both compute
-    the same thing in every dtype.
+    (families.py), in the full forward and in generation alike, so both compute the same thing in
+    every dtype.
     """
 
     def __init__(self, layer: nn.Module, index: int, cfg: ModelConfig, identity_init: bool,
-                 family: _Family, hf_config: Any) -> None:
+                 family: Family, hf_config: Any) -> None:
         super().__init__(cfg, index, gain=identity_init)
         self.layer = layer
         self._step = family.step(layer, hf_config)
@@ -342,7 +137,7 @@ class RetrofitLM(nn.Module):
                  identity_init: bool = True) -> None:
         super().__init__()
         hf_config = hf_model.config
-        self.family = _family(hf_config)
+        self.family = family_of(hf_config)
         impl = getattr(hf_config, "_attn_implementation", None)
         if impl not in ATTN_IMPLEMENTATIONS:
             raise RetrofitError(f"attention implementation {impl!r} is not supported; load the "
@@ -432,7 +227,7 @@ class RetrofitLM(nn.Module):
             pos_BT = (valid_BT.long().cumsum(dim=1) - 1).clamp(min=0)
         x_BTD = family.embed(hf, idx_BT, pos_BT)
         pe = family.positions(hf, x_BTD, pos_BT)
-        mask = _causal_mask(hf.config, x_BTD, valid_BT)
+        mask = causal_mask(hf.config, x_BTD, valid_BT)
         stats: list[LayerRouting] = []
         for layer in family.layers(hf):
             if isinstance(layer, MoDLayer) and not dense:
@@ -448,7 +243,7 @@ class RetrofitLM(nn.Module):
                       attention_mask_BT: Tensor | None) -> Tensor | None:
         """Validate the inputs; return the padding mask as bool (None when nothing is padded)."""
         check_token_inputs(self.cfg, idx_BT, targets_BT, mode, n_ids=self.embedding_rows())
-        window = _sliding_window(self.hf.config)
+        window = sliding_window(self.hf.config)
         if window is not None and idx_BT.shape[1] > window:
             raise RetrofitError(f"sequence length {idx_BT.shape[1]} exceeds the model's sliding "
                                 f"attention window ({window}); retrofitted models attend over "
@@ -477,7 +272,7 @@ class RetrofitLM(nn.Module):
     @property
     def context_length(self) -> int:
         """The most tokens a row may hold: the model's positions, or its attention window."""
-        window = _sliding_window(self.hf.config)
+        window = sliding_window(self.hf.config)
         return self.cfg.max_seq_len if window is None else min(self.cfg.max_seq_len, window)
 
     def embed_tokens(self, idx_BT: Tensor, pos_BT: Tensor) -> Tensor:
@@ -534,7 +329,7 @@ class RetrofitLM(nn.Module):
 def model_config_for(hf_config: Any, routing_cfg: RoutingConfig) -> ModelConfig:
     """A `ModelConfig` with the Hugging Face model's shape and the given routing (the mirror
     modlm's trainer, evaluation, FLOP accounting and checkpoints read)."""
-    _family(hf_config)
+    family_of(hf_config)
     c = hf_config
     if c.model_type == "gpt2":
         d = c.n_embd
@@ -603,7 +398,7 @@ def load_hf_model(folder: str | os.PathLike[str],
     from transformers import AutoConfig, AutoModelForCausalLM
     untrusted.read_json(path / "config.json", "model config")   # bounded before transformers
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _family(hf_config)   # a clear error before the weights are read
+    family_of(hf_config)   # a clear error before the weights are read
     shapes = untrusted.folder_weights_shapes(path)
     if shapes:   # a folder from someone else: its config must not ask for more than it holds
         untrusted.check_parameter_total(
@@ -720,36 +515,3 @@ def model_from_run_config(model_cfg: ModelConfig, retrofit_section: Mapping[str,
         raise RetrofitError("the checkpoint's model config does not match its recorded Hugging "
                             "Face config; the checkpoint was edited or written by another version")
     return model
-
-
-# ---- how close the retrofitted model starts ----------------------------------------------------
-
-@dataclass(frozen=True)
-class Closeness:
-    """How far a retrofitted model's outputs are from the original model's on one batch."""
-
-    max_abs_logit_diff: float
-    mean_abs_logit_diff: float
-    loss_original: float
-    loss_retrofit: float
-    top1_agreement: float      # share of positions where both models' most likely token agrees
-
-
-@torch.no_grad()
-def measure_closeness(model: RetrofitLM, ids_BT1: Tensor, mode: RoutingMode = "topk"
-                      ) -> Closeness:
-    """Compare the retrofitted model with the original (its layers run densely) on windows of
-    T + 1 tokens: |logit difference| and the next-token loss of both."""
-    was_training = model.training
-    model.eval()
-    x_BT, y_BT = ids_BT1[:, :-1], ids_BT1[:, 1:]
-    ref_BTV = model.original_logits(x_BT)
-    out_BTV = model(x_BT, mode=mode).logits_BTV
-    model.train(was_training)
-    diff = (out_BTV - ref_BTV).abs()
-
-    def loss(logits_BTV: Tensor) -> float:
-        return float(F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten()))
-
-    return Closeness(float(diff.max()), float(diff.mean()), loss(ref_BTV), loss(out_BTV),
-                     float((out_BTV.argmax(-1) == ref_BTV.argmax(-1)).float().mean()))

@@ -1,12 +1,9 @@
-"""Experiments: named lists of training runs, a resumable runner, and the record each one writes.
+"""The resumable experiment runner and the record folder each experiment writes.
 
-An experiment (see modlm/experiments/) is a few *stages* and a *report*. A stage is a function
-that returns `RunSpec`s (a name, a complete `TrainConfig`, a family label for tables and figures,
-free-form tags); it sees the results of earlier stages, so a later stage can, for example, rerun
-the best model of the first with more seeds. The runner trains each spec through
-`modlm.train.train`, evaluates the final weights on a fixed held-out set in every routing mode,
-and stores one `RunResult` per run. The report turns the results into tables, figures and a
-summary. Adding an experiment is listing its specs and choosing its outputs.
+`Context` is what an experiment's stages and report use (options, the record folder, budget
+helpers, data, running a spec, cached measurements, trained models). `run_experiment` runs every
+stage's specs through `modlm.train.train`, evaluates the final weights on a fixed held-out set in
+every routing mode, stores one `RunResult` per run (spec.py) and writes the report.
 
 A record folder (`OUT/NAME/`):
 
@@ -34,251 +31,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import shlex
 import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modlm import atomic
 from modlm import flops as flop_count
 from modlm.config import ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides
+from modlm.experiments.spec import (
+    EVAL_BATCH,
+    MIN_STEPS,
+    Experiment,
+    Options,
+    RunResult,
+    RunSpec,
+    headline_mode,
+    recorded_config_hash,
+)
+from modlm.experiments.tables import ms
 
 STEP_TIME_SKIP = 10        # optimizer steps left out of the median step time (warm-up)
-EVAL_BATCH = 16            # windows per evaluation batch
-DEFAULT_EVAL_WINDOWS = 256  # held-out windows every final evaluation uses (65,536 tokens at T 256)
 PYDOC_WINDOWS = 64         # windows of the second, out-of-domain evaluation set
-MIN_STEPS = 4              # a budget shrunk by --budget-scale still trains this many steps
 
 
 class ExperimentInterrupted(RuntimeError):
     """A run was interrupted (Ctrl-C / SIGTERM) after saving a checkpoint; rerun to continue."""
 
 
-# ---- specs and results -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of an experiment.
-
-    name: unique within the experiment (the run's folder name). train: the complete training
-    config (the runner sets out_dir and run_name). family: what tables and figures group by
-    ("dense", "mod", ...). tags: JSON values describing the run (budget, seed, variant, ...).
-    keep_checkpoint: keep the final weights after evaluation (for analyses that load the model);
-    otherwise the checkpoints are deleted once the result is stored.
-    """
-
-    name: str
-    train: TrainConfig
-    family: str = ""
-    tags: Mapping[str, Any] = field(default_factory=dict)
-    keep_checkpoint: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"run name {self.name!r} must be a plain folder name")
-
-    @property
-    def model(self) -> ModelConfig:
-        """The model the run trains: a retrofit run's shape comes from its source's config."""
-        if self.train.retrofit.enabled:
-            from modlm.hf.retrofit import planned_model
-            return planned_model(self.train)[0]
-        return self.train.model
-
-    @property
-    def seed(self) -> int:
-        return self.train.seed
-
-    def config_hash(self) -> str:
-        """Identifies the run's configuration (not where it is written)."""
-        return config_hash(self.train.to_dict())
-
-
-def config_hash(train_dict: Mapping[str, Any]) -> str:
-    """Hash of a TrainConfig's dict without out_dir and run_name (where the run is written)."""
-    d = {k: v for k, v in train_dict.items() if k not in ("out_dir", "run_name")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def recorded_config_hash(run_dir: Path) -> str | None:
-    """The hash of the config a run folder records, as this version reads it: a field added to
-    the configs since the run was recorded takes its default, which is the behaviour the run had
-    (new options default to what the code did before), so a record stays resumable across such
-    additions. None when the folder has no config this version can read."""
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        return config_hash(TrainConfig.from_dict(saved).to_dict())
-    except (OSError, ValueError, TypeError, KeyError):   # ConfigError is a ValueError
-        return None
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What a finished run is worth to an experiment (stored as results/RUN.json).
-
-    forward_flops / training_flops: per sequence of seq_len tokens (modlm.flops). eval:
-    {split: {mode: {"loss", "bpb", "tokens", "layers"}}} on the fixed held-out windows, split
-    "val" (held-out text) and "pydoc". headline_mode: the causal mode the experiment reports for
-    this model (`headline_mode`). median_step_s: see the module docstring. aux_share: the router's
-    weighted auxiliary loss as a fraction of the LM loss, averaged over the last fifth of the
-    logged steps (None without a learned router). train_lm_loss: the same average of the
-    training LM loss.
-    """
-
-    name: str
-    family: str
-    tags: dict[str, Any]
-    seed: int
-    config_hash: str
-    model: dict[str, Any]
-    params: int
-    non_embedding_params: int
-    seq_len: int
-    batch_size: int
-    forward_flops: float
-    training_flops: float
-    steps: int
-    tokens: int
-    train_flops: float
-    budget: float | None
-    median_step_s: float | None
-    step_time_samples: int
-    train_wall_s: float
-    eval_wall_s: float
-    resumed: bool
-    train_lm_loss: float | None
-    aux_share: float | None
-    eval: dict[str, dict[str, Any]]
-    headline_mode: str
-    run_dir: str
-    checkpoint: str | None
-
-    def loss(self, mode: str | None = None, split: str = "val") -> float:
-        """Held-out loss in `mode` (default: the headline causal mode)."""
-        return self.eval[split][mode or self.headline_mode]["loss"]
-
-    @property
-    def headline_loss(self) -> float:
-        return self.loss()
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.model)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RunResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(d))
-        if missing:
-            raise ConfigError(f"the stored result of run {d.get('name')!r} lacks {missing} "
-                              f"(written by another version of modlm); delete it to evaluate "
-                              f"the run again")
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def headline_mode(cfg: ModelConfig) -> str:
-    """The causal mode an experiment reports, of those `evaluate.available_modes` offers:
-    `predictor` when the model has one (paper Sec 4.2 evaluates autoregressively with the
-    predictor), else `router` (the aux-loss rule, the random control's causal rule, or a model's
-    other inference forward), else `topk` (a dense model, where there is one mode)."""
-    from modlm.evaluate import available_modes
-    modes = available_modes(cfg)
-    return next(m for m in ("predictor", "router", "topk") if m in modes)
-
-
-# ---- options, record, context ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Options:
-    """How to run an experiment. budget_scale multiplies every FLOP budget and step count (tests
-    and smoke runs use small values; a shrunk budget still trains MIN_STEPS steps). eval_windows:
-    held-out windows of the final evaluation (default DEFAULT_EVAL_WINDOWS, shrunk with the
-    budget). overrides: dotted TrainConfig overrides applied to every run (e.g. data.corpus)."""
-
-    out: str = "runs/experiments"
-    budget_scale: float = 1.0
-    eval_windows: int | None = None
-    threads: int | None = None
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.budget_scale, (int, float)) and 0 < self.budget_scale
-                and math.isfinite(self.budget_scale)):
-            raise ConfigError(f"--budget-scale must be a positive number, got {self.budget_scale}")
-        if self.eval_windows is not None and self.eval_windows < 1:
-            raise ConfigError(f"--eval-windows must be >= 1, got {self.eval_windows}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-
-    @property
-    def windows(self) -> int:
-        if self.eval_windows is not None:
-            return self.eval_windows
-        return max(EVAL_BATCH, round(DEFAULT_EVAL_WINDOWS * min(1.0, self.budget_scale)))
-
-    def command(self, name: str) -> str:
-        parts = ["modlm", "experiment", name]
-        if self.out != Options.out:
-            parts += ["--out", self.out]
-        if self.budget_scale != 1.0:
-            parts += ["--budget-scale", f"{self.budget_scale:g}"]
-        if self.eval_windows is not None:
-            parts += ["--eval-windows", str(self.eval_windows)]
-        if self.threads is not None:
-            parts += ["--threads", str(self.threads)]
-        for k, v in self.overrides.items():
-            parts += ["--set", f"{k}={v}"]
-        return shlex.join(parts)
-
-
-@dataclass(frozen=True)
-class Report:
-    """What an experiment's report function returns: markdown (figures referenced as
-    `figures/NAME.png`) and the numbers behind it."""
-
-    markdown: str
-    summary: dict[str, Any]
-
-
-Stage = Callable[["Context", "dict[str, RunResult] | None"], list[RunSpec]]
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """A named experiment: stages of runs, then a report.
-
-    A stage receives the results so far, or None when the runner only plans (`--plan`): it must
-    then return representative specs (e.g. assume the middle of a grid is the best) so the plan
-    can estimate the time. `extra_minutes`: time the report's measurements take beyond training
-    (measured on our machine, for the plan). `figures`: whether the report draws figures (then
-    matplotlib is checked before any training starts).
-    """
-
-    name: str
-    title: str
-    description: str
-    stages: tuple[Stage, ...]
-    report: Callable[[Context, dict[str, RunResult]], Report]
-    extra_minutes: float = 0.0
-    figures: bool = True
-    eval_windows: int | None = None   # this experiment's default held-out windows (see Options)
-    # Called after each run (also one finished before): measurements that need the trained
-    # weights are taken while they exist and cached (ctx.cached), so the report of a record
-    # continued in a fresh clone, without checkpoints, still has them.
-    after_run: Callable[[Context, RunResult], None] | None = None
+# ---- the context stages and reports see --------------------------------------------------------
 
 
 class Context:
@@ -607,10 +393,6 @@ def metrics(result_or_dir: RunResult | Path, root: Path | None = None) -> list[d
             if l.strip()]
 
 
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.0f} ms"
-
-
 # ---- running a whole experiment ----------------------------------------------------------------
 
 
@@ -623,7 +405,7 @@ def run_experiment(experiment: Experiment, options: Options) -> Path:
     if options.threads:
         torch.set_num_threads(options.threads)
     if experiment.figures:
-        from modlm.plots import require_matplotlib
+        from modlm.experiments.plots import require_matplotlib
         require_matplotlib()
     ctx = Context(experiment, options)
     _start_record(ctx)
@@ -723,140 +505,3 @@ def _check_names(specs: Sequence[RunSpec], results: Mapping[str, RunResult]) -> 
         if s.name in seen or s.name in results:
             raise ConfigError(f"the experiment plans two runs named {s.name!r}")
         seen.add(s.name)
-
-
-# ---- planning ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    spec: RunSpec
-    steps: int
-    train_flops: float
-    step_s: float | None
-
-    @property
-    def seconds(self) -> float | None:
-        return None if self.step_s is None else self.steps * self.step_s
-
-
-def plan_experiment(experiment: Experiment, options: Options, measure: bool = True,
-                    timing_steps: int = 3) -> list[PlannedRun]:
-    """Every run the experiment would make (later stages as the experiment assumes them), with
-    steps and training FLOPs from modlm.flops and, with `measure`, the time per step measured
-    on this machine (`timing_steps` full optimizer steps per distinct model and batch shape after
-    one warm-up step; random token ids)."""
-    from modlm.train import total_steps
-    ctx = Context(experiment, options)
-    specs = [s for stage in experiment.stages for s in stage(ctx, None)]
-    step_times: dict[str, float] = {}
-    out = []
-    for s in specs:
-        n = total_steps(s.train, 1)
-        seqs = s.train.batch_size * s.train.grad_accum
-        model = s.model
-        tf = n * seqs * flop_count.training_flops(model, s.train.data.seq_len)
-        # What a retrofit run trains (routing alone, or every weight) changes a step's time.
-        key = json.dumps([model.to_dict(), s.train.batch_size, s.train.grad_accum,
-                          s.train.data.seq_len, s.train.retrofit.train], sort_keys=True)
-        if measure and key not in step_times:
-            step_times[key] = _time_steps(s.train, timing_steps)
-        out.append(PlannedRun(s, n, tf, step_times.get(key)))
-    return out
-
-
-def _step_fn(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 1e-4,
-             weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-             eps: float = 1e-8, build: Callable[[], Any] | None = None) -> Callable[[], float]:
-    """A fresh model (`build()`, default a MoDLM of model_cfg) and optimizer on fixed random
-    tokens; the function times one training step (forward, backward, clip, AdamW;
-    modlm.measure.train_step_seconds)."""
-    import torch
-
-    from modlm.measure import train_step_seconds
-    from modlm.model import MoDLM
-    from modlm.optim import build_optimizer
-    torch.manual_seed(0)
-    model = build() if build is not None else MoDLM(model_cfg)
-    opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g)
-    return lambda: train_step_seconds(model, ids[:, :-1], ids[:, 1:], opt)
-
-
-def _time_steps(cfg: TrainConfig, n: int) -> float:
-    model_cfg, build = cfg.model, None
-    if cfg.retrofit.enabled:
-        from modlm.hf.retrofit import planned_model
-        model_cfg, build = planned_model(cfg)
-    step = _step_fn(model_cfg, cfg.batch_size, cfg.data.seq_len, lr=cfg.lr,
-                    weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, build=build)
-    times = [step() * cfg.grad_accum for _ in range(n + 1)]
-    return statistics.median(times[1:])
-
-
-def interleaved_step_times(runs: Mapping[str, RunResult], repeats: int) -> dict[str, float]:
-    """Median training-step time (seconds) of each run's model, all built fresh in this process
-    and timed interleaved (modlm.measure.interleaved) at the runs' batch shape (batch_size
-    counts every sequence of an optimizer step). Unlike a run's logged `median_step_s`, these
-    ratios hold when the runs trained on a machine whose load changed between them."""
-    from modlm import measure
-    fns = {name: _step_fn(r.model_config, r.batch_size, r.seq_len) for name, r in runs.items()}
-    return measure.medians(measure.interleaved(fns, repeats=repeats))
-
-
-# ---- tables ------------------------------------------------------------------------------------
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-                   align: str | None = None) -> str:
-    """A markdown table; `align` has one letter per column, l or r (default: text left, numbers
-    right)."""
-    if align is None:
-        align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l"
-                        for i in range(len(headers)))
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else f"{v:.4g}"
-        return "-" if v is None else str(v)
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def results_table(results: Sequence[RunResult], reference: RunResult | None = None,
-                  modes: Sequence[str] = ("topk", "router", "predictor")) -> str:
-    """The standard per-run table: size, forward FLOPs (relative to `reference` when given),
-    steps, median step time, held-out loss in each mode, the headline (causal) loss."""
-    headers = ["run", "family", "params", "fwd GFLOP/seq"]
-    if reference is not None:
-        headers.append(f"fwd FLOPs / {reference.name}")
-    headers += ["steps", "step ms"] + [f"loss {m}" for m in modes] + ["headline loss", "bpb"]
-    rows = []
-    for r in results:
-        row: list[Any] = [r.name, r.family, f"{r.params:,d}", f"{r.forward_flops / 1e9:.3f}"]
-        if reference is not None:
-            row.append(f"{r.forward_flops / reference.forward_flops:.3f}")
-        row += [r.steps, "-" if r.median_step_s is None else f"{r.median_step_s * 1e3:.0f}"]
-        row += [fmt(r.eval["val"][m]["loss"]) if m in r.eval["val"] else "-" for m in modes]
-        row += [f"{fmt(r.headline_loss)} ({r.headline_mode})",
-                fmt(r.eval["val"][r.headline_mode]["bpb"], 3)]
-        rows.append(row)
-    return markdown_table(headers, rows, "llrr" + ("r" if reference else "") + "rr"
-                          + "r" * len(modes) + "rr")
-
-
-def plan_table(plan: Sequence[PlannedRun]) -> str:
-    rows = []
-    for p in plan:
-        rows.append([p.spec.name, p.spec.family, f"{flop_count.param_count(p.spec.model).total:,d}",
-                     p.steps, f"{p.train_flops:.3g}",
-                     "-" if p.step_s is None else f"{p.step_s * 1e3:.0f}",
-                     "-" if p.seconds is None else f"{p.seconds / 60:.1f}"])
-    return markdown_table(["run", "family", "params", "steps", "train FLOPs", "step ms",
-                           "minutes"], rows, "llrrrrr")
