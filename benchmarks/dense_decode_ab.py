@@ -13,9 +13,11 @@ batch 1 and 8, 2 threads. It uses only the engine's long-standing API (`ModelCon
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 
 CHILD = r"""
 import json, sys, statistics
@@ -51,18 +53,26 @@ def main() -> None:
     p.add_argument("before")
     p.add_argument("after")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the medians and every round here")
     args = p.parse_args()
+    args.before, args.after = os.path.abspath(args.before), os.path.abspath(args.after)
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for r in range(args.rounds):
         for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
             done = subprocess.run([sys.executable, "-c", CHILD, getattr(args, name)],
                                   capture_output=True, text=True, check=True)
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    medians = {}
     for key in runs["before"][0]:
         b = statistics.median(x[key] for x in runs["before"])
         a = statistics.median(x[key] for x in runs["after"])
+        medians[key] = {"before": b, "after": a, "after_over_before": a / b}
         print(f"{key}: dense decode tokens/s before {b:.1f}, after {a:.1f} (after / before "
               f"{a / b:.2f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"medians": medians, "rounds": runs, "before": args.before,
+                       "after": args.after, "date": time.strftime("%Y-%m-%d")}, f, indent=2)
 
 
 if __name__ == "__main__":
