@@ -305,9 +305,8 @@ class Engine:
 
         The hot path of generation: per layer, the fewest device operations and (on a CPU) no
         reads of the device but a routed layer's decision. Cache counts and positions are on the
-        host,
-        every dense layer shares one attention mask, and a routed layer gathers and scatters
-        only when some rows route and others do not.
+        host, every dense layer shares one attention mask, and a routed layer gathers and
+        scatters only when some rows route and others do not.
         """
         if max(state.positions.tolist()) >= state.max_tokens:
             raise GenerationError(f"a row has reached the most tokens its caches hold "
@@ -356,8 +355,7 @@ class Engine:
             elif c.slots != state.max_tokens:
                 raise GenerationError("a dense cache of this state does not hold all max_tokens "
                                       "slots; decode it with the engine that prefilled it")
-        routed = [c.routed for c in caches]
-        counts = [c.n_B if r else None for c, r in zip(caches, routed)]
+        counts = [c.n_B if c.routed else None for c in caches]
         pos_B = state.pos_B
         # The batch and slot axes are dynamic in the graph: a batch that shrinks as rows finish,
         # caches of another request's max_tokens and routed caches that grew run the same graph.
