@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ from modlm import routing
 from modlm.config import ModelConfig
 from modlm.layers import MLP, Attention, RMSNorm, Rotary, attend
 from modlm.moe import MoE, MoERouting
-from modlm.router import LinearRouter, Predictor, RandomRouter
+from modlm.router import (AttentionRouter, LinearRouter, Predictor, RandomRouter, ThresholdRouter,
+                          attention_received)
 
 RoutingMode = Literal["topk", "router", "predictor"]
 ROUTING_MODES = ("topk", "router", "predictor")
@@ -97,18 +98,31 @@ def finish(layer: DecoderLayer, x_BKD: Tensor, y_BHKd: Tensor, valid_BK: Tensor 
     return attn_BKD + mlp_BKD, moe
 
 
+class LayerUpdate(NamedTuple):
+    """What `causal_update` computes: the update f(x), the MoE statistics (None without an MoE
+    MLP), the (keys, values) a KV cache stores, and the attention each token received (A-MoD's
+    routing score for the next block; None unless asked for)."""
+
+    delta: Tensor
+    moe: MoERouting | None
+    kv: tuple[Tensor, Tensor]
+    received: Tensor | None = None
+
+
 def causal_update(layer: DecoderLayer, x_BKD: Tensor, pe: PositionEncoding,
                   valid_BK: Tensor | None = None, drop_overflow: bool = True,
-                  mlp: bool = True) -> tuple[Tensor, MoERouting | None, tuple[Tensor, Tensor]]:
-    """f(x) for tokens in time order attending causally among themselves: (update, MoE
-    statistics, (keys, values)). The keys and values are what a KV cache stores. mlp=False:
-    the attention update alone (see `finish`)."""
+                  mlp: bool = True, received: bool = False) -> LayerUpdate:
+    """f(x) for tokens in time order attending causally among themselves. mlp=False: the
+    attention update alone (see `finish`). received: also the attention each token received
+    (`router.attention_received`), for an A-MoD block after this one."""
     q_BKHd, k_BKGd, v_BKGd = layer.project(x_BKD, pe)
+    q_BHKd, k_BGKd = q_BKHd.transpose(1, 2), k_BKGd.transpose(1, 2)
     # The K axis is in time order, so is_causal masks by original position.
-    y_BHKd = attend(q_BKHd.transpose(1, 2), k_BKGd.transpose(1, 2), v_BKGd.transpose(1, 2),
-                    scale=layer.attn_scale, is_causal=True, dropout_p=layer.attention_dropout())
+    y_BHKd = attend(q_BHKd, k_BGKd, v_BKGd.transpose(1, 2), scale=layer.attn_scale,
+                    is_causal=True, dropout_p=layer.attention_dropout())
     delta_BKD, moe = finish(layer, x_BKD, y_BHKd, valid_BK, drop_overflow, mlp)
-    return delta_BKD, moe, (k_BKGd, v_BKGd)
+    got_BK = attention_received(q_BHKd, k_BGKd, layer.attn_scale) if received else None
+    return LayerUpdate(delta_BKD, moe, (k_BKGd, v_BKGd), got_BK)
 
 
 class Block(nn.Module):
@@ -155,9 +169,17 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: Tensor, rotary: Rotary,
                 mode: RoutingMode = "topk") -> tuple[Tensor, MoERouting | None]:
+        out_BTD, moe, _ = self.forward_received(x_BTD, rotary, mode, received=False)
+        return out_BTD, moe
+
+    def forward_received(self, x_BTD: Tensor, rotary: Rotary, mode: RoutingMode = "topk",
+                         received: bool = True
+                         ) -> tuple[Tensor, MoERouting | None, Tensor | None]:
+        """`forward`, and the attention each token received here (B, T): the scores of an
+        A-MoD block after this one (None with received=False)."""
         rot_TR = rotary(torch.arange(x_BTD.shape[1], device=x_BTD.device))
-        delta_BTD, moe = self.update(x_BTD, rot_TR, drop_overflow=mode == "topk")
-        return x_BTD + delta_BTD, moe
+        up = causal_update(self, x_BTD, rot_TR, drop_overflow=mode == "topk", received=received)
+        return x_BTD + up.delta, up.moe, up.received
 
 
 @dataclass(frozen=True)
@@ -200,9 +222,12 @@ class RoutedLayer(nn.Module):
         # Deviation: the paper's routed token skips the whole block; skip="attention" routes
         # the attention sublayer alone (router-tuning of pretrained models; docs/design.md).
         self.attention_only = r.skip == "attention"
+        self.kind = r.router
         self.learned = r.router == "learned"
-        self.weighting = "constant" if r.router == "random" else r.router_weight
-        self.router: nn.Module = LinearRouter(cfg.d_model) if self.learned else RandomRouter()
+        # A threshold router decides token by token in every mode (causal by construction).
+        self.thresholded = r.router == "threshold"
+        self.weighting = "constant" if r.router in ("random", "attention") else r.router_weight
+        self.router: nn.Module = _ROUTERS[r.router](cfg.d_model)
         self.predictor = Predictor(cfg.d_model, cfg.predictor_hidden) if r.predictor else None
         # Deviation: a gain that starts at 0 makes every routed update's weight exactly 1 at the
         # start, so a retrofitted model begins where the pretrained one is (docs/design.md).
@@ -225,14 +250,25 @@ class RoutedLayer(nn.Module):
             return torch.sigmoid(logits_BT)
         return logits_BT  # "raw": Eq. 1 as written, x + r * f
 
+    def rule(self, mode: RoutingMode) -> RoutingMode:
+        """The rule that decides in a routing mode: a threshold router's own ("router") in
+        every mode, otherwise the mode's."""
+        return "router" if self.thresholded else mode
+
     def causal_decision(self, x_BTD: Tensor, mode: RoutingMode,
-                        generator: torch.Generator | None = None
+                        generator: torch.Generator | None = None, prior_BT: Tensor | None = None
                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Router logits (float32), predictor logits (None without a predictor) and, in a causal
         mode, each token's own routing decision (Sec 3.5: the routed count varies); None in
-        "topk", where the decision is the sequence's top-k."""
-        logits_BT = self.router(x_BTD, generator)
+        "topk", where the decision is the sequence's top-k. prior_BT: the scores of a router
+        without weights of its own (A-MoD: the attention received in the previous block)."""
+        if self.kind == "attention" and prior_BT is None and mode != "predictor":
+            raise ValueError("routing.router='attention' scores tokens by the previous block's "
+                             "attention: run it through the model's forward (MoDLM), which "
+                             "passes those scores, or decode in mode 'predictor'")
+        logits_BT = self.router(x_BTD, generator) if prior_BT is None else prior_BT.float()
         pred_BT = self.predictor(x_BTD) if self.predictor is not None else None
+        mode = self.rule(mode)
         if mode == "router":
             mask_BT = logits_BT.detach() > self.router.causal_threshold(self.capacity)
         elif mode == "predictor":
@@ -246,7 +282,7 @@ class RoutedLayer(nn.Module):
         in mode "router", None in mode "predictor", where the router need only score the rows
         that route). Only what the causal rule reads is computed (`causal_decision` also
         computes what training statistics need)."""
-        if mode == "router":
+        if self.rule(mode) == "router":
             logits_B1 = self.router(x_B1D)
             return logits_B1[:, 0] > self.router.causal_threshold(self.capacity), logits_B1
         if mode == "predictor" and self.predictor is not None:
@@ -256,13 +292,15 @@ class RoutedLayer(nn.Module):
 
     def forward(self, x_BTD: Tensor, rotary: EncodePositions, mode: RoutingMode = "topk",
                 generator: torch.Generator | None = None, pos_BT: Tensor | None = None,
-                valid_BT: Tensor | None = None) -> tuple[Tensor, LayerRouting]:
+                valid_BT: Tensor | None = None, prior_BT: Tensor | None = None
+                ) -> tuple[Tensor, LayerRouting]:
         """The full-sequence routed update. rotary: positions -> the layer's position encoding;
         pos_BT: each token's position (default 0..T-1); valid_BT: the real tokens of a padded
-        batch (padding is never routed; each row's top-k is over its real tokens)."""
+        batch (padding is never routed; each row's top-k is over its real tokens); prior_BT:
+        the attention received in the previous block (A-MoD's scores; `causal_decision`)."""
         B, T, _ = x_BTD.shape
         k = routing.capacity_k(T, self.capacity)
-        logits_BT, pred_BT, mask_BT = self.causal_decision(x_BTD, mode, generator)
+        logits_BT, pred_BT, mask_BT = self.causal_decision(x_BTD, mode, generator, prior_BT)
         if valid_BT is None:
             topk_sel = routing.Selection.topk(logits_BT.detach(), k)   # Sec 3.4: per sequence
             topk_BT = topk_sel.mask(B, T)
@@ -270,7 +308,7 @@ class RoutedLayer(nn.Module):
             # Deviation: a padded row routes the top-k of its real tokens, k from its real length.
             topk_sel = None
             topk_BT = topk_mask_of_real_tokens(logits_BT.detach(), valid_BT, self.capacity)
-        if mode == "topk":
+        if self.rule(mode) == "topk":
             mask_BT = topk_BT
             sel = topk_sel or routing.Selection.from_mask(topk_BT)
         else:
@@ -313,6 +351,15 @@ class RoutedLayer(nn.Module):
                mask_BT: Tensor, valid_BT: Tensor | None, moe: MoERouting | None) -> LayerRouting:
         target_BT = topk_BT.float()
         aux = pred_loss = router_acc = pred_acc = None
+        if self.thresholded:
+            # Deviation: the threshold router's penalty, (routed share - capacity)^2. The share
+            # is the realized one (a straight-through estimate: its value counts the routed
+            # tokens, its gradient is that of the mean sigmoid(r)), so the penalty is zero
+            # exactly when the block runs at its capacity.
+            p_BT = torch.sigmoid(logits_BT)
+            share = _masked_mean(mask_BT.float() + p_BT - p_BT.detach(), valid_BT)
+            aux = (share - self.capacity) ** 2
+            router_acc = _masked_mean((mask_BT == topk_BT).float(), valid_BT)
         if self.learned:
             # Sec 3.5 fix 1: BCE of the router logits against top-k membership.
             # Deviation: the paper does not say; the logits are not detached, so this loss's
@@ -345,6 +392,11 @@ class RoutedBlock(RoutedLayer):
     @property
     def layer(self) -> int:
         return self.index
+
+
+_ROUTERS: dict[str, Callable[[int], nn.Module]] = {
+    "learned": LinearRouter, "threshold": ThresholdRouter,
+    "random": lambda d_model: RandomRouter(), "attention": lambda d_model: AttentionRouter()}
 
 
 def topk_mask_of_real_tokens(scores_BT: Tensor, valid_BT: Tensor, capacity: float) -> Tensor:

@@ -32,14 +32,14 @@ from typing import Any, Literal, Union
 
 from modlm.corpus import CORPUS_FORMATS, CorpusFormat
 
-RouterKind = Literal["learned", "random", "none"]
+RouterKind = Literal["learned", "random", "threshold", "attention", "none"]
 RouterWeight = Literal["sigmoid", "raw", "constant"]
 RoutedLayers = Union[Literal["every_other", "all", "upper_half", "none"], tuple[int, ...]]
 RoutingSkip = Literal["block", "attention"]
 MlpKind = Literal["swiglu", "gelu"]
 MoELayers = Union[Literal["all", "every_other", "routed", "none"], tuple[int, ...]]
 
-ROUTER_KINDS = ("learned", "random", "none")
+ROUTER_KINDS = ("learned", "random", "threshold", "attention", "none")
 ROUTER_WEIGHTS = ("sigmoid", "raw", "constant")
 LAYER_PATTERNS = ("every_other", "all", "upper_half", "none")
 ROUTING_SKIPS = ("block", "attention")
@@ -91,7 +91,12 @@ class RoutingConfig:
     """Where and how tokens are routed around blocks.
 
     router:        "learned" (MoD: r = w^T x, Sec 3.4), "random" (the stochastic-routing control of
-                   Sec 4.1: top-k of Gaussian scores), or "none" (dense model).
+                   Sec 4.1: top-k of Gaussian scores), "threshold" (r = w^T x + b; every token
+                   with sigmoid(r) > 0.5 is routed, in training as in sampling, and the
+                   auxiliary loss is a penalty on the routed share's distance from the capacity),
+                   "attention" (A-MoD: no router weights; the top-k tokens by the attention they
+                   received in the previous block, which must be dense; causal through the
+                   predictor), or "none" (dense model).
     layers:        "every_other" (the paper's best, Fig 3), "all", "upper_half" (every block of the
                    upper half of the stack, n_layers // 2 .. n_layers - 1: where a pretrained
                    model is most redundant), "none", or an explicit tuple of block indices.
@@ -107,8 +112,10 @@ class RoutingConfig:
     router_weight: what multiplies the block's update for selected tokens: "sigmoid" (sigmoid(r),
                    default), "raw" (r itself, Eq. 1 as written), or "constant" (1: the router then
                    gets no gradient from the LM loss, an ablation of Sec 3.4's remark).
-    aux_loss_weight: weight of the router's auxiliary BCE loss against top-k membership
-                   (Sec 3.5 fix 1). 0 disables it, and with it the causal `router` mode.
+    aux_loss_weight: weight of the router's auxiliary loss: for "learned", the BCE against top-k
+                   membership (Sec 3.5 fix 1; 0 disables it, and with it the causal `router`
+                   mode); for "threshold", the squared gap between the routed share and the
+                   capacity (must be > 0).
     predictor:     train the stop-gradient MLP predictor of top-k membership (Sec 3.5 fix 2).
     predictor_hidden: its hidden width; None means d_model // 8.
     predictor_loss_weight: weight of the predictor's BCE loss. Its gradient reaches only the
@@ -165,6 +172,14 @@ class RoutingConfig:
             check(not self.predictor and self.aux_loss_weight == 0.0,
                    "routing.router='random' has no learned scores to supervise: set "
                    "routing.predictor=false and routing.aux_loss_weight=0")
+        if self.router == "threshold":
+            check(not self.predictor and self.aux_loss_weight > 0.0,
+                  "routing.router='threshold' decides causally by itself and needs its share "
+                  "penalty: set routing.predictor=false and routing.aux_loss_weight > 0 (e.g. 1)")
+        if self.router == "attention":
+            check(self.aux_loss_weight == 0.0,
+                  "routing.router='attention' has no router weights to supervise: set "
+                  "routing.aux_loss_weight=0 (keep routing.predictor=true to sample)")
 
     @property
     def is_dense(self) -> bool:
@@ -285,6 +300,13 @@ class ModelConfig:
             check(not (self.routing.first_layer_dense and 0 in layers),
                    "routing.layers includes block 0 but routing.first_layer_dense is true; "
                    "remove 0 from the list or set routing.first_layer_dense=false")
+        if self.routing.router == "attention":
+            routed = set(self.routed_layers)
+            bad = [i for i in self.routed_layers if i == 0 or i - 1 in routed]
+            check(not bad, f"routing.router='attention' routes by the previous block's attention, "
+                           f"so the block before each routed block must be dense; blocks {bad} "
+                           f"have none: use routing.layers='every_other' with "
+                           f"first_layer_dense=true")
         caps = self.routing.capacities
         check(caps is None or len(caps) == len(self.routed_layers),
               f"routing.capacities has {len(caps or ())} entries but the model routes "

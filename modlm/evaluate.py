@@ -35,7 +35,8 @@ def available_modes(cfg: ModelConfig) -> tuple[str, ...]:
     """
     if cfg.is_dense:
         return ("topk", "router") if cfg.moe_layers and cfg.moe.capacity_factor else ("topk",)
-    modes = ["topk", "router"]
+    # A threshold router routes by its threshold in "topk" too; A-MoD has no router rule.
+    modes = ["topk"] if cfg.routing.router == "attention" else ["topk", "router"]
     if cfg.routing.predictor:
         modes.append("predictor")
     return tuple(modes)

@@ -11,7 +11,10 @@ Convention (the same as `torch.utils.flop_counter.FlopCounterMode`, which a test
   projections and MLP cost k/T and its attention products (k/T)^2 of a dense block's (at the
   12.5% capacity of paper Sec 4.1 the scores cost 1/64). Its router (2 D FLOPs per token) and
   predictor run on all T. In the causal modes the routed count varies; these numbers are for
-  exactly k.
+  exactly k. A threshold router routes a varying count in every mode: its numbers are for a
+  block at its capacity, which its penalty aims for. An A-MoD block's router is the Q K^T
+  product its previous block forms to read the attention each token received (2 T^2 D FLOPs),
+  with no backward.
 - Training = forward + backward, the backward costing twice the forward (input and weight
   gradients) for every matmul, with three exceptions where autograd does less: the predictor's
   first layer has a stop-gradient input, so only its weight gradient is computed; a predictor
@@ -42,6 +45,7 @@ from modlm.config import ModelConfig, RoutingConfig
 from modlm.moe import slots_per_expert
 from modlm.routing import capacity_k
 
+SCORING_ROUTERS = ("learned", "threshold")     # routers with a weight vector: r = w^T x (+ b)
 COMPONENTS = ("attention_projections", "attention_scores", "mlp", "router", "predictor",
               "moe_router", "lm_head")
 
@@ -111,8 +115,14 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown
         else:
             mlp += 2 * n * mlp_mats * D * F
     n_routed = len(cfg.routed_layers)
-    learned = cfg.routing.router == "learned"
-    router = 2 * T * D * n_routed if learned else 0.0
+    if cfg.routing.router in SCORING_ROUTERS:
+        router = 2 * T * D * n_routed                     # r = w^T x (+ b) per token
+    elif cfg.routing.router == "attention":
+        # A-MoD: the block before each routed block forms its attention matrix, Q K^T over all
+        # heads, to sum what each token received (router.attention_received).
+        router = 2 * T * T * D * n_routed
+    else:
+        router = 0.0
     P = cfg.predictor_hidden
     predictor = 2 * T * (D * P + P) * n_routed if cfg.routing.predictor and n_routed else 0.0
     return FlopBreakdown(T, proj, scores, mlp, router, predictor, moe_router, 2 * T * D * V)
@@ -161,7 +171,7 @@ def decode_flops(cfg: ModelConfig, context: float,
         else:
             mlp += n * 2 * mlp_mats * D * F
     scored = (len(routed) if mode == "router" else sum(fraction(i) for i in routed))
-    router = 2 * D * scored if cfg.routing.router == "learned" else 0.0
+    router = 2 * D * scored if cfg.routing.router in SCORING_ROUTERS else 0.0
     P = cfg.predictor_hidden
     predictor = 2 * (D * P + P) * len(routed) if mode == "predictor" else 0.0
     return FlopBreakdown(1, proj, scores, mlp, router, predictor, moe_router, 2 * D * V)
@@ -176,8 +186,8 @@ def training_flops(cfg: ModelConfig, seq_len: int | None = None) -> float:
         total -= f.predictor * cfg.d_model / (cfg.d_model + 1)  # first layer: D*P of (D*P + P)
     else:
         total -= 2 * f.predictor
-    if r.router_weight == "constant" and r.aux_loss_weight == 0:
-        total -= 2 * f.router
+    if (r.router_weight == "constant" and r.aux_loss_weight == 0) or r.router == "attention":
+        total -= 2 * f.router       # no gradient reaches the router: no backward for it
     return total
 
 
@@ -193,7 +203,7 @@ def param_count(cfg: ModelConfig) -> ParamCount:
     mlp_mats = 3 if cfg.mlp == "swiglu" else 2
     block = 4 * D * D + mlp_mats * D * F + 2 * D           # projections, MLP, two norms
     n_routed = len(cfg.routed_layers)
-    router = D if cfg.routing.router == "learned" else 0
+    router = {"learned": D, "threshold": D + 1}.get(cfg.routing.router, 0)
     P = cfg.predictor_hidden
     predictor = D * P + P if cfg.routing.predictor else 0
     m = cfg.moe

@@ -31,7 +31,7 @@ from modlm.block import ROUTING_MODES, Block, LayerRouting, RoutedBlock, Routing
 from modlm.config import ModelConfig
 from modlm.layers import RMSNorm, Rotary
 from modlm.moe import MoERouting
-from modlm.router import LinearRouter
+from modlm.router import LinearRouter, ThresholdRouter
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ class MoDLM(nn.Module):
                 # Distinct scores from the first step (all-zero weights would tie every token and
                 # make the first top-k arbitrary); sigmoid(r) still starts near 0.5.
                 nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(self.cfg.d_model))
+            if isinstance(m, ThresholdRouter):
+                nn.init.zeros_(m.bias)       # the threshold starts at sigmoid(r) = 0.5
 
     def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None,
                 mode: RoutingMode = "topk",
@@ -90,13 +92,18 @@ class MoDLM(nn.Module):
         x_BTD = self.embed(idx_BT)
         stats: list[LayerRouting] = []
         moe: list[MoERouting] = []
-        for block in self.blocks:
+        # A-MoD: the block before each routed block also gives the attention each token received.
+        scored = set(self.cfg.routed_layers) if self.cfg.routing.router == "attention" else set()
+        received_BT = None
+        for i, block in enumerate(self.blocks):
             if isinstance(block, RoutedBlock):
-                x_BTD, layer_stats = block(x_BTD, self.rotary, mode, generator)
+                x_BTD, layer_stats = block(x_BTD, self.rotary, mode, generator,
+                                           prior_BT=received_BT)
                 stats.append(layer_stats)
                 layer_moe = layer_stats.moe
             else:
-                x_BTD, layer_moe = block(x_BTD, self.rotary, mode)
+                x_BTD, layer_moe, received_BT = block.forward_received(
+                    x_BTD, self.rotary, mode, received=i + 1 in scored)
             if layer_moe is not None:
                 moe.append(layer_moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
@@ -160,6 +167,9 @@ def check_token_inputs(cfg: ModelConfig, idx_BT: Tensor, targets_BT: Tensor | No
     if mode == "predictor" and not cfg.is_dense and not cfg.routing.predictor:
         raise ValueError("routing mode 'predictor' needs a model built with "
                          "routing.predictor=true; use mode='router' or 'topk'")
+    if mode == "router" and not cfg.is_dense and cfg.routing.router == "attention":
+        raise ValueError("routing.router='attention' (A-MoD) has no causal router rule: its "
+                         "scores depend on later tokens; use mode='predictor' or 'topk'")
     if idx_BT.dim() != 2:
         raise ValueError(f"expected token ids of shape (batch, time), "
                          f"got {tuple(idx_BT.shape)}")

@@ -4,6 +4,10 @@ Legend: B batch, T time, D model width, P predictor hidden width.
 
 - `LinearRouter`: r_i = w^T x_i, one vector per routed block (Sec 3.4), computed in float32.
 - `RandomRouter`: Gaussian scores, the stochastic-routing control of Sec 4.1.
+- `ThresholdRouter`: r_i = w^T x_i + b; every token with sigmoid(r_i) > 0.5 is routed, so the
+  decision is causal in training as in sampling (a router beyond the paper's).
+- `AttentionRouter` and `attention_received`: A-MoD (Gadhikar et al. 2024, arXiv:2412.20875),
+  no weights; a token's score is the attention it received in the previous block.
 - `Predictor`: a small MLP that sees the router's input through a stop-gradient and predicts
   whether a token is in the top-k (Sec 3.5, fix 2); its loss reaches no other parameter.
 
@@ -15,6 +19,7 @@ pure maths in routing.py.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -62,6 +67,66 @@ class RandomRouter(nn.Module):
     def forward(self, x_BTD: Tensor, generator: torch.Generator | None = None) -> Tensor:
         B, T, _ = x_BTD.shape
         return torch.randn(B, T, generator=generator, device=x_BTD.device, dtype=torch.float32)
+
+
+class ThresholdRouter(LinearRouter):
+    """r = w^T x + b, and a token is routed iff sigmoid(r) > 0.5, in every routing mode.
+
+    Deviation: not in the paper. Its top-k is not causal, so sampling needs a second rule
+    (Sec 3.5); a threshold is causal by construction, so training routes exactly as sampling
+    does. The routed count varies per sequence; the auxiliary loss (RoutedLayer) keeps the routed
+    share near the capacity. The bias b is the learned threshold (it starts at 0).
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__(d_model)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_BTD: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        with float32_only(x_BTD.device.type):
+            return F.linear(x_BTD.float(), self.weight.float()[None],
+                            self.bias.float()[None]).squeeze(-1)
+
+
+class AttentionRouter(nn.Module):
+    """A-MoD's parameter-free router: a token's score is the attention it received in the
+    previous block (`attention_received`), which the model passes in as the routed layer's prior.
+
+    It has no score of its own for a lone token (forward gives zeros, which only a decode step's
+    constant weights read), and no causal rule: its scores depend on later queries, so sampling
+    uses the predictor, trained on its top-k as for the learned router (Sec 3.5, fix 2).
+    """
+
+    def causal_threshold(self, capacity: float) -> float:
+        raise ValueError("routing.router='attention' (A-MoD) has no causal rule of its own: its "
+                         "scores depend on later tokens; use mode='predictor'")
+
+    def forward(self, x_BTD: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        return x_BTD.new_zeros(B, T, dtype=torch.float32)
+
+
+def attention_received(q_BHTd: Tensor, k_BGTd: Tensor, scale: float | None = None) -> Tensor:
+    """A-MoD's routing score for a causal model, (B, T): the attention each token receives
+    relative to a uniform share, averaged over heads and over the queries that can attend to it:
+    score_j = mean over heads h and queries i >= j of (i + 1) * p_h(i -> j).
+
+    Deviation: A-MoD (bidirectional ViTs) averages the raw probabilities over all queries.
+    Under a causal mask token j is seen only by the T - j queries at or after it, and query i
+    spreads its attention over i + 1 keys, so raw sums or means would favour early tokens; with
+    both corrections uniform attention scores every token 1. No gradient: the router has no
+    weights to train.
+    """
+    with torch.no_grad(), float32_only(q_BHTd.device.type):
+        B, H, T, Dh = q_BHTd.shape
+        k_BHTd = k_BGTd.repeat_interleave(H // k_BGTd.shape[1], dim=1)
+        s = 1.0 / math.sqrt(Dh) if scale is None else scale
+        logits_BHTT = torch.matmul(q_BHTd.float(), k_BHTd.float().transpose(-1, -2)) * s
+        future_TT = torch.ones(T, T, dtype=torch.bool, device=q_BHTd.device).triu(1)
+        p_BHTT = logits_BHTT.masked_fill(future_TT, -math.inf).softmax(dim=-1)
+        keys_T = torch.arange(1, T + 1, device=q_BHTd.device, dtype=torch.float32)
+        relative_BT = (p_BHTT * keys_T[:, None]).sum(dim=(1, 2))      # sum over h, i of (i+1) p
+        return relative_BT / (H * keys_T.flip(0))                     # T - j queries see token j
 
 
 class Predictor(nn.Module):

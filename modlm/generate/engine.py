@@ -122,6 +122,10 @@ class Engine:
                     "top-k' for a learned router trained with the auxiliary BCE loss; this model "
                     f"has routing.aux_loss_weight={cfg.routing.aux_loss_weight}. Use "
                     "mode='predictor' if it has a predictor, or train with aux_loss_weight > 0")
+            if mode == "router" and cfg.routing.router == "attention":
+                raise GenerationError(
+                    "routing.router='attention' (A-MoD) has no causal router rule (its scores "
+                    "depend on later tokens); use mode='predictor'")
             if mode == "predictor" and not (cfg.routing.predictor
                                             and cfg.routing.predictor_loss_weight > 0):
                 raise GenerationError(
@@ -238,9 +242,8 @@ class Engine:
                                                               max_tokens)
             else:
                 cache = _empty_cache(layer, B, max_tokens, max_tokens, False, dev)
-                delta_BTD, _, (k, v) = causal_update(layer, x_BTD, pe, valid_BT,
-                                                     drop_overflow=False)
-                x_BTD = x_BTD + delta_BTD
+                up = causal_update(layer, x_BTD, pe, valid_BT, drop_overflow=False)
+                x_BTD, (k, v) = x_BTD + up.delta, up.kv
                 # Padding slots are written too but lie past n_B, so attention never sees them.
                 cache.fill(k, v, pos_BT, len_B)
                 n_routed = sum(lengths)
@@ -271,12 +274,10 @@ class Engine:
             pos_BK = sel.gather(pos_BT)                                  # true positions
             # Valid entries precede padding in every row, so the causal mask over K is by
             # original position and never lets a routed token see padding.
-            delta_BKD, _, (k, v) = causal_update(layer.inner, x_BKD,
-                                                 self.model.encode_positions(pos_BK),
-                                                 sel.valid_NK, drop_overflow=False,
-                                                 mlp=not layer.attention_only)
-            cache.fill(k, v, pos_BK, n_B)
-            return delta_BKD, None
+            up = causal_update(layer.inner, x_BKD, self.model.encode_positions(pos_BK),
+                               sel.valid_NK, drop_overflow=False, mlp=not layer.attention_only)
+            cache.fill(*up.kv, pos_BK, n_B)
+            return up.delta, None
 
         x_BTD, _ = routing.routed_update(x_BTD, sel, layer.router_weights(sel.gather(logits_BT)),
                                          compute)

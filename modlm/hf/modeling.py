@@ -570,7 +570,7 @@ def default_routing_mode(cfg: ModelConfig) -> str:
     """The causal rule a model was trained for: "router" if it has the auxiliary loss, else
     "predictor" if it has a predictor (dense models: "router", which they ignore)."""
     r = cfg.routing
-    if cfg.is_dense or (r.router == "learned" and r.aux_loss_weight > 0):
+    if cfg.is_dense or (r.router in ("learned", "threshold") and r.aux_loss_weight > 0):
         return "router"
     if r.predictor and r.predictor_loss_weight > 0:
         return "predictor"
