@@ -40,8 +40,14 @@ from modlm import routing
 from modlm.config import ModelConfig
 from modlm.layers import MLP, Attention, RMSNorm, Rotary, attend
 from modlm.moe import MoE, MoERouting
-from modlm.router import (AttentionRouter, LinearRouter, Predictor, RandomRouter, ThresholdRouter,
-                          attention_received)
+from modlm.router import (
+    AttentionRouter,
+    LinearRouter,
+    Predictor,
+    RandomRouter,
+    ThresholdRouter,
+    attention_received,
+)
 
 RoutingMode = Literal["topk", "router", "predictor"]
 ROUTING_MODES = ("topk", "router", "predictor")

@@ -49,7 +49,8 @@ def make_model(routing: dict, seed: int = 0, **fields) -> MoDLM:
 
 
 def ids(B: int = 3, T: int = 24, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, CFG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG["vocab_size"], (B, T), generator=g)
 
 
 def count_flops(fn) -> float:
