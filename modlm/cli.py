@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "record folder (OUT/NAME: configs, metrics, environment, results, "
                        "report.md with tables, figures/*.png). Rerunning skips finished runs and "
                        "continues an interrupted one. Experiments: demo (the main job), isoflop, "
-                       "controls, causal, routing, speed; see modlm/experiments/.")
+                       "controls, causal, routing, speed, mode, retrofit, routers; see "
+                       "modlm/experiments/.")
     from modlm.experiments import NAMES as EXPERIMENT_NAMES
     p.add_argument("name", metavar="NAME", choices=EXPERIMENT_NAMES)
     p.add_argument("--out", default="runs/experiments",

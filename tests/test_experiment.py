@@ -409,6 +409,72 @@ def test_controls_change_one_thing_each():
     assert fwd["all-blocks"] < fwd["mod"]
 
 
+def test_routers_change_only_how_tokens_are_chosen():
+    """Every router of the routers experiment routes the same blocks of the same shape at the
+    same capacity as the paper's learned router; each changes only its routing fields."""
+    from modlm.experiments import routers
+    for shape, (mod, dense, _) in routers.shapes().items():
+        v = routers.routers(mod)
+        assert v["learned"] == mod and dense.is_dense
+        for name, cfg in v.items():
+            assert (cfg.n_layers, cfg.d_model, cfg.routed_layers, cfg.routing.capacity) == (
+                mod.n_layers, mod.d_model, mod.routed_layers, mod.routing.capacity), name
+        changed = {name: {f.name for f in dataclasses.fields(cfg.routing)
+                          if getattr(cfg.routing, f.name) != getattr(mod.routing, f.name)}
+                   for name, cfg in v.items() if name != "learned"}
+        assert changed == {"learned-raw": {"router_weight"},
+                           "random": {"router", "aux_loss_weight", "predictor"},
+                           "threshold": {"router", "aux_loss_weight", "predictor"},
+                           "attention": {"router", "aux_loss_weight"},
+                           "decoupled-kv": {"kv_capacity"}}, shape
+
+
+def router_result(shape: str, router: str, seed: int, loss: float) -> RunResult:
+    r = fake_result(f"{shape}-{router}-s{seed}", "dense" if router == "dense" else "mod", 1e13,
+                    (128, 4, 4), seed, loss)
+    pydoc = {m: {**e, "loss": e["loss"] + 1.0} for m, e in r.eval["val"].items()}
+    layers = [{"layer": 1, "fraction_routed": 0.125, "router_accuracy": None,
+               "predictor_accuracy": None}]
+    ev = {split: {m: {**e, "layers": [] if router == "dense" else layers}
+                  for m, e in modes.items()} for split, modes in
+          (("val", r.eval["val"]), ("pydoc", pydoc))}
+    return dataclasses.replace(r, tags={"shape": shape, "router": router, "seed": seed}, eval=ev)
+
+
+def test_routers_seed_the_leaders_and_judge_against_the_random_spread(tmp_path, corpus):
+    from modlm.experiments import routers
+    ctx = Context(routers.EXPERIMENT, opts(tmp_path, corpus, budget_scale=0.001))
+    first = routers.first_pass(ctx, None)
+    assert len(first) == 2 * 7 and len({s.name for s in first}) == 14
+    losses = {"learned": 2.00, "learned-raw": 2.02, "random": 2.01, "threshold": 1.90,
+              "attention": 2.20, "decoupled-kv": 1.95, "dense": 2.10}
+    results = {}
+    for shape in ("d128", "d256"):
+        for name, loss in losses.items():
+            r = router_result(shape, name, 0, loss)
+            results[r.name] = r
+    specs = routers.more_seeds(ctx, results)
+    assert {s.tags["router"] for s in specs} == {"learned", "random", "dense", "threshold",
+                                                 "decoupled-kv"}
+    assert {s.seed for s in specs} == {1, 2} and {s.tags["shape"] for s in specs} == {"d128"}
+    # Seeds: threshold always below random; learned overlaps random.
+    for seed, d in ((1, 0.004), (2, -0.004)):
+        for name, loss in (("random", 2.01 + d), ("threshold", 1.90 + d), ("learned", 2.01 - d),
+                           ("dense", 2.1), ("decoupled-kv", 1.95)):
+            r = router_result("d128", name, seed, loss)
+            results[r.name] = r
+    summary = routers.summarize(results, {})
+    t, l = summary["d128"]["threshold"], summary["d128"]["learned"]
+    assert t["beats_random_beyond_spread"] and not l["beats_random_beyond_spread"]
+    assert t["val_minus_random"] == pytest.approx(1.90 - 2.01)
+    assert t["pydoc_minus_random"] == pytest.approx(1.90 - 2.01)
+    assert not summary["d256"]["threshold"]["beats_random_beyond_spread"]    # one seed only
+    lines = "\n".join(routers.verdicts(summary))
+    assert "d128, threshold: -0.1100" in lines and "beats random beyond the seed spread" in lines
+    assert "d128, learned: " in lines and "within the seed spread of random" in lines
+    assert "d256, threshold" in lines and "one seed only" in lines
+
+
 def test_every_experiment_plans_valid_runs(tmp_path, corpus):
     import importlib.util
     for name in experiments.NAMES:
@@ -521,8 +587,8 @@ def test_result_round_trips_through_json():
     assert again == r and dataclasses.asdict(again)["eval"] == r.eval
 
 
-@pytest.mark.slow  # four real experiments end to end at a tiny budget: about a minute
-@pytest.mark.parametrize("name", ["demo", "causal", "routing", "speed"])
+@pytest.mark.slow  # five real experiments end to end at a tiny budget: about two minutes
+@pytest.mark.parametrize("name", ["demo", "causal", "routing", "speed", "routers"])
 def test_paper_experiment_end_to_end_at_tiny_budget(tmp_path, corpus, name, capsys):
     from modlm.cli import main
     sets = [a for k, v in corpus.items() for a in ("--set", f"{k}={v}")]

@@ -15,6 +15,8 @@
             reduced-capacity MoE foil at one budget.
 - retrofit: a pretrained model (SmolLM2-135M) retrofitted and router-tuned: held-out loss
             against measured decode speed-up, learned routing beside the random control.
+- routers:  routers beyond the paper's (threshold, A-MoD, decoupled keys/values, Eq. 1's raw
+            weights) against learned and random routing, at two shapes, seeds for the leaders.
 
 What they share (imported by them, never by the model):
 
@@ -41,7 +43,8 @@ import importlib
 
 from modlm.config import ConfigError
 
-NAMES = ("demo", "isoflop", "controls", "causal", "routing", "speed", "mode", "retrofit")
+NAMES = ("demo", "isoflop", "controls", "causal", "routing", "speed", "mode", "retrofit",
+         "routers")
 
 
 def get(name: str):
