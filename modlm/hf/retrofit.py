@@ -351,6 +351,10 @@ def model_config_for(hf_config: Any, routing_cfg: RoutingConfig) -> ModelConfig:
         # ModelConfig wants an even head width for its own rotary layers; FLOP accounting does
         # not depend on the head count, so the mirror takes one head.
         shape["n_heads"] = 1
+    if routing_cfg.kv_capacity is not None:
+        raise RetrofitError("a retrofitted model routes keys and values with its queries; set "
+                            "routing.kv_capacity to null (decoupled key/value routing is for "
+                            "modlm models)")
     if isinstance(routing_cfg.layers, tuple):
         bad = [i for i in routing_cfg.layers if not 0 <= i < shape["n_layers"]]
         if bad:
