@@ -21,12 +21,18 @@ causal mask by original position). Nothing is computed for unselected tokens and
 With `routing.skip = "attention"` only the attention sublayer is routed (Eq. 1 applied to the
 attention update); the MLP sublayer then runs on every token, as in router-tuning of pretrained
 models, which skips attention only.
+With `routing.kv_capacity` a routed layer takes its keys and values from a larger set than its
+queries (`decoupled_update`): the query set Q is the top-k of the router scores as above, the
+key/value set KV the top-k_kv of the same scores (Q within KV); a token of KV outside Q gives keys
+and values and gets no update, and each query attends causally, by true position, to the KV
+tokens at or before it.
 `RoutedBlock` is the routed layer around a modlm `Block`; a block's MLP may be a mixture of experts
 (modlm/moe.py), and an MoD-routed block with an MoE MLP is the paper's staged MoDE (Sec 4.3).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +137,43 @@ def causal_update(layer: DecoderLayer, x_BKD: Tensor, pe: PositionEncoding,
     return LayerUpdate(delta_BKD, moe, (k_BKGd, v_BKGd), got_BK)
 
 
+def decoupled_update(layer: DecoderLayer, x_BTD: Tensor, q_sel: routing.Selection, kv_BT: Tensor,
+                     pos_BT: Tensor, encode: EncodePositions, weights_NK: Tensor,
+                     drop_overflow: bool = True, mlp: bool = True
+                     ) -> tuple[Tensor, MoERouting | None, routing.Selection,
+                                tuple[Tensor, Tensor] | None]:
+    """Eq. 1 with queries from `q_sel` (a selection of every row) and keys and values from the
+    tokens of kv_BT (which holds every query): x_i' = x_i + w_i * f_i for the queries, where f's
+    attention sees the key/value tokens at or before each query's true position; every other
+    token is unchanged. Returns (new x, MoE statistics, the key/value selection, its (keys,
+    values), which a KV cache stores; None when no token gives keys and values).
+
+    Deviation: a key/value-only token goes through the layer's whole q, k, v projection (the one
+    `DecoderLayer.project`, shared with retrofitted layers) and its query is discarded; modlm.flops
+    counts that projection (docs/design.md).
+    """
+    kv_sel = routing.Selection.from_mask(kv_BT)
+    if kv_sel.empty:
+        return x_BTD, None, kv_sel, None
+    pos_kv_NS = kv_sel.gather(pos_BT)
+    q_NSHd, k_NSGd, v_NSGd = layer.project(kv_sel.gather(x_BTD), encode(pos_kv_NS))
+    slot_BT = routing.slots_among(kv_BT)
+
+    def compute(x_NKD: Tensor) -> tuple[Tensor, MoERouting | None]:
+        slot_NK = q_sel.gather(slot_BT).clamp(min=0)       # each query's own key/value slot
+        H, Dh = q_NSHd.shape[2:]
+        q_NKHd = q_NSHd.gather(1, slot_NK[:, :, None, None].expand(-1, -1, H, Dh))
+        mask_N1KS = routing.attention_mask_by_position(q_sel.gather(pos_BT), q_sel.valid_NK,
+                                                       pos_kv_NS, kv_sel.valid_NK)
+        y_NHKd = attend(q_NKHd.transpose(1, 2), k_NSGd.transpose(1, 2), v_NSGd.transpose(1, 2),
+                        scale=layer.attn_scale, mask=mask_N1KS,
+                        dropout_p=layer.attention_dropout())
+        return finish(layer, x_NKD, y_NHKd, q_sel.valid_NK, drop_overflow, mlp)
+
+    out_BTD, moe = routing.routed_update(x_BTD, q_sel, weights_NK, compute)
+    return out_BTD, moe, kv_sel, (k_NSGd, v_NSGd)
+
+
 class Block(nn.Module):
     """Pre-norm block: f(x) = attn(norm(x)) + mlp(norm(x + attn)) (a `DecoderLayer`)."""
 
@@ -197,6 +240,9 @@ class LayerRouting:
     token would receive (sigmoid(r), r or 1 per `router_weight`). fraction: routed share of tokens.
     predictor_accuracy / router_accuracy: agreement of the causal decisions (predictor logit > 0,
     sigmoid(r) > 0.5) with top-k membership; None where that part does not exist.
+    kv_mask_BT / kv_fraction: the tokens that gave the block keys and values, and their share,
+    when it routes them apart from its queries (`routing.kv_capacity`); None otherwise (keys and
+    values then come from mask_BT's tokens).
     """
 
     layer: int
@@ -209,6 +255,8 @@ class LayerRouting:
     router_accuracy: Tensor | None
     predictor_accuracy: Tensor | None
     moe: MoERouting | None = None    # the block's MoE MLP on the routed tokens (staged MoDE)
+    kv_mask_BT: Tensor | None = None
+    kv_fraction: Tensor | None = None
 
 
 class RoutedLayer(nn.Module):
@@ -234,7 +282,14 @@ class RoutedLayer(nn.Module):
         self.thresholded = r.router == "threshold"
         self.weighting = "constant" if r.router in ("random", "attention") else r.router_weight
         self.router: nn.Module = _ROUTERS[r.router](cfg.d_model)
-        self.predictor = Predictor(cfg.d_model, cfg.predictor_hidden) if r.predictor else None
+        # Decoupled key/value routing (None: keys and values from the queries, the paper's block).
+        self.kv_capacity = cfg.kv_capacity_of(layer)
+        kv = self.kv_capacity is not None
+        self.predictor = (Predictor(cfg.d_model, cfg.predictor_hidden, 2 if kv else 1)
+                          if r.predictor else None)
+        # Deviation: the paper leaves decoupled routing to future work (Sec 5); the learned
+        # router's key/value rule is r + b_kv > 0 with b_kv learned from 0 (docs/design.md).
+        self.kv_offset = nn.Parameter(torch.zeros(())) if kv and self.learned else None
         # Deviation: a gain that starts at 0 makes every routed update's weight exactly 1 at the
         # start, so a retrofitted model begins where the pretrained one is (docs/design.md).
         self.gain = (nn.Parameter(torch.zeros(()))
@@ -278,7 +333,7 @@ class RoutedLayer(nn.Module):
         if mode == "router":
             mask_BT = logits_BT.detach() > self.router.causal_threshold(self.capacity)
         elif mode == "predictor":
-            mask_BT = pred_BT.detach() > 0.0      # predicted top-k membership
+            mask_BT = self.split_prediction(pred_BT)[0].detach() > 0.0  # predicted top-k
         else:
             mask_BT = None
         return logits_BT, pred_BT, mask_BT
@@ -307,6 +362,7 @@ class RoutedLayer(nn.Module):
         B, T, _ = x_BTD.shape
         k = routing.capacity_k(T, self.capacity)
         logits_BT, pred_BT, mask_BT = self.causal_decision(x_BTD, mode, generator, prior_BT)
+        pred_BT, pred_kv_BT = self.split_prediction(pred_BT)
         if valid_BT is None:
             topk_sel = routing.Selection.topk(logits_BT.detach(), k)   # Sec 3.4: per sequence
             topk_BT = topk_sel.mask(B, T)
@@ -330,11 +386,23 @@ class RoutedLayer(nn.Module):
             return self.update(x_NKD, rotary(pos_NK), pos_NK, sel.valid_NK,
                                drop_overflow=mode == "topk")
 
-        out_BTD, moe = routing.routed_update(
-            x_BTD, sel, self.router_weights(sel.gather(logits_BT)), compute)
+        kv_BT = topk_kv_BT = None
+        if self.kv_capacity is None:
+            out_BTD, moe = routing.routed_update(
+                x_BTD, sel, self.router_weights(sel.gather(logits_BT)), compute)
+        else:
+            topk_kv_BT = self.topk_kv(logits_BT.detach(), valid_BT)
+            kv_BT = (topk_kv_BT | mask_BT if mode == "topk"
+                     else self.kv_mask(logits_BT, pred_kv_BT, mask_BT, mode, valid_BT))
+            out_BTD, moe = decoupled_update(
+                self.inner, x_BTD, sel, kv_BT, pos_BT, rotary,
+                self.router_weights(sel.gather(logits_BT)), drop_overflow=mode == "topk",
+                mlp=not self.attention_only)[:2]
         out_BTD, dense_moe = self.unrouted_mlp(out_BTD, valid_BT, drop_overflow=mode == "topk")
-        return out_BTD, self._stats(k, logits_BT, pred_BT, topk_BT, mask_BT, valid_BT,
-                                    moe or dense_moe)
+        stats = self._stats(k, logits_BT, pred_BT, topk_BT, mask_BT, valid_BT, moe or dense_moe)
+        if kv_BT is not None:
+            stats = self._with_kv_stats(stats, logits_BT, pred_kv_BT, kv_BT, topk_kv_BT, valid_BT)
+        return out_BTD, stats
 
     def update(self, x_NKD: Tensor, pe: PositionEncoding, pos_NK: Tensor,
                valid_NK: Tensor | None, drop_overflow: bool) -> tuple[Tensor, MoERouting | None]:
@@ -343,6 +411,79 @@ class RoutedLayer(nn.Module):
         routed)."""
         return causal_update(self.inner, x_NKD, pe, valid_NK, drop_overflow,
                              mlp=not self.attention_only)[:2]
+
+    # ---- keys and values routed apart from queries (routing.kv_capacity) -----------------------
+
+    def split_prediction(self, pred_BT: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """The predictor's logits of top-k membership and, in a layer that routes keys and
+        values apart, of top-k_kv membership (None otherwise)."""
+        if pred_BT is None or self.kv_capacity is None:
+            return pred_BT, None
+        return pred_BT[..., 0], pred_BT[..., 1]
+
+    def topk_kv(self, scores_BT: Tensor, valid_BT: Tensor | None = None) -> Tensor:
+        """Each row's top-k_kv by router score (among its real tokens): the key/value set of
+        "topk" mode and the target of the key/value rules in the causal ones."""
+        B, T = scores_BT.shape
+        assert self.kv_capacity is not None
+        if valid_BT is None:
+            k_kv = routing.capacity_k(T, self.kv_capacity)
+            return routing.Selection.topk(scores_BT, k_kv).mask(B, T)
+        return topk_mask_of_real_tokens(scores_BT, valid_BT, self.kv_capacity)
+
+    def kv_mask(self, logits_BT: Tensor, pred_kv_BT: Tensor | None, q_BT: Tensor,
+                mode: RoutingMode, valid_BT: Tensor | None = None) -> Tensor:
+        """Causal modes: each token's own key/value decision, or'ed with its query decision q_BT
+        (so the queries lie within the keys and values). Mode "router": r + b_kv > 0 for the
+        learned router, the (1 - kv_capacity) quantile of N(0, 1) for the random control; mode
+        "predictor": the predictor's second logit > 0."""
+        if mode == "router":
+            kv_BT = self.kv_router_logits(logits_BT.detach()) > self.router.causal_threshold(
+                self.kv_capacity)
+        elif mode == "predictor" and pred_kv_BT is not None:
+            kv_BT = pred_kv_BT.detach() > 0.0
+        else:
+            raise ValueError(f"a key/value decision needs a causal mode ('router', or "
+                             f"'predictor' with a predictor), got {mode!r}")
+        if valid_BT is not None:
+            kv_BT = kv_BT & valid_BT                   # padding is never routed
+        # Deviation: a query is always a key/value (it must see itself), whatever its rule says.
+        return kv_BT | q_BT
+
+    def kv_router_logits(self, logits_BT: Tensor) -> Tensor:
+        """r + b_kv: the router logit the key/value rule thresholds (r for the random control)."""
+        if self.kv_offset is None:
+            return logits_BT
+        return logits_BT + self.kv_offset.float()
+
+    def decide_one_kv(self, x_B1D: Tensor, mode: RoutingMode
+                      ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`decide_one` for a layer that routes keys and values apart: (query mask (B,),
+        key/value mask (B,), router logits (B, 1) in mode "router", else None)."""
+        if mode == "predictor" and self.predictor is not None:
+            q_B1, kv_B1 = self.split_prediction(self.predictor(x_B1D))
+            q_B = q_B1[:, 0] > 0.0
+            return q_B, (kv_B1[:, 0] > 0.0) | q_B, None
+        q_B, logits_B1 = self.decide_one(x_B1D, mode)
+        return q_B, self.kv_mask(logits_B1, None, q_B[:, None], mode)[:, 0], logits_B1
+
+    def _with_kv_stats(self, stats: LayerRouting, logits_BT: Tensor, pred_kv_BT: Tensor | None,
+                       kv_BT: Tensor, topk_kv_BT: Tensor, valid_BT: Tensor | None
+                       ) -> LayerRouting:
+        """The statistics with the key/value set and the key/value rules' losses added: a BCE
+        against top-k_kv membership of r.detach() + b_kv (into the router's aux loss, so
+        aux_loss_weight weights it; only b_kv learns from it) and of the predictor's second
+        logit (into the predictor loss)."""
+        target_BT = topk_kv_BT.float()
+        aux, pred_loss = stats.router_aux_loss, stats.predictor_loss
+        if self.kv_offset is not None and aux is not None:
+            aux = aux + _masked_bce(self.kv_router_logits(logits_BT.detach()), target_BT,
+                                    valid_BT)
+        if pred_kv_BT is not None and pred_loss is not None:
+            pred_loss = pred_loss + _masked_bce(pred_kv_BT, target_BT, valid_BT)
+        return dataclasses.replace(stats, router_aux_loss=aux, predictor_loss=pred_loss,
+                                   kv_mask_BT=kv_BT,
+                                   kv_fraction=_masked_mean(kv_BT.float(), valid_BT))
 
     def unrouted_mlp(self, x_BTD: Tensor, valid_BT: Tensor | None = None,
                      drop_overflow: bool = True) -> tuple[Tensor, MoERouting | None]:

@@ -120,6 +120,12 @@ class RoutingConfig:
     predictor_hidden: its hidden width; None means d_model // 8.
     predictor_loss_weight: weight of the predictor's BCE loss. Its gradient reaches only the
                    predictor, so this only scales the predictor's own learning signal.
+    kv_capacity:   null (the paper's block: keys and values come from the routed tokens alone),
+                   or the fraction of the sequence that gives a routed block keys and values:
+                   the top-k_kv of the same router scores, k_kv = max(1, floor(kv_capacity * T)),
+                   a superset of the routed queries (decoupled query and key/value routing, the
+                   paper's Sec 5 future work). In (0, 1] and at least every routed block's
+                   capacity; a block whose capacity equals it is the paper's block.
     """
 
     router: RouterKind = "learned"
@@ -139,6 +145,7 @@ class RoutingConfig:
     # Deviation: the paper does not state the predictor's loss weight (Sec 3.5); 1.0, since its
     # gradient reaches only the predictor and the weight merely scales that (docs/design.md).
     predictor_loss_weight: float = 1.0
+    kv_capacity: float | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; the config stores tuples so it stays hashable and frozen.
@@ -159,6 +166,14 @@ class RoutingConfig:
                     for c in self.capacities)),
               f"routing.capacities must be null or a list of capacities in (0, 1], one per "
               f"routed block, got {self.capacities!r}")
+        check(self.kv_capacity is None or (
+            isinstance(self.kv_capacity, (int, float)) and not isinstance(self.kv_capacity, bool)
+            and 0.0 < self.kv_capacity <= 1.0),
+              f"routing.kv_capacity must be null or in (0, 1], got {self.kv_capacity!r}")
+        check(self.kv_capacity is None or self.router in ("learned", "random", "none"),
+              f"routing.kv_capacity routes keys and values by the learned or random router's "
+              f"scores; router {self.router!r} has no rule for them: set routing.kv_capacity "
+              f"to null")
         check(self.skip in ROUTING_SKIPS,
               f"routing.skip must be one of {ROUTING_SKIPS}, got {self.skip!r}")
         check(self.aux_loss_weight >= 0.0,
@@ -312,6 +327,12 @@ class ModelConfig:
               f"routing.capacities has {len(caps or ())} entries but the model routes "
               f"{len(self.routed_layers)} blocks {list(self.routed_layers)}; give one capacity "
               f"per routed block")
+        kv = self.routing.kv_capacity
+        low = [(i, self.capacity_of(i)) for i in self.routed_layers
+               if kv is not None and self.capacity_of(i) > kv]
+        check(not low, f"routing.kv_capacity ({kv}) is below the capacity of routed block(s) "
+                       f"{low} (block, capacity); raise kv_capacity to at least "
+                       f"{max((c for _, c in low), default=0)} or set it to null")
         if isinstance(self.moe.layers, tuple):
             bad = [i for i in self.moe.layers if not 0 <= i < self.n_layers]
             check(not bad, f"moe.layers has block indices {bad} outside 0..{self.n_layers - 1}")
@@ -355,6 +376,14 @@ class ModelConfig:
         if caps is None:
             return self.routing.capacity
         return caps[self.routed_layers.index(layer)]
+
+    def kv_capacity_of(self, layer: int) -> float | None:
+        """The key/value capacity of routed block `layer` when it routes keys and values apart
+        from its queries (routing.kv_capacity above the block's capacity); None when its keys and
+        values come from its queries alone (the paper's block)."""
+        kv = self.routing.kv_capacity
+        # Deviation: kv_capacity equal to the block's capacity is the paper's block, unchanged.
+        return kv if kv is not None and kv > self.capacity_of(layer) else None
 
     @property
     def is_dense(self) -> bool:

@@ -15,6 +15,11 @@ Convention (the same as `torch.utils.flop_counter.FlopCounterMode`, which a test
   block at its capacity, which its penalty aims for. An A-MoD block's router is the Q K^T
   product its previous block forms to read the attention each token received (2 T^2 D FLOPs),
   with no backward.
+- A block that routes keys and values apart from its queries (`routing.kv_capacity`) takes
+  keys and values from k_kv = capacity_k(T, kv_capacity) tokens: each of them pays the q, k, v
+  projection (a key/value-only token's query is computed and discarded, block.decoupled_update),
+  the k queries pay the output projection and the MLP, and the attention products cost
+  2 x 2 x k x k_kv x D. Its predictor has a second output (P more FLOPs per token x 2).
 - Training = forward + backward, the backward costing twice the forward (input and weight
   gradients) for every matmul, with three exceptions where autograd does less: the predictor's
   first layer has a stop-gradient input, so only its weight gradient is computed; a predictor
@@ -82,6 +87,21 @@ def tokens_per_block(cfg: ModelConfig, seq_len: int) -> list[int]:
             for i in range(cfg.n_layers)]
 
 
+def kv_tokens(cfg: ModelConfig, layer: int, seq_len: int, queries: int) -> int:
+    """Tokens that give block `layer` keys and values: k_kv in a block that routes them apart
+    from its queries (`routing.kv_capacity`), else its `queries` themselves."""
+    kv = cfg.kv_capacity_of(layer) if layer in cfg.routed_layers else None
+    return queries if kv is None else max(queries, capacity_k(seq_len, kv))
+
+
+def predictor_flops_per_token(cfg: ModelConfig) -> float:
+    """The predictors of every routed block on one token: Linear(D, P), then Linear(P, 1), or
+    Linear(P, 2) in a block that routes keys and values apart."""
+    D, P = cfg.d_model, cfg.predictor_hidden
+    return sum(2 * (D * P + P * (1 if cfg.kv_capacity_of(i) is None else 2))
+               for i in cfg.routed_layers)
+
+
 def expected_expert_tokens(cfg: ModelConfig, tokens: int) -> float:
     """Choice slots the real experts of one MoE layer compute for a group of `tokens` tokens,
     under balanced routing: experts * min(tokens * top_k / choices, slots_per_expert)."""
@@ -105,8 +125,10 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown
     proj = scores = mlp = moe_router = 0.0
     attention_only = cfg.routing.skip == "attention"
     for i, n in enumerate(tokens_per_block(cfg, T)):
+        n_kv = kv_tokens(cfg, i, T, n)
         proj += 2 * n * 4 * D * D                 # q, k, v and output projections
-        scores += 2 * 2 * n * n * D               # Q K^T and P V over all heads
+        proj += 2 * (n_kv - n) * 3 * D * D        # q, k, v of key/value-only tokens
+        scores += 2 * 2 * n * n_kv * D            # Q K^T and P V over all heads
         if attention_only:
             n = T                                 # the MLP runs on every token
         if i in moe_layers:
@@ -123,14 +145,14 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None) -> FlopBreakdown
         router = 2 * T * T * D * n_routed
     else:
         router = 0.0
-    P = cfg.predictor_hidden
-    predictor = 2 * T * (D * P + P) * n_routed if cfg.routing.predictor and n_routed else 0.0
+    predictor = T * predictor_flops_per_token(cfg) if cfg.routing.predictor else 0.0
     return FlopBreakdown(T, proj, scores, mlp, router, predictor, moe_router, 2 * T * D * V)
 
 
 def decode_flops(cfg: ModelConfig, context: float,
                  routed_fraction: float | Mapping[int, float] | None = None,
-                 mode: Literal["router", "predictor"] = "router") -> FlopBreakdown:
+                 mode: Literal["router", "predictor"] = "router",
+                 kv_fraction: float | Mapping[int, float] | None = None) -> FlopBreakdown:
     """Forward FLOPs of one decode step for one row: a new token whose `context` earlier tokens
     are in the KV cache (`seq_len` of the result is 1).
 
@@ -143,6 +165,12 @@ def decode_flops(cfg: ModelConfig, context: float,
     weight), in mode "predictor" the predictor, and the router then scores the routed tokens
     alone. The LM head runs on every token. With f in {0, 1} the count is exact (tests check it
     against FlopCounterMode).
+
+    A block that routes keys and values apart (`routing.kv_capacity`) gives a token its q, k, v
+    projection with probability g >= f, its key/value fraction (`kv_fraction`, given like
+    `routed_fraction`; None: its kv_capacity), and its cache holds the share g of the context:
+    it costs f x (output projection + MLP + attention over g x context + 1 keys) + g x the
+    q, k, v projection.
     """
     D, F, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
     mlp_mats = 3 if cfg.mlp == "swiglu" else 2
@@ -158,11 +186,20 @@ def decode_flops(cfg: ModelConfig, context: float,
             return routed_fraction.get(i, cfg.capacity_of(i))
         return routed_fraction
 
+    def kv_share(i: int, f: float) -> float:
+        kv = cfg.kv_capacity_of(i) if i in routed else None
+        if kv is None:
+            return f
+        if isinstance(kv_fraction, Mapping):
+            return max(f, kv_fraction.get(i, kv))
+        return max(f, kv if kv_fraction is None else kv_fraction)
+
     proj = scores = mlp = moe_router = 0.0
     for i in range(cfg.n_layers):
         f = fraction(i)
-        keys = f * context + 1
-        proj += f * 2 * 4 * D * D
+        g = kv_share(i, f)
+        keys = g * context + 1
+        proj += f * 2 * D * D + g * 2 * 3 * D * D     # output projection; q, k, v
         scores += f * 2 * 2 * keys * D
         n = 1.0 if attention_only else f
         if i in cfg.moe_layers:
@@ -172,8 +209,7 @@ def decode_flops(cfg: ModelConfig, context: float,
             mlp += n * 2 * mlp_mats * D * F
     scored = (len(routed) if mode == "router" else sum(fraction(i) for i in routed))
     router = 2 * D * scored if cfg.routing.router in SCORING_ROUTERS else 0.0
-    P = cfg.predictor_hidden
-    predictor = 2 * (D * P + P) * len(routed) if mode == "predictor" else 0.0
+    predictor = predictor_flops_per_token(cfg) if mode == "predictor" else 0.0
     return FlopBreakdown(1, proj, scores, mlp, router, predictor, moe_router, 2 * D * V)
 
 
@@ -183,7 +219,8 @@ def training_flops(cfg: ModelConfig, seq_len: int | None = None) -> float:
     r = cfg.routing
     total = 3 * f.total
     if r.predictor_loss_weight > 0:
-        total -= f.predictor * cfg.d_model / (cfg.d_model + 1)  # first layer: D*P of (D*P + P)
+        if r.predictor:   # its first layer (D x P per token and block) gets no input gradient
+            total -= 2 * f.seq_len * cfg.d_model * cfg.predictor_hidden * len(cfg.routed_layers)
     else:
         total -= 2 * f.predictor
     if (r.router_weight == "constant" and r.aux_loss_weight == 0) or r.router == "attention":
@@ -206,9 +243,12 @@ def param_count(cfg: ModelConfig) -> ParamCount:
     router = {"learned": D, "threshold": D + 1}.get(cfg.routing.router, 0)
     P = cfg.predictor_hidden
     predictor = D * P + P if cfg.routing.predictor else 0
+    # A block that routes keys and values apart: b_kv (learned router), a second predictor output.
+    n_kv = sum(cfg.kv_capacity_of(i) is not None for i in cfg.routed_layers)
+    kv_extra = (1 if router else 0) + (P if cfg.routing.predictor else 0)
     m = cfg.moe
     moe_extra = m.experts * mlp_mats * D * cfg.expert_hidden + D * m.choices - mlp_mats * D * F
-    non_embedding = (cfg.n_layers * block + n_routed * (router + predictor) + D
+    non_embedding = (cfg.n_layers * block + n_routed * (router + predictor) + n_kv * kv_extra + D
                      + len(cfg.moe_layers) * moe_extra)
     embedding = V * D * (1 if cfg.tie_embeddings else 2)
     return ParamCount(non_embedding + embedding, embedding, non_embedding)

@@ -70,6 +70,8 @@ class MoDLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("kv_offset"):      # b_kv of the key/value rule starts at 0
+                nn.init.zeros_(p)
             elif name.endswith(("attn.out.weight", "mlp.down.weight", "mlp.down")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:

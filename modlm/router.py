@@ -134,12 +134,14 @@ class Predictor(nn.Module):
 
     Deviation: the paper says only "a small auxiliary MLP"; ours is Linear(D, P) -> SiLU ->
     Linear(P, 1) with P = d_model / 8 by default, in float32.
+    outputs=2 (a block that routes keys and values apart, `routing.kv_capacity`): a second
+    logit, of top-k_kv membership, from the same hidden layer; the output is then (B, T, 2).
     """
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, outputs: int = 1) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, hidden, bias=False)
-        self.head = nn.Linear(hidden, 1, bias=False)
+        self.head = nn.Linear(hidden, outputs, bias=False)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         # Paper Sec 3.5: "stop-gradient" input, so the predictor cannot shape the trunk or router.

@@ -14,6 +14,9 @@ block (score -> select -> gather -> compute -> weight -> scatter) can be tested 
 - `Selection` and `routed_update`: the routed update of Eq. 1 (gather, compute, weight,
   scatter), the one implementation every path calls: modlm's routed blocks, retrofitted
   Hugging Face layers, and the generation engine's prefill and decode steps.
+- `slots_among` and `attention_mask_by_position`: for blocks whose keys and values come from a
+  larger set than their queries (`routing.kv_capacity`), where each query sits in the key/value
+  set and which keys it may see.
 """
 
 from __future__ import annotations
@@ -194,3 +197,29 @@ def routed_update(x_BTD: Tensor, sel: Selection, weights_NK: Tensor,
     delta_NKD, extra = compute(sel.gather(x_BTD))
     update_NKD = (weights_NK.unsqueeze(-1) * delta_NKD).to(x_BTD.dtype)
     return sel.scatter_add(x_BTD, update_NKD), extra
+
+
+# ---- queries and keys/values from different sets (routing.kv_capacity) -------------------------
+
+
+def slots_among(mask_BT: Tensor) -> Tensor:
+    """Each token's index among its row's selected tokens (B, T): its slot on the gathered axis
+    of `Selection.from_mask(mask_BT)`, and in a KV cache filled from it. Meaningless (may be -1)
+    at unselected tokens."""
+    return mask_BT.long().cumsum(dim=1) - 1
+
+
+def attention_mask_by_position(pos_q_NK: Tensor, valid_q_NK: Tensor | None, pos_kv_NS: Tensor,
+                               valid_kv_NS: Tensor | None) -> Tensor:
+    """Boolean attention mask (N, 1, K, S): query k sees key s iff s is a real entry at or before
+    the query's true position (causal by position, across two different token sets).
+
+    Padding queries see every key: their outputs are discarded, and a fully masked row would give
+    NaN, whose gradient reaches the real entries through the softmax backward.
+    """
+    see_NKS = pos_kv_NS[:, None, :] <= pos_q_NK[:, :, None]
+    if valid_kv_NS is not None:
+        see_NKS = see_NKS & valid_kv_NS[:, None, :]
+    if valid_q_NK is not None:
+        see_NKS = see_NKS | ~valid_q_NK[:, :, None]
+    return see_NKS[:, None]

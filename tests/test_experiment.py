@@ -413,9 +413,9 @@ def test_routers_change_only_how_tokens_are_chosen():
     """Every router of the routers experiment routes the same blocks of the same shape at the
     same capacity as the paper's learned router; each changes only its routing fields."""
     from modlm.experiments import routers
-    for shape, (mod, dense, _) in routers.shapes().items():
+    for shape, (mod, dense_cfg, _) in routers.shapes().items():
         v = routers.routers(mod)
-        assert v["learned"] == mod and dense.is_dense
+        assert v["learned"] == mod and dense_cfg.is_dense
         for name, cfg in v.items():
             assert (cfg.n_layers, cfg.d_model, cfg.routed_layers, cfg.routing.capacity) == (
                 mod.n_layers, mod.d_model, mod.routed_layers, mod.routing.capacity), name

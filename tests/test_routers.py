@@ -168,6 +168,7 @@ def test_threshold_forward_and_training_flops_match_the_counter():
 @pytest.mark.parametrize("bad, match", [
     (dict(predictor=True), "predictor=false"),
     (dict(aux_loss_weight=0.0), "aux_loss_weight > 0"),
+    (dict(kv_capacity=0.75), "kv_capacity to null"),
 ])
 def test_threshold_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):

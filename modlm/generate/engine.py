@@ -26,7 +26,14 @@ import torch
 from torch import Tensor
 
 from modlm import routing
-from modlm.block import DecoderLayer, PositionEncoding, RoutedLayer, causal_update, finish
+from modlm.block import (
+    DecoderLayer,
+    PositionEncoding,
+    RoutedLayer,
+    causal_update,
+    decoupled_update,
+    finish,
+)
 from modlm.config import ModelConfig
 from modlm.generate.cache import (
     DecodeState,
@@ -36,6 +43,7 @@ from modlm.generate.cache import (
     _bounds,
     _empty_cache,
     _length_mask,
+    _on_device,
 )
 from modlm.generate.errors import GenerationError
 from modlm.generate.results import (
@@ -150,6 +158,11 @@ class Engine:
             raise GenerationError("compile=True does not support mixture-of-experts layers "
                                   "(their expert dispatch has data-dependent shapes); use the "
                                   "eager engine (compile=False)")
+        if compile and any(isinstance(layer, RoutedLayer) and layer.kv_capacity is not None
+                           for layer in self.layers):
+            raise GenerationError("compile=True does not support routing keys and values apart "
+                                  "from queries (routing.kv_capacity); use the eager engine "
+                                  "(compile=False)")
         if compile and not hasattr(torch.compiler, "keep_portable_guards_unsafe"):
             raise GenerationError(f"compile=True needs a newer torch (its guard filters; torch "
                                   f"{torch.__version__} has none); use compile=False or "
@@ -263,6 +276,8 @@ class Engine:
 
     def _prefill_routed(self, layer: RoutedLayer, x_BTD: Tensor, pos_BT: Tensor,
                         valid_BT: Tensor, max_tokens: int) -> tuple[Tensor, LayerCache, int]:
+        if layer.kv_capacity is not None:
+            return self._prefill_decoupled(layer, x_BTD, pos_BT, valid_BT, max_tokens)
         logits_BT, _, mask_BT = layer.causal_decision(x_BTD, self.mode)
         sel = routing.Selection.from_mask(mask_BT & valid_BT)   # padding is never routed
         n_B = sel.valid_NK.sum(dim=1)
@@ -283,6 +298,27 @@ class Engine:
                                          compute)
         x_BTD = layer.unrouted_mlp(x_BTD, valid_BT, drop_overflow=False)[0]
         return x_BTD, cache, int(n_B.sum())
+
+    def _prefill_decoupled(self, layer: RoutedLayer, x_BTD: Tensor, pos_BT: Tensor,
+                           valid_BT: Tensor, max_tokens: int) -> tuple[Tensor, LayerCache, int]:
+        """Prefill of a layer that routes keys and values apart from its queries: its cache
+        holds the key/value tokens; the queries get Eq. 1's update. Returns (x, cache, queries)."""
+        logits_BT, pred_BT, mask_BT = layer.causal_decision(x_BTD, self.mode)
+        q_BT = mask_BT & valid_BT                                 # padding is never routed
+        kv_BT = layer.kv_mask(logits_BT, layer.split_prediction(pred_BT)[1], q_BT, self.mode,
+                              valid_BT)
+        sel = routing.Selection.from_mask(q_BT)
+        x_BTD, _, kv_sel, kv = decoupled_update(
+            layer.inner, x_BTD, sel, kv_BT, pos_BT, self.model.encode_positions,
+            layer.router_weights(sel.gather(logits_BT)), drop_overflow=False,
+            mlp=not layer.attention_only)
+        cache = _empty_cache(layer.inner, x_BTD.shape[0],
+                             min(max_tokens, kv_sel.idx_NK.shape[1] + _ROUTED_HEADROOM),
+                             max_tokens, True, x_BTD.device)
+        if kv is not None:
+            cache.fill(*kv, kv_sel.gather(pos_BT), kv_sel.valid_NK.sum(dim=1))
+        x_BTD = layer.unrouted_mlp(x_BTD, valid_BT, drop_overflow=False)[0]
+        return x_BTD, cache, int(q_BT.sum())
 
     @torch.inference_mode()
     def decode_step(self, state: DecodeState, tokens: Sequence[int] | Tensor) -> Tensor:
@@ -331,6 +367,11 @@ class Engine:
                 y = _attend_cached(layer, q, cache, every, dense_n, dense_mask)
                 x_B1D = x_B1D + finish(layer, x_B1D, y, None, drop_overflow=False)[0]
                 state.routed_tokens[i] += B
+                continue
+            if layer.kv_capacity is not None:
+                x_B1D, n_queries = self._decoupled_step(layer, cache, x_B1D, pe_B1, pos_B)
+                state.routed_tokens[i] += n_queries
+                x_B1D = layer.unrouted_mlp(x_B1D, drop_overflow=False)[0]
                 continue
             mask_B, logits_B1 = layer.decide_one(x_B1D, self.mode)
             rows = Rows.where(mask_B)            # only the rows whose token routes
@@ -400,6 +441,42 @@ class Engine:
                           mlp=not layer.attention_only)[0], None
 
         return routing.routed_update(x_B1D, sel, layer.router_weights(logits_N1), compute)[0]
+
+    def _decoupled_step(self, layer: RoutedLayer, cache: LayerCache, x_B1D: Tensor,
+                        pe_B1: PositionEncoding, pos_B: Tensor) -> tuple[Tensor, int]:
+        """A decode step of a layer that routes keys and values apart from its queries: rows
+        whose new token is a key/value append it to the cache; rows whose token is also a query
+        attend over their cache (the new token included) and get Eq. 1's update. Returns the new
+        x and the number of query rows."""
+        q_B, kv_B, logits_B1 = layer.decide_one_kv(x_B1D, self.mode)
+        kv_rows = Rows.where(kv_B)
+        if not kv_rows.host.size:
+            return x_B1D, 0
+        step, dev = layer.inner, x_B1D.device
+        take = routing.Selection.rows(kv_rows.index, every=kv_rows.all)
+        q_N1Hd, k_N1Gd, v_N1Gd = step.project(
+            take.gather(x_B1D), pe_B1 if kv_rows.all else _take_rows(pe_B1, kv_rows.index))
+        n_N = cache.append(kv_rows, k_N1Gd[:, 0], v_N1Gd[:, 0], take.gather(pos_B[:, None])[:, 0])
+        q_rows = Rows.where(q_B)
+        if not q_rows.host.size:
+            return x_B1D, 0
+        is_query_N = np.zeros(q_B.shape[0], dtype=bool)
+        is_query_N[q_rows.host] = True
+        is_query_N = is_query_N[kv_rows.host]         # which key/value rows are queries
+        sel = routing.Selection.rows(q_rows.index, every=q_rows.all)
+        logits_M1 = (layer.router(sel.gather(x_B1D)) if logits_B1 is None
+                     else sel.gather(logits_B1))
+
+        def compute(x_M1D: Tensor) -> tuple[Tensor, None]:
+            q_M1Hd = (q_N1Hd if is_query_N.all()
+                      else q_N1Hd.index_select(0, _on_device(np.flatnonzero(is_query_N), dev)))
+            n_M = n_N[is_query_N]
+            y = _attend_cached(step, q_M1Hd, cache, q_rows, n_M, _length_mask(n_M, dev))
+            return finish(step, x_M1D, y, None, drop_overflow=False,
+                          mlp=not layer.attention_only)[0], None
+
+        return (routing.routed_update(x_B1D, sel, layer.router_weights(logits_M1), compute)[0],
+                int(q_rows.host.size))
 
     # ---- generation ----------------------------------------------------------------------------
 

@@ -355,6 +355,10 @@ def model_config_for(hf_config: Any, routing_cfg: RoutingConfig) -> ModelConfig:
         raise RetrofitError("routing.router='attention' (A-MoD) needs the previous layer's "
                             "attention matrix, which retrofitted Hugging Face layers do not "
                             "expose; use router 'learned', 'threshold' or 'random'")
+    if routing_cfg.kv_capacity is not None:
+        raise RetrofitError("a retrofitted model routes keys and values with its queries; set "
+                            "routing.kv_capacity to null (decoupled key/value routing is for "
+                            "modlm models)")
     if isinstance(routing_cfg.layers, tuple):
         bad = [i for i in routing_cfg.layers if not 0 <= i < shape["n_layers"]]
         if bad:
