@@ -429,6 +429,16 @@ def test_routers_change_only_how_tokens_are_chosen():
                            "decoupled-kv": {"kv_capacity"}}, shape
 
 
+def test_mode_random_controls_change_only_the_router():
+    from modlm.experiments import mode
+    for variant, control in mode.CONTROLS.items():
+        base, rnd = mode.model(variant), mode.model(control)
+        assert rnd.routing.router == "random" and base.routing.router == "learned"
+        assert dataclasses.replace(rnd, routing=base.routing) == base
+        assert rnd.moe == base.moe and rnd.routed_layers == base.routed_layers
+    assert set(mode.CONTROLS.values()) <= set(mode.VARIANTS)
+
+
 def router_result(shape: str, router: str, seed: int, loss: float) -> RunResult:
     r = fake_result(f"{shape}-{router}-s{seed}", "dense" if router == "dense" else "mod", 1e13,
                     (128, 4, 4), seed, loss)

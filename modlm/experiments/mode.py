@@ -12,7 +12,12 @@ models take more steps):
 - mode-integrated:      the MoE router also offers 4 no-op experts (a token sent to one skips the
                         MLP; attention unchanged): about half the MLP slots are computed;
 - moe-reduced:          the paper's foil: MoE whose capacity factor is cut to 0.5 so it spends
-                        integrated MoDE's MLP compute by dropping overflow tokens.
+                        integrated MoDE's MLP compute by dropping overflow tokens;
+- mod-random, mode-staged-random: the random-routing controls of mod and mode-staged (the same
+                        shape and capacity, tokens routed by a random top-k; Sec 4.1), so each
+                        MoD result stands beside what computing less per step gives without a
+                        router. Integrated MoDE has no MoD router (its no-op experts are chosen
+                        by the MoE router), so it has no such control.
 
 Reported: held-out loss in the training forward (`topk`: MoD top-k and expert capacity, the
 objective of Fig 7) and in the inference forward (causal MoD routing by the predictor; no expert
@@ -25,6 +30,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from modlm.config import ModelConfig
+from modlm.experiments import sizes
 from modlm.experiments.plan import interleaved_step_times
 from modlm.experiments.runner import Context
 from modlm.experiments.spec import Experiment, Report, RunResult, RunSpec
@@ -32,16 +39,28 @@ from modlm.experiments.tables import fmt, markdown_table
 
 BUDGET = 3e13
 BASE = "small"
-VARIANTS = ("dense", "mod", "moe", "mode-staged", "mode-integrated", "moe-reduced")
+VARIANTS = ("dense", "mod", "moe", "mode-staged", "mode-integrated", "moe-reduced",
+            "mod-random", "mode-staged-random")
+CONTROLS = {"mod": "mod-random", "mode-staged": "mode-staged-random"}
 STEP_REPEATS = 6
 
 
 def preset_name(variant: str) -> str:
+    variant = variant.removesuffix("-random")
     return BASE if variant == "mod" else f"{BASE}-{variant}"
 
 
+def model(variant: str) -> ModelConfig:
+    from modlm.presets import get_preset
+    cfg = get_preset(preset_name(variant))
+    return sizes.random_control(cfg) if variant.endswith("-random") else cfg
+
+
 def stage(ctx: Context, results: dict[str, RunResult] | None) -> list[RunSpec]:
-    return [ctx.spec(variant, preset_name(variant), flops=ctx.budget(BUDGET),
+    # The preset's name for the paper's models (their stored configs say so), a config for the
+    # random controls.
+    return [ctx.spec(variant, model(variant) if variant.endswith("-random")
+                     else preset_name(variant), flops=ctx.budget(BUDGET),
                      family=variant, tags={"variant": variant}, evals=2)
             for variant in VARIANTS]
 
@@ -55,7 +74,9 @@ def _shares(r: RunResult, mode: str) -> dict[str, float] | None:
 
 def report(ctx: Context, results: dict[str, RunResult]) -> Report:
     from modlm.experiments import plots
-    times = ctx.cached("step_times", lambda: interleaved_step_times(results, STEP_REPEATS))
+    # Keyed by the variant list: adding the random controls timed every model again together.
+    times = ctx.cached(f"step_times_{len(VARIANTS)}",
+                       lambda: interleaved_step_times(results, STEP_REPEATS))
     dense = results["dense"]
     rows, summary = [], {}
     for variant in VARIANTS:
@@ -102,6 +123,11 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         f"{integ['loss_inference_forward'] - foil['loss_inference_forward']:+.4f}.",
         f"- Staged MoDE minus MoD: {summary['mode-staged']['loss_training_forward'] - summary['mod']['loss_training_forward']:+.4f}; "  # noqa: E501
         f"MoE minus dense: {summary['moe']['loss_training_forward'] - summary['dense']['loss_training_forward']:+.4f}.",  # noqa: E501
+        *[f"- {v} minus its random-routing control ({c}): training forward "
+          f"{summary[v]['loss_training_forward'] - summary[c]['loss_training_forward']:+.4f}, "
+          f"inference forward {summary[v]['loss_inference_forward'] - summary[c]['loss_inference_forward']:+.4f} "  # noqa: E501
+          f"(one seed; the controls experiment measures the seed spread at d128)."
+          for v, c in CONTROLS.items()],
     ])
     return Report(text, {"variants": summary, "best": best})
 
