@@ -442,13 +442,18 @@ def test_mode_random_controls_change_only_the_router():
 def router_result(shape: str, router: str, seed: int, loss: float) -> RunResult:
     r = fake_result(f"{shape}-{router}-s{seed}", "dense" if router == "dense" else "mod", 1e13,
                     (128, 4, 4), seed, loss)
-    pydoc = {m: {**e, "loss": e["loss"] + 1.0} for m, e in r.eval["val"].items()}
+    val = {m: {**e, "loss": loss} for m, e in r.eval["val"].items()}
+    pydoc = {m: {**e, "loss": loss + 1.0} for m, e in val.items()}
     layers = [{"layer": 1, "fraction_routed": 0.125, "router_accuracy": None,
                "predictor_accuracy": None}]
     ev = {split: {m: {**e, "layers": [] if router == "dense" else layers}
                   for m, e in modes.items()} for split, modes in
-          (("val", r.eval["val"]), ("pydoc", pydoc))}
-    return dataclasses.replace(r, tags={"shape": shape, "router": router, "seed": seed}, eval=ev)
+          (("val", val), ("pydoc", pydoc))}
+    from modlm.experiments import routers
+    cfg = routers._variants(shape)[router]
+    return dataclasses.replace(r, tags={"shape": shape, "router": router, "seed": seed}, eval=ev,
+                               model=cfg.to_dict(),
+                               headline_mode=headline_mode(cfg))
 
 
 def test_routers_seed_the_leaders_and_judge_against_the_random_spread(tmp_path, corpus):
@@ -479,6 +484,10 @@ def test_routers_seed_the_leaders_and_judge_against_the_random_spread(tmp_path, 
     assert t["val_minus_random"] == pytest.approx(1.90 - 2.01)
     assert t["pydoc_minus_random"] == pytest.approx(1.90 - 2.01)
     assert not summary["d256"]["threshold"]["beats_random_beyond_spread"]    # one seed only
+    # Decode cost at the same routed share: the causal rule and the key/value share differ.
+    cost = {n: e["decode_flops_per_token"] for n, e in summary["d128"].items()}
+    assert cost["decoupled-kv"] > cost["learned"] > cost["random"]
+    assert cost["threshold"] < cost["learned"]       # no predictor runs at sampling time
     lines = "\n".join(routers.verdicts(summary))
     assert "d128, threshold: -0.1100" in lines and "beats random beyond the seed spread" in lines
     assert "d128, learned: " in lines and "within the seed spread of random" in lines

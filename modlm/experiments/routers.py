@@ -118,6 +118,16 @@ def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def decode_flops_per_token(r: RunResult) -> float:
+    """Forward FLOPs of one sampled token with a full 256-token context, in the run's causal
+    mode at the share its causal rule routed on held-out plays (keys and values of a decoupled
+    block at its kv_capacity)."""
+    from modlm.flops import decode_flops
+    cfg = r.model_config
+    mode = "predictor" if r.headline_mode == "predictor" else "router"
+    return decode_flops(cfg, r.seq_len, _routed_share(r), mode).total
+
+
 def summarize(results: dict[str, RunResult], times: dict[str, float]) -> dict[str, Any]:
     """Per shape and router: causal losses per seed (held-out plays, pydoc), top-k loss, routed
     share, steps, step time; and against random: the mean difference and whether every seed of
@@ -144,6 +154,7 @@ def summarize(results: dict[str, RunResult], times: dict[str, float]) -> dict[st
                 "routed_share_val": _routed_share(r0), "routed_share_pydoc":
                     _routed_share(r0, "pydoc"),
                 "steps": r0.steps, "training_flops_per_seq": r0.training_flops,
+                "decode_flops_per_token": decode_flops_per_token(r0),
                 "params": r0.params,
                 "step_s": times.get(r0.name), "logged_step_s": r0.median_step_s,
                 "val_minus_random": statistics.fmean(val) - statistics.fmean(rnd_val),
@@ -207,14 +218,15 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
                 f"{e['pydoc_minus_random']:+.4f}", " / ".join(fmt(x) for x in e["topk"][:1]),
                 share, e["steps"], ms(step),
                 "-" if step is None or rnd["step_s"] is None else f"{step / rnd['step_s']:.2f}",
-                f"{e['training_flops_per_seq'] / rnd['training_flops_per_seq']:.3f}"])
+                f"{e['training_flops_per_seq'] / rnd['training_flops_per_seq']:.3f}",
+                f"{e['decode_flops_per_token'] / rnd['decode_flops_per_token']:.3f}"])
         sections += [
             f"## {shape}", "",
             markdown_table(["router", "causal mode", "held-out loss per seed", "mean",
                             "- random", "pydoc loss", "- random", "top-k loss (seed 0)",
                             "routed share plays / pydoc", "steps", "step ms",
-                            "step / random", "train FLOPs per seq / random"], table,
-                           "llrrrrrrrrrrr"),
+                            "step / random", "train FLOPs per seq / random",
+                            "decode FLOPs per token / random"], table, "llrrrrrrrrrrrr"),
             "", f"![routers at {shape}](figures/routers_{shape}.png)", ""]
         plots.bars(order, [rows[n]["val_mean"] for n in order], ctx.figure(f"routers_{shape}"),
                    ylabel="held-out loss, causal mode (nats/byte)",
@@ -229,7 +241,9 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         "text. '- random': the mean minus the random-routing control's mean. Routed share: "
         "the mean over routed blocks of the share of tokens the causal mode routed (12.5% is "
         "the capacity). Step times: seed-0 models built fresh after training and timed one "
-        f"training step at a time, alternating, median of {STEP_REPEATS}.", "",
+        f"training step at a time, alternating, median of {STEP_REPEATS}. Decode FLOPs: one "
+        "sampled token with a full 256-token context in the causal mode, at the routed share "
+        "of the held-out plays (modlm.flops.decode_flops).", "",
         *sections, "## Verdicts", "", *verdicts(summary)])
     return Report(text, {"shapes": summary, "step_s": times})
 
