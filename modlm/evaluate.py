@@ -17,14 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from modlm.config import ModelConfig
 from modlm.corpus import DataError
 from modlm.data import eval_batches, split_windows
 from modlm.model import MoDLM
-from modlm.runtime import Dist, autocast
+from modlm.runtime import Dist, all_reduce, autocast
 
 
 def available_modes(cfg: ModelConfig) -> tuple[str, ...]:
@@ -125,8 +124,7 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
                 base = 2 + 3 * n_routed + 3 * cfg.moe_layers.index(m.layer)
                 sums[base:base + 3] += torch.tensor(
                     [float(m.computed), float(m.dropped), float(m.noop)], dtype=torch.float64) * n
-        if d.enabled:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        sums = all_reduce(sums, d)
         tokens = int(sums[1])
         if tokens == 0:
             raise DataError(f"evaluation saw no tokens: the split has {len(ids)} tokens, fewer "

@@ -188,12 +188,26 @@ def shutdown_distributed(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def collective_device(backend: str, device: torch.device, d: Dist) -> torch.device:
+    """Where a tensor on `device` must be for a collective: NCCL reduces CUDA tensors only, so a
+    host tensor (a stop flag, evaluation sums) goes to this process's GPU; gloo takes any."""
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", d.local_rank)
+    return device
+
+
+def all_reduce(t: torch.Tensor, d: Dist, op: Any = None) -> torch.Tensor:
+    """t reduced across processes (default: summed), a new tensor on t's device; t itself for
+    one process."""
+    if not d.enabled:
+        return t
+    out = t.to(collective_device(dist.get_backend(), t.device, d), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op is None else op)
+    return out.to(t.device)
+
+
 def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= d.world_size
-    return t
+    return all_reduce(t, d) / d.world_size if d.enabled else t
 
 
 def git_revision() -> str | None:

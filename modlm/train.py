@@ -568,6 +568,5 @@ def _agree(flag: bool, d: runtime.Dist) -> bool:
     """Every rank stops at the same step if any rank was asked to."""
     if not d.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = runtime.all_reduce(torch.tensor([1.0 if flag else 0.0]), d, dist.ReduceOp.MAX)
     return bool(t.item())

@@ -530,3 +530,17 @@ def test_step_records_average_every_micro_batch_and_leave_absent_losses_absent(
         assert record["router_accuracy"] is None
     if predictor:
         assert record["predictor_loss"] == pytest.approx(mean["predictor_loss"])
+
+
+def test_collectives_put_host_tensors_on_the_gpu_under_nccl_only():
+    """NCCL reduces CUDA tensors only: a host-side stop flag or evaluation sum goes to this
+    process's GPU for the collective (the training stop flag and the evaluation sums are host
+    tensors); gloo reduces it where it is; one process reduces nothing."""
+    from modlm import runtime
+    d = runtime.Dist(rank=1, world_size=2, local_rank=1)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 1)
+    assert runtime.collective_device("nccl", cpu, d) == gpu
+    assert runtime.collective_device("nccl", gpu, d) == gpu
+    assert runtime.collective_device("gloo", cpu, d) == cpu
+    t = torch.ones(3)
+    assert runtime.all_reduce(t, runtime.Dist()) is t
