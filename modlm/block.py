@@ -216,19 +216,16 @@ class Block(nn.Module):
             return self.mlp(self.mlp_norm(h_BKD), valid_BK, drop_overflow)
         return self.mlp(self.mlp_norm(h_BKD)), None
 
-    def forward(self, x_BTD: Tensor, rotary: Rotary,
-                mode: RoutingMode = "topk") -> tuple[Tensor, MoERouting | None]:
-        out_BTD, moe, _ = self.forward_received(x_BTD, rotary, mode, received=False)
-        return out_BTD, moe
-
-    def forward_received(self, x_BTD: Tensor, rotary: Rotary, mode: RoutingMode = "topk",
-                         received: bool = True
-                         ) -> tuple[Tensor, MoERouting | None, Tensor | None]:
-        """`forward`, and the attention each token received here (B, T): the scores of an
-        A-MoD block after this one (None with received=False)."""
+    def forward(self, x_BTD: Tensor, rotary: Rotary, mode: RoutingMode = "topk",
+                received: bool = False) -> tuple[Any, ...]:
+        """(x + f(x), MoE statistics), and with received=True also the attention each token
+        received here (B, T): the scores of an A-MoD block after this one. (One entry point, so
+        module hooks such as FSDP's weight gathering see every call.)"""
         rot_TR = rotary(torch.arange(x_BTD.shape[1], device=x_BTD.device))
         up = causal_update(self, x_BTD, rot_TR, drop_overflow=mode == "topk", received=received)
-        return x_BTD + up.delta, up.moe, up.received
+        if received:
+            return x_BTD + up.delta, up.moe, up.received
+        return x_BTD + up.delta, up.moe
 
 
 @dataclass(frozen=True)
@@ -288,8 +285,10 @@ class RoutedLayer(nn.Module):
         self.predictor = (Predictor(cfg.d_model, cfg.predictor_hidden, 2 if kv else 1)
                           if r.predictor else None)
         # Deviation: the paper leaves decoupled routing to future work (Sec 5); the learned
-        # router's key/value rule is r + b_kv > 0 with b_kv learned from 0 (docs/design.md).
-        self.kv_offset = nn.Parameter(torch.zeros(())) if kv and self.learned else None
+        # router's key/value rule is r + b_kv > 0 with b_kv learned from 0 by the auxiliary loss
+        # (docs/design.md); without that loss nothing would train it, so there is none.
+        self.kv_offset = (nn.Parameter(torch.zeros(()))
+                          if kv and self.learned and r.aux_loss_weight > 0 else None)
         # Deviation: a gain that starts at 0 makes every routed update's weight exactly 1 at the
         # start, so a retrofitted model begins where the pretrained one is (docs/design.md).
         self.gain = (nn.Parameter(torch.zeros(()))

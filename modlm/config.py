@@ -192,9 +192,10 @@ class RoutingConfig:
                   "routing.router='threshold' decides causally by itself and needs its share "
                   "penalty: set routing.predictor=false and routing.aux_loss_weight > 0 (e.g. 1)")
         if self.router == "attention":
-            check(self.aux_loss_weight == 0.0,
-                  "routing.router='attention' has no router weights to supervise: set "
-                  "routing.aux_loss_weight=0 (keep routing.predictor=true to sample)")
+            check(self.aux_loss_weight == 0.0 and self.predictor,
+                  "routing.router='attention' has no router weights to supervise and decides "
+                  "causally only through its predictor: set routing.aux_loss_weight=0 and "
+                  "routing.predictor=true")
 
     @property
     def is_dense(self) -> bool:

@@ -136,7 +136,7 @@ def evaluate(model: MoDLM, ids: np.ndarray, *, n_bytes: int, seq_len: int, batch
                 layer=layer,
                 fraction_routed=float(sums[2 + 3 * j]) / tokens,
                 router_accuracy=(float(sums[3 + 3 * j]) / tokens
-                                 if cfg.routing.router == "learned" else None),
+                                 if cfg.routing.router in ("learned", "threshold") else None),
                 predictor_accuracy=(float(sums[4 + 3 * j]) / tokens
                                     if cfg.routing.predictor else None))
             for j, layer in enumerate(cfg.routed_layers))

@@ -245,7 +245,8 @@ def param_count(cfg: ModelConfig) -> ParamCount:
     predictor = D * P + P if cfg.routing.predictor else 0
     # A block that routes keys and values apart: b_kv (learned router), a second predictor output.
     n_kv = sum(cfg.kv_capacity_of(i) is not None for i in cfg.routed_layers)
-    kv_extra = (1 if router else 0) + (P if cfg.routing.predictor else 0)
+    offset = cfg.routing.router == "learned" and cfg.routing.aux_loss_weight > 0     # b_kv
+    kv_extra = (1 if offset else 0) + (P if cfg.routing.predictor else 0)
     m = cfg.moe
     moe_extra = m.experts * mlp_mats * D * cfg.expert_hidden + D * m.choices - mlp_mats * D * F
     non_embedding = (cfg.n_layers * block + n_routed * (router + predictor) + n_kv * kv_extra + D

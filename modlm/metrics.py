@@ -52,6 +52,10 @@ class StepStats:
     moe_balance_loss: float | None = None   # MoE layers (modlm/moe.py): mean balance loss,
     moe_noop: tuple[float, ...] = ()        # and per layer the no-op and dropped shares
     moe_dropped: tuple[float, ...] = ()
+    # Per routed block, where the training forward's counts vary (a threshold router): the share
+    # of tokens routed; and where keys and values are routed apart: their share.
+    routed_fraction: tuple[float, ...] = ()
+    kv_fraction: tuple[float, ...] = ()
 
     @property
     def finite(self) -> bool:
@@ -79,6 +83,8 @@ class StepRecord:
                 "grad_norm": st.grad_norm, "tokens_per_s": self.tokens_per_s,
                 **({"moe_balance_loss": st.moe_balance_loss, "moe_noop": list(st.moe_noop),
                     "moe_dropped": list(st.moe_dropped)} if st.moe_noop else {}),
+                **({"routed_fraction": list(st.routed_fraction)} if st.routed_fraction else {}),
+                **({"kv_fraction": list(st.kv_fraction)} if st.kv_fraction else {}),
                 **({} if st.finite else {"skipped": True})}
 
     def scalars(self) -> Iterator[tuple[str, float]]:

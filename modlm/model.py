@@ -31,7 +31,7 @@ from modlm.block import ROUTING_MODES, Block, LayerRouting, RoutedBlock, Routing
 from modlm.config import ModelConfig
 from modlm.layers import RMSNorm, Rotary
 from modlm.moe import MoERouting
-from modlm.router import LinearRouter, ThresholdRouter
+from modlm.router import AttentionRouter, LinearRouter, ThresholdRouter
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,10 @@ class MoDLM(nn.Module):
                                            prior_BT=received_BT)
                 stats.append(layer_stats)
                 layer_moe = layer_stats.moe
+            elif i + 1 in scored:
+                x_BTD, layer_moe, received_BT = block(x_BTD, self.rotary, mode, received=True)
             else:
-                x_BTD, layer_moe, received_BT = block.forward_received(
-                    x_BTD, self.rotary, mode, received=i + 1 in scored)
+                x_BTD, layer_moe = block(x_BTD, self.rotary, mode)
             if layer_moe is not None:
                 moe.append(layer_moe)
         logits_BTV = self.lm_head(self.norm(x_BTD))
@@ -170,8 +171,7 @@ def check_token_inputs(cfg: ModelConfig, idx_BT: Tensor, targets_BT: Tensor | No
         raise ValueError("routing mode 'predictor' needs a model built with "
                          "routing.predictor=true; use mode='router' or 'topk'")
     if mode == "router" and not cfg.is_dense and cfg.routing.router == "attention":
-        raise ValueError("routing.router='attention' (A-MoD) has no causal router rule: its "
-                         "scores depend on later tokens; use mode='predictor' or 'topk'")
+        raise ValueError(AttentionRouter.NO_ROUTER_RULE)
     if idx_BT.dim() != 2:
         raise ValueError(f"expected token ids of shape (batch, time), "
                          f"got {tuple(idx_BT.shape)}")

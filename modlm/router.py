@@ -97,9 +97,11 @@ class AttentionRouter(nn.Module):
     uses the predictor, trained on its top-k as for the learned router (Sec 3.5, fix 2).
     """
 
+    NO_ROUTER_RULE = ("routing.router='attention' (A-MoD) has no causal router rule: its scores "
+                      "depend on later tokens; use mode='predictor'")
+
     def causal_threshold(self, capacity: float) -> float:
-        raise ValueError("routing.router='attention' (A-MoD) has no causal rule of its own: its "
-                         "scores depend on later tokens; use mode='predictor'")
+        raise ValueError(self.NO_ROUTER_RULE)
 
     def forward(self, x_BTD: Tensor, generator: torch.Generator | None = None) -> Tensor:
         B, T, _ = x_BTD.shape

@@ -427,9 +427,11 @@ def _parallelize(model: MoDLM, cfg: TrainConfig, d: runtime.Dist,
     if not d.enabled:
         return model
     r = cfg.model.routing
-    # An expert that receives no token in a step gets no gradient: DDP must be told.
+    # An expert that receives no token in a step gets no gradient, nor does a block that a
+    # threshold router routes no token into: DDP must be told.
     unused = (r.router_weight == "constant" and r.aux_loss_weight == 0) or (
-        r.predictor and r.predictor_loss_weight == 0) or bool(cfg.model.moe_layers)
+        r.predictor and r.predictor_loss_weight == 0) or bool(cfg.model.moe_layers) or (
+        r.router == "threshold")
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=unused)
@@ -466,16 +468,19 @@ def _save(s: _Session, state: TrainState, val_loss: float | None) -> Path | None
         model_state=model_state))
 
 
-def _step_values(out: Any) -> dict[str, torch.Tensor]:
+def _step_values(out: Any, varying: bool = False) -> dict[str, torch.Tensor]:
     """The scalars a step record reports from one forward, by name; absent ones left out. The
     names depend only on the model's configuration, so they agree across micro-batches and
-    processes."""
+    processes. varying: the routed counts vary in the training forward (log the fractions)."""
     values = {"loss": out.loss, "lm_loss": out.lm_loss, "router_aux_loss": out.router_aux_loss,
               "predictor_loss": out.predictor_loss,
               "moe_balance_loss": out.moe_balance_loss if out.moe else None}
     for i, r in enumerate(out.routing):
         values[f"router_accuracy.{i}"] = r.router_accuracy
         values[f"predictor_accuracy.{i}"] = r.predictor_accuracy
+        values[f"kv_fraction.{i}"] = r.kv_fraction
+        if varying:
+            values[f"routed_fraction.{i}"] = r.fraction
     for i, m in enumerate(out.moe or ()):
         values[f"moe_noop.{i}"], values[f"moe_dropped.{i}"] = m.noop, m.dropped
     return {k: v.detach().double() for k, v in values.items() if v is not None}
@@ -498,7 +503,7 @@ def _forward_backward(s: _Session) -> StepStats:
             with runtime.autocast(s.device, cfg.dtype):
                 out = s.train_model(x_BT, y_BT, generator=s.routing_gen)
             (out.loss / cfg.grad_accum).backward()
-        for name, value in _step_values(out).items():
+        for name, value in _step_values(out, cfg.model.routing.router == "threshold").items():
             sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum   # stays on the device
     names = sorted(sums)
     # One reduction and one device-to-host copy per step, whatever the number of values.
@@ -511,15 +516,17 @@ def _forward_backward(s: _Session) -> StepStats:
     def per_layer(prefix: str) -> list[float]:
         return [mean[n] for n in sorted((n for n in names if n.startswith(prefix + ".")),
                                         key=lambda n: int(n.rsplit(".", 1)[1]))]
-    # The fractions routed are exactly the capacity in the top-k training forward; the agreement
-    # of the causal rules with top-k is what is learned.
+    # The fractions routed are exactly the capacity in the top-k training forward (logged where
+    # they are not: a threshold router); the agreement of the causal rules with top-k is learned.
     return StepStats(
         loss=mean["loss"], lm_loss=mean["lm_loss"],
         router_aux_loss=mean.get("router_aux_loss"), predictor_loss=mean.get("predictor_loss"),
         router_accuracy=tuple(per_layer("router_accuracy")),
         predictor_accuracy=tuple(per_layer("predictor_accuracy")),
         grad_norm=grad_norm, moe_balance_loss=mean.get("moe_balance_loss"),
-        moe_noop=tuple(per_layer("moe_noop")), moe_dropped=tuple(per_layer("moe_dropped")))
+        moe_noop=tuple(per_layer("moe_noop")), moe_dropped=tuple(per_layer("moe_dropped")),
+        routed_fraction=tuple(per_layer("routed_fraction")),
+        kv_fraction=tuple(per_layer("kv_fraction")))
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

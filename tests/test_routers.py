@@ -208,7 +208,7 @@ def test_attention_routes_the_top_k_of_the_attention_received_before_it():
     with torch.no_grad():
         out = model(idx)
         x0 = model.embed(idx)
-        _, _, got_BT = model.blocks[0].forward_received(x0, model.rotary)
+        _, _, got_BT = model.blocks[0](x0, model.rotary, received=True)
     mask = out.routing[0].mask_BT
     k = math.floor(0.5 * T)
     assert mask.sum(1).tolist() == [k] * idx.shape[0]
@@ -222,7 +222,7 @@ def test_attention_unrouted_tokens_are_bit_identical_and_weights_are_one():
     idx = ids()
     with torch.no_grad():
         x0 = model.embed(idx)
-        x1, _, got_BT = model.blocks[0].forward_received(x0, model.rotary)
+        x1, _, got_BT = model.blocks[0](x0, model.rotary, received=True)
         out_BTD, stats = model.blocks[1](x1, model.rotary, "topk", prior_BT=got_BT)
     skip = ~stats.mask_BT
     assert torch.equal(out_BTD[skip], x1[skip])
@@ -324,16 +324,30 @@ def test_decode_flops_match_the_counter(routing, mode, route):
                         rel_tol=1e-9)
 
 
-def test_both_routers_survive_a_checkpoint_round_trip(tmp_path):
+def test_new_routers_survive_a_checkpoint_round_trip(tmp_path):
+    """Threshold, A-MoD and decoupled key/value routing: config and every weight (the learned
+    threshold and key/value offset set away from their initial 0) come back, and so do the
+    causal-mode logits."""
     from modlm.checkpoint import load_model, save_checkpoint
     from modlm.tokenizer import ByteTokenizer
-    for routing, mode in ((THRESHOLD, "router"), (ATTENTION, "predictor")):
+    kv = dict(capacity=0.25, kv_capacity=0.5)
+    for routing, mode in ((THRESHOLD, "router"), (ATTENTION, "predictor"), (kv, "predictor"),
+                          (kv, "router")):
         model = make_model(routing, vocab_size=256)
-        path = save_checkpoint(tmp_path / routing["router"], step=1, model=model,
-                               optimizer_state=None, trainer_state={"step": 1},
+        with torch.no_grad():      # the learned scalars away from their initial values
+            for i in model.cfg.routed_layers:
+                for name in ("bias", "kv_offset"):
+                    owner = model.blocks[i] if name == "kv_offset" else model.blocks[i].router
+                    if getattr(owner, name, None) is not None:
+                        getattr(owner, name).fill_(0.3 + i)
+        path = save_checkpoint(tmp_path / f"{routing.get('router', 'kv')}-{mode}", step=1,
+                               model=model, optimizer_state=None, trainer_state={"step": 1},
                                model_cfg=model.cfg, tokenizer=ByteTokenizer())
         loaded, _ = load_model(path)
-        assert loaded.cfg.routing.router == routing["router"]
+        assert loaded.cfg.routing == model.cfg.routing
+        want = model.state_dict()
+        assert loaded.state_dict().keys() == want.keys()
+        assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids(), mode=mode).logits_BTV,
                                        model(ids(), mode=mode).logits_BTV, atol=0, rtol=0)
@@ -350,3 +364,43 @@ def test_static_step_equals_the_eager_step(routing, mode):
     _, s_logits, _ = teacher_forced(static, PROMPTS, n_steps=9)
     for a, b in zip(e_logits, s_logits):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+FSDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from modlm.config import ModelConfig, RoutingConfig
+from modlm.model import MoDLM
+dist.init_process_group("gloo", rank=0, world_size=1)
+for routing in ({}, {"router": "attention", "aux_loss_weight": 0.0}):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=99, d_model=32, n_layers=4, n_heads=2, d_mlp=37,
+                      max_seq_len=16, routing=RoutingConfig(capacity=0.5, **routing))
+    model = MoDLM(cfg)
+    idx = torch.randint(0, 99, (2, 16))
+    want = model(idx, idx).loss
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    got = model(idx, idx).loss
+    got.backward()
+    assert torch.allclose(got, want), (got, want)
+    print("ok", routing.get("router", "learned"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_blocks_run_through_module_calls_so_fsdp_gathers_their_weights(tmp_path):
+    """FSDP2 gathers a sharded block's weights in a hook on the module call: the model calls
+    every block as a module (also the block that gives A-MoD its scores), so a sharded model
+    trains. One process under gloo, in a subprocess (the slow suite runs two)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517",
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok", "learned", "ok", "attention"]

@@ -55,6 +55,7 @@ from modlm.generate.results import (
 )
 from modlm.generate.sampling import _check_sampling, _sample
 from modlm.generate.static import StaticStep
+from modlm.router import AttentionRouter
 from modlm.tokenizer import not_unicode
 
 GENERATION_MODES = ("router", "predictor")
@@ -131,9 +132,7 @@ class Engine:
                     f"has routing.aux_loss_weight={cfg.routing.aux_loss_weight}. Use "
                     "mode='predictor' if it has a predictor, or train with aux_loss_weight > 0")
             if mode == "router" and cfg.routing.router == "attention":
-                raise GenerationError(
-                    "routing.router='attention' (A-MoD) has no causal router rule (its scores "
-                    "depend on later tokens); use mode='predictor'")
+                raise GenerationError(AttentionRouter.NO_ROUTER_RULE)
             if mode == "predictor" and not (cfg.routing.predictor
                                             and cfg.routing.predictor_loss_weight > 0):
                 raise GenerationError(
