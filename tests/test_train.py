@@ -487,7 +487,8 @@ def test_torch_compile_trains_like_eager(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("router, predictor", [("learned", True), ("learned", False),
-                                               ("random", False), ("none", False)])
+                                               ("random", False), ("none", False),
+                                               ("threshold", False)])
 def test_step_records_average_every_micro_batch_and_leave_absent_losses_absent(
         tmp_path, corpus, monkeypatch, router, predictor):
     """Each step record's losses and per-block accuracies are the mean over the step's
@@ -496,8 +497,8 @@ def test_step_records_average_every_micro_batch_and_leave_absent_losses_absent(
     seen: list[dict[str, float]] = []
     real = train_module._step_values
 
-    def spy(out):
-        values = real(out)
+    def spy(out, varying=False):
+        values = real(out, varying)
         seen.append({k: float(v) for k, v in values.items()})
         return values
 
@@ -505,8 +506,9 @@ def test_step_records_average_every_micro_batch_and_leave_absent_losses_absent(
     model = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, d_mlp=37,
                         max_seq_len=32, routing={"router": router, "predictor": predictor,
                                                  "capacity": 0.25,
-                                                 "aux_loss_weight": 0.01 if router == "learned"
-                                                 else 0.0})
+                                                 "aux_loss_weight": {"learned": 0.01,
+                                                                     "threshold": 1.0}.get(
+                                                     router, 0.0)})
     run = train(tiny_cfg(tmp_path, corpus, model=model, steps=2, grad_accum=3, eval_every=100,
                          checkpoint_every=100)).run_dir
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
@@ -517,9 +519,14 @@ def test_step_records_average_every_micro_batch_and_leave_absent_losses_absent(
     record = steps[0]
     assert record["loss"] == pytest.approx(mean["loss"])
     assert record["lm_loss"] == pytest.approx(mean["lm_loss"])
-    assert (record["router_aux_loss"] is None) == (router != "learned")
+    assert (record["router_aux_loss"] is None) == (router not in ("learned", "threshold"))
     assert (record["predictor_loss"] is None) == (not predictor)
-    if router == "learned":
+    # A threshold router's routed share varies in training: logged per block, as a mean.
+    assert ("routed_fraction" in record) == (router == "threshold")
+    if router == "threshold":
+        shares = [mean[k] for k in sorted(mean) if k.startswith("routed_fraction.")]
+        assert record["routed_fraction"] == pytest.approx(shares) and len(shares) == 1
+    if router in ("learned", "threshold"):
         assert record["router_aux_loss"] == pytest.approx(mean["router_aux_loss"])
         accuracies = [mean[k] for k in sorted(mean) if k.startswith("router_accuracy.")]
         assert record["router_accuracy"] == pytest.approx(accuracies)
