@@ -30,6 +30,14 @@ CONFIGS = {
     # no loss reaches the predictor / the router: they run forward only in training
     "predictor_weight_0": dict(routing=dict(predictor_loss_weight=0.0)),
     "router_untrained": dict(routing=dict(router_weight="constant", aux_loss_weight=0.0)),
+    # routers beyond the paper's: A-MoD's Q K^T in the block before (no backward), and keys and
+    # values routed apart from queries (mode "topk" routes exactly k queries, k_kv keys/values)
+    "attention_router": dict(routing=dict(router="attention", aux_loss_weight=0.0)),
+    "kv": dict(routing=dict(capacity=0.25, kv_capacity=0.5)),
+    "kv_attention_only": dict(routing=dict(capacity=0.125, kv_capacity=0.375, skip="attention")),
+    "kv_random": dict(routing=dict(router="random", predictor=False, aux_loss_weight=0.0,
+                                   capacity=0.25, kv_capacity=0.75)),
+    "kv_per_layer": dict(routing=dict(capacities=(0.25, 0.5), kv_capacity=0.5)),
 }
 # Configurations only the decode-step FLOP test uses.
 DECODE_CONFIGS = {"attention_only": dict(routing=dict(skip="attention"))}

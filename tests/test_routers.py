@@ -137,17 +137,6 @@ def test_threshold_training_forward_is_causal():
     assert not torch.allclose(la[0, 14:], lb[0, 14:])
 
 
-def test_threshold_cached_decode_equals_the_full_forward():
-    model = make_model(THRESHOLD)
-    engine = Engine(model, "router")
-    _, logits, full = teacher_forced(engine, PROMPTS, n_steps=9)
-    for b, seq in enumerate(full):
-        with torch.no_grad():
-            ref = model(torch.tensor([seq]), mode="topk")     # training routes the same way
-        torch.testing.assert_close(logits[b], ref.logits_BTV[0], atol=1e-5, rtol=0)
-        assert 0 < float(ref.routing[0].fraction) < 1
-
-
 def test_threshold_forward_and_training_flops_match_the_counter():
     """Every token routed (the bias out of reach): the counter equals the FLOP module's count
     for a block at capacity 1, the router included."""
@@ -261,31 +250,15 @@ def test_attention_topk_looks_ahead_but_the_predictor_mode_is_causal():
     assert moved > 0
 
 
-def test_attention_cached_decode_equals_the_full_forward():
+def test_attention_router_costs_the_q_k_product_before_it_and_has_no_weights():
+    """The counter checks of tests/test_flops.py ("attention_router") see the Q K^T product the
+    block before each routed block forms to read the attention received; here its size."""
     model = make_model(ATTENTION)
-    engine = Engine(model, "predictor")
-    _, logits, full = teacher_forced(engine, PROMPTS, n_steps=9)
-    for b, seq in enumerate(full):
-        with torch.no_grad():
-            ref = model(torch.tensor([seq]), mode="predictor")
-        torch.testing.assert_close(logits[b], ref.logits_BTV[0], atol=1e-5, rtol=0)
-        assert 0 < float(ref.routing[0].fraction) < 1
-
-
-def test_attention_forward_and_training_flops_match_the_counter():
-    """The counter sees the Q K^T product the block before each routed block forms to read the
-    attention received; it has no backward."""
-    model = make_model(ATTENTION)
-    B, T = 2, 16
-    idx, tgt = ids(B, T), ids(B, T, seed=2)
-    with torch.no_grad():
-        fwd = count_flops(lambda: model(idx)) / B
+    T = 16
     f = flops.forward_flops(model.cfg, T)
-    assert math.isclose(fwd, f.total, rel_tol=1e-9)
     assert f.router == 2 * T * T * CFG["d_model"] * len(model.cfg.routed_layers)
-    train = count_flops(lambda: model(idx, tgt).loss.backward()) / B
-    assert math.isclose(train, flops.training_flops(model.cfg, T), rel_tol=1e-9)
     assert flops.param_count(model.cfg).total == sum(p.numel() for p in model.parameters())
+    assert not list(model.blocks[1].router.parameters())
 
 
 def test_attention_refuses_what_it_cannot_do():
@@ -302,7 +275,22 @@ def test_attention_refuses_what_it_cannot_do():
         model.blocks[1](torch.randn(1, 4, CFG["d_model"]), model.rotary, "topk")
 
 
-# ---- decode FLOPs for both ---------------------------------------------------------------------
+# ---- both: cached decode, decode FLOPs --------------------------------------------------------
+
+
+@pytest.mark.parametrize("routing, mode, train_mode", [(THRESHOLD, "router", "topk"),
+                                                       (ATTENTION, "predictor", "predictor")])
+def test_cached_decode_equals_the_full_forward(routing, mode, train_mode):
+    """Prefill and decode steps give the full forward's logits at every position (for the
+    threshold router that is the training forward itself: it routes the same way)."""
+    model = make_model(routing)
+    engine = Engine(model, mode)
+    _, logits, full = teacher_forced(engine, PROMPTS, n_steps=9)
+    for b, seq in enumerate(full):
+        with torch.no_grad():
+            ref = model(torch.tensor([seq]), mode=train_mode)
+        torch.testing.assert_close(logits[b], ref.logits_BTV[0], atol=1e-5, rtol=0)
+        assert 0 < float(ref.routing[0].fraction) < 1
 
 
 @pytest.mark.parametrize("routing, mode", [(THRESHOLD, "router"), (ATTENTION, "predictor")])
