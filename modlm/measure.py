@@ -43,6 +43,27 @@ def train_step_seconds(model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.T
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def thresholds_at_capacity(model: torch.nn.Module, idx_BT: torch.Tensor) -> None:
+    """Set every threshold router's bias so that it routes its block's capacity of `idx_BT`'s
+    tokens, block by block in order (each block's input depends on the ones before). A trained
+    threshold router's penalty holds its share there; a fresh one routes about half the tokens,
+    so timing it fresh would time a different computation."""
+    from modlm.block import RoutedLayer
+    from modlm.router import ThresholdRouter
+    for layer in (m for m in model.modules() if isinstance(m, RoutedLayer)):
+        if not isinstance(layer.router, ThresholdRouter):
+            continue
+        seen: list[torch.Tensor] = []
+        hook = layer.router.register_forward_hook(
+            lambda mod, args, out, seen=seen: seen.append(out))
+        try:
+            model(idx_BT)
+        finally:
+            hook.remove()
+        layer.router.bias -= torch.quantile(seen[0].flatten().float(), 1.0 - layer.capacity)
+
+
 def interleaved(fns: Mapping[str, Callable[[], float]], repeats: int,
                 warmup: int = 1) -> dict[str, list[float]]:
     """Call each measurement `warmup + repeats` times, alternating the order every round; return

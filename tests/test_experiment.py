@@ -491,7 +491,7 @@ def test_routers_seed_the_leaders_and_judge_against_the_random_spread(tmp_path, 
     lines = "\n".join(routers.verdicts(summary))
     assert "d128, threshold: -0.1100" in lines and "beats random beyond the seed spread" in lines
     assert "d128, learned: " in lines and "within the seed spread of random" in lines
-    assert "d256, threshold" in lines and "one seed only" in lines
+    assert "d256, threshold" in lines and "one seed only; random's seed spread at d128" in lines
 
 
 def test_every_experiment_plans_valid_runs(tmp_path, corpus):

@@ -392,3 +392,19 @@ def test_blocks_run_through_module_calls_so_fsdp_gathers_their_weights(tmp_path)
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ok", "learned", "ok", "attention"]
+
+
+def test_timing_sets_fresh_threshold_routers_to_their_capacity():
+    """A fresh threshold router routes about half the tokens; step timing (the experiments'
+    interleaved timings, --plan) first sets each one's bias so it routes its capacity, as a
+    trained one does."""
+    from modlm.measure import thresholds_at_capacity
+    model = make_model({**THRESHOLD, "capacity": 0.125})
+    idx = ids(4, 40)
+    with torch.no_grad():
+        before = [float(s.fraction) for s in model(idx).routing]
+    thresholds_at_capacity(model, idx)
+    with torch.no_grad():
+        after = [float(s.fraction) for s in model(idx).routing]
+    assert all(f > 0.3 for f in before)
+    assert after == pytest.approx([0.125, 0.125], abs=0.01)

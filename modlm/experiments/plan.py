@@ -61,10 +61,11 @@ def _step_fn(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 1e-4,
              eps: float = 1e-8, build: Callable[[], Any] | None = None) -> Callable[[], float]:
     """A fresh model (`build()`, default a MoDLM of model_cfg) and optimizer on fixed random
     tokens; the function times one training step (forward, backward, clip, AdamW;
-    modlm.measure.train_step_seconds)."""
+    modlm.measure.train_step_seconds). Threshold routers are set to route their capacity, as
+    trained ones do (`measure.thresholds_at_capacity`)."""
     import torch
 
-    from modlm.measure import train_step_seconds
+    from modlm.measure import thresholds_at_capacity, train_step_seconds
     from modlm.model import MoDLM
     from modlm.optim import build_optimizer
     torch.manual_seed(0)
@@ -72,6 +73,7 @@ def _step_fn(model_cfg: ModelConfig, batch: int, seq_len: int, lr: float = 1e-4,
     opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g)
+    thresholds_at_capacity(model, ids[:, :-1])
     return lambda: train_step_seconds(model, ids[:, :-1], ids[:, 1:], opt)
 
 def _time_steps(cfg: TrainConfig, n: int) -> float:

@@ -170,6 +170,9 @@ def summarize(results: dict[str, RunResult], times: dict[str, float]) -> dict[st
 
 def verdicts(summary: dict[str, Any]) -> list[str]:
     lines = []
+    # The seed spread of random routing where it was measured (the other shape has one seed).
+    spreads = {s: rows["random"]["val_sd"] for s, rows in summary.items()
+               if len(rows["random"]["seeds"]) > 1}
     for shape, rows in summary.items():
         rnd = rows["random"]
         for name, e in rows.items():
@@ -184,7 +187,8 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
             elif seeded:
                 how = "is within the seed spread of random"
             else:
-                how = f"one seed only; random's seed spread here is {rnd['val_sd']:.4f} (sd)"
+                how = "one seed only" + "".join(
+                    f"; random's seed spread at {s} is {sd:.4f} (sd)" for s, sd in spreads.items())
             lines.append(f"- {shape}, {name}: {d:+.4f} nats/byte against random on held-out "
                          f"plays ({e['pydoc_minus_random']:+.4f} on pydoc); {how}.")
     return lines
