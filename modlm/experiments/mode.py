@@ -83,7 +83,8 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
         r = results[variant]
         shares = _shares(r, "topk")
         entry: dict[str, Any] = {
-            "preset": preset_name(variant), "params": r.params,
+            "preset": preset_name(variant) + (" + random router" if variant.endswith("-random")
+                                              else ""), "params": r.params,
             "forward_flops_over_dense": r.forward_flops / dense.forward_flops,
             "steps": r.steps, "step_s": times[variant],
             "step_time_over_dense": times[variant] / times["dense"],
@@ -92,7 +93,8 @@ def report(ctx: Context, results: dict[str, RunResult]) -> Report:
             "mlp_shares_training_forward": shares}
         summary[variant] = entry
         rows.append([
-            variant, f"`{entry['preset']}`", f"{r.params / 1e6:.2f}M",
+            variant, f"`{preset_name(variant)}`" + entry["preset"][len(preset_name(variant)):],
+            f"{r.params / 1e6:.2f}M",
             f"{entry['forward_flops_over_dense']:.3f}", r.steps, f"{times[variant] * 1e3:.0f}",
             f"{entry['step_time_over_dense']:.3f}", fmt(r.loss("topk")),
             f"{fmt(r.headline_loss)} ({r.headline_mode})",
