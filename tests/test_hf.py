@@ -112,6 +112,27 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, tied):
     assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
 
 
+@pytest.mark.parametrize("routing, mode", [
+    (dict(router="threshold", predictor=False, aux_loss_weight=1.0), "router"),
+    (dict(router="attention", aux_loss_weight=0.0), "predictor"),
+    (dict(capacity=0.25, kv_capacity=0.5), "predictor"),
+    (dict(capacity=0.25, kv_capacity=0.5), "router")])
+def test_routers_beyond_the_papers_export_and_generate_like_the_engine(tmp_path, routing, mode):
+    """Threshold, A-MoD and decoupled key/value models: saved and loaded through
+    transformers with every weight, the same causal-mode logits, and greedy `generate` gives the
+    engine's tokens."""
+    model = mod_model(routing=routing)
+    from_modlm(model, mode).save_pretrained(tmp_path)
+    hf.register()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.cfg.routing == model.cfg.routing
+    ids = torch.randint(0, 99, (3, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids, mode=mode).logits_BTV)
+    _, tokens = generate(loaded, PROMPTS)
+    assert tokens == [list(t) for t in Engine(model, mode).generate(PROMPTS, NEW).tokens]
+
+
 def test_from_pretrained_refuses_a_missing_weight(tmp_path):
     from safetensors.torch import load_file, save_file
     from_modlm(mod_model()).save_pretrained(tmp_path)
