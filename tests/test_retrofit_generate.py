@@ -80,6 +80,24 @@ def test_prefill_and_decode_equal_the_full_causal_forward(kind, mode):
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
+def test_threshold_routing_on_a_retrofitted_model_decodes_like_its_training_forward(kind):
+    """A threshold router routes a retrofitted layer by its own causal rule in every mode: the
+    cached decode gives the training ("topk") forward's logits, and each routed cache holds the
+    tokens that forward routed."""
+    model = retrofitted(kind, router="threshold", predictor=False, aux_loss_weight=1.0)
+    engine = Engine(model, "router")
+    state, logits, full = teacher_forced(engine, PROMPTS, n_steps=9)
+    for b, ids in enumerate(full):
+        ref = full_forward(model, ids, "topk")
+        torch.testing.assert_close(logits[b], ref.logits_BTV[0], atol=1e-5, rtol=0)
+        for layer, stats in zip((1, 3), ref.routing):
+            assert 0.0 < float(stats.fraction) < 1.0
+            n = int(state.caches[layer].n_B[b])
+            assert state.caches[layer].pos_BC[b, :n].tolist() == (
+                stats.mask_BT[0].nonzero().squeeze(-1).tolist())
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "gpt2"])
 def test_greedy_generation_equals_recomputing_the_full_forward(kind):
     model = retrofitted(kind)
     result = Engine(model, "router").generate(PROMPTS, 8)
