@@ -430,7 +430,7 @@ class RoutedLayer(nn.Module):
             return routing.Selection.topk(scores_BT, k_kv).mask(B, T)
         return topk_mask_of_real_tokens(scores_BT, valid_BT, self.kv_capacity)
 
-    def kv_mask(self, logits_BT: Tensor, pred_kv_BT: Tensor | None, q_BT: Tensor,
+    def kv_mask(self, logits_BT: Tensor | None, pred_kv_BT: Tensor | None, q_BT: Tensor,
                 mode: RoutingMode, valid_BT: Tensor | None = None) -> Tensor:
         """Causal modes: each token's own key/value decision, or'ed with its query decision q_BT
         (so the queries lie within the keys and values). Mode "router": r + b_kv > 0 for the
@@ -459,12 +459,13 @@ class RoutedLayer(nn.Module):
                       ) -> tuple[Tensor, Tensor, Tensor | None]:
         """`decide_one` for a layer that routes keys and values apart: (query mask (B,),
         key/value mask (B,), router logits (B, 1) in mode "router", else None)."""
+        pred_kv_B1 = None
         if mode == "predictor" and self.predictor is not None:
-            q_B1, kv_B1 = self.split_prediction(self.predictor(x_B1D))
-            q_B = q_B1[:, 0] > 0.0
-            return q_B, (kv_B1[:, 0] > 0.0) | q_B, None
-        q_B, logits_B1 = self.decide_one(x_B1D, mode)
-        return q_B, self.kv_mask(logits_B1, None, q_B[:, None], mode)[:, 0], logits_B1
+            q_B1, pred_kv_B1 = self.split_prediction(self.predictor(x_B1D))
+            q_B, logits_B1 = q_B1[:, 0] > 0.0, None
+        else:
+            q_B, logits_B1 = self.decide_one(x_B1D, mode)
+        return q_B, self.kv_mask(logits_B1, pred_kv_B1, q_B[:, None], mode)[:, 0], logits_B1
 
     def _with_kv_stats(self, stats: LayerRouting, logits_BT: Tensor, pred_kv_BT: Tensor | None,
                        kv_BT: Tensor, topk_kv_BT: Tensor, valid_BT: Tensor | None
